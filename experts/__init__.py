@@ -1,0 +1,1 @@
+"""Stage 1: per-task LoRA experts (training loop, checkpoints)."""

@@ -1,0 +1,93 @@
+"""`sentimerge <command>`: one CLI over the stage scripts; each also runs as `python -m pipeline.<command>`.
+
+User errors (bad config, bad data, missing model) print one line per problem and exit with status 2, before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.errors import SentimergeError
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    config: Literal["required", "optional", "none"] = "required"
+
+
+COMMANDS: dict[str, Command] = {
+    "prepare": Command("validate and freeze the tasks' data; provision the base model"),
+    "experts": Command("stage 1: train one LoRA expert per task with a difficulty curriculum"),
+    "search": Command("stage 2: CMA-ES search of layer-wise merge coefficients on weak labels"),
+    "finetune": Command("stage 3: multi-task fine-tuning of the merged model with dynamic task weights"),
+    "export": Command("write the single merged checkpoint, model card and recipe"),
+    "run": Command("run every stage in order, skipping finished ones"),
+    "evaluate": Command("score a model on tasks and write a metrics table", config="optional"),
+    "inspect": Command("print a run's story and write its plots", config="none"),
+    "predict": Command("label texts with an exported model", config="none"),
+    "validate": Command("check a config file (and its tasks and data files) without running anything"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline import __version__
+
+    parser = argparse.ArgumentParser(prog="sentimerge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sentimerge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.help)
+        if command.config == "required":
+            sub.add_argument("config", metavar="CONFIG", help="run config (YAML)")
+        elif command.config == "optional":
+            sub.add_argument("config", metavar="CONFIG", nargs="?", help="run config (YAML)")
+        if command.config != "none":
+            sub.add_argument("--run-dir", help="run directory (default: the config's run_dir, else runs/<name>)")
+            sub.add_argument("--data-root", help="folder holding <task>/<split>.jsonl for tasks that use {data_root}")
+        sub.add_argument("-v", "--verbose", action="store_true")
+        _module(name).add_arguments(sub)
+    return parser
+
+
+def _module(name: str):
+    return importlib.import_module(f"pipeline.{name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.runtime import setup_logging
+
+    setup_logging(args.verbose)
+    try:
+        cfg = None
+        if getattr(args, "config", None):
+            from pipeline.config import load_config
+
+            cfg = load_config(args.config, data_root=args.data_root, run_dir=args.run_dir)
+            from pipeline.runtime import seed_everything, set_threads
+
+            seed_everything(cfg.seed)
+            set_threads(cfg.threads)
+        _module(args.command).run_from_args(args, cfg)
+    except SentimergeError as error:
+        print(f"sentimerge {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"sentimerge {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run_module(command: str) -> None:
+    """Entry point of `python -m pipeline.<command>`."""
+    sys.exit(main([command, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

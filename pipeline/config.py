@@ -1,0 +1,253 @@
+"""The run config: one YAML file, validated once into frozen typed models.
+
+Paths that point at inputs (data files, a local model, a tasks file, the data root) are relative to the file that
+names them; `run_dir` and `cache_dir` are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+from pipeline.tasks import Frozen, PypiFile, TaskList, TaskSpec
+
+
+class TinyModel(Frozen):
+    """A randomly initialised Llama with a tokenizer trained on the run's own texts (tests, smoke runs)."""
+
+    num_layers: int = Field(2, ge=1)
+    hidden_size: int = Field(64, ge=8)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+    vocab_size: int = Field(512, ge=300)
+    seed: int = 0
+
+
+class ModelSpec(Frozen):
+    """The base model: exactly one of a local HF directory, a hub id, a GGUF file in a PyPI package, or tiny."""
+
+    path: str | None = None
+    hub: str | None = None
+    revision: str | None = None
+    gguf: PypiFile | None = None
+    tiny: TinyModel | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [name for name in ("path", "hub", "gguf", "tiny") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, hub, gguf, tiny (got {', '.join(given) or 'none'})")
+        return self
+
+
+class EvaluateConfig(Frozen):
+    """How `sentimerge evaluate` scores: batch size, split and an optional per-task cap."""
+
+    split: Literal["train", "dev", "test"] = "dev"
+    batch_size: int = Field(16, ge=1)
+    limit: int | None = Field(None, ge=1, description="score at most this many examples per task (seeded sample)")
+
+
+class RunConfig(Frozen):
+    """Everything one run needs: base model, tasks, and one section per stage."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    run_dir: str | None = Field(None, description="default: runs/<name>")
+    cache_dir: str | None = Field(None, description="default: $SENTIMERGE_CACHE or ~/.cache/sentimerge")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+    base_model: ModelSpec
+    data_root: str | None = None
+    tasks: list[TaskSpec] = Field(min_length=1)
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> RunConfig:
+        names = [task.name for task in self.tasks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"task names must be unique: {duplicates}")
+        return self
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else self.default_cache_dir()
+
+    @staticmethod
+    def default_cache_dir() -> Path:
+        return Path(os.environ.get("SENTIMERGE_CACHE") or Path.home() / ".cache" / "sentimerge")
+
+    def task(self, name: str) -> TaskSpec:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise ConfigError(f"no task named {name!r}{_suggest(name, [t.name for t in self.tasks])}")
+
+
+def load_config(path: str | Path, *, data_root: str | None = None, run_dir: str | None = None) -> RunConfig:
+    """Read and validate a run config; `data_root` and `run_dir` override the file's values."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = dict(raw)
+    if isinstance(raw.get("tasks"), str):
+        tasks_path = _relative_to(path, raw["tasks"])
+        task_list = load_tasks_file(tasks_path)
+        raw["tasks"] = list(task_list.tasks)
+        if task_list.data_root is not None and "data_root" not in raw:
+            raw["data_root"] = task_list.data_root
+    elif isinstance(raw.get("tasks"), list):
+        raw["tasks"] = [_resolve_task_paths(path, task) for task in raw["tasks"]]
+    if isinstance(raw.get("data_root"), str) and not (data_root is not None):
+        raw["data_root"] = str(_relative_to(path, raw["data_root"]))
+    if data_root is not None:
+        raw["data_root"] = str(Path(data_root).absolute())
+    if run_dir is not None:
+        raw["run_dir"] = str(run_dir)
+    if isinstance(raw.get("base_model"), dict) and isinstance(raw["base_model"].get("path"), str):
+        raw["base_model"] = {**raw["base_model"], "path": str(_relative_to(path, raw["base_model"]["path"]))}
+    return _validate(RunConfig, raw, path)
+
+
+def load_tasks_file(path: str | Path) -> TaskList:
+    """Read and validate a tasks file (a YAML mapping with `tasks:` and optionally `data_root:`).
+
+    A run config is accepted too: its `tasks` and `data_root` are used.
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict) or "tasks" not in raw:
+        raise ConfigError(f"{path}: expected a mapping with a `tasks` list")
+    if isinstance(raw["tasks"], str):
+        return load_tasks_file(_relative_to(path, raw["tasks"]))
+    tasks = raw["tasks"]
+    if isinstance(tasks, list):
+        tasks = [_resolve_task_paths(path, task) for task in tasks]
+    data_root = raw.get("data_root")
+    if isinstance(data_root, str):
+        data_root = str(_relative_to(path, data_root))
+    return _validate(TaskList, {"tasks": tasks, "data_root": data_root}, path)
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as YAML, written next to every stage's output."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read: {error}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+
+
+def _relative_to(config_path: Path, value: str) -> Path:
+    candidate = Path(os.path.expanduser(value))
+    return candidate if candidate.is_absolute() else (config_path.parent / candidate).resolve()
+
+
+def _resolve_task_paths(config_path: Path, task: Any) -> Any:
+    """Make a task's local data path absolute, relative to the file that names it."""
+    if not isinstance(task, dict) or not isinstance(task.get("source"), dict):
+        return task
+    source = dict(task["source"])
+    path = source.get("path")
+    if isinstance(path, str) and not path.startswith("{") and not Path(path).is_absolute():
+        source["path"] = str((config_path.parent / path).resolve())
+    return {**task, "source": source}
+
+
+def _validate(model: type[BaseModel], raw: dict, path: Path):
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        problems = [_describe(model, raw, item) for item in error.errors()]
+        raise ConfigError("\n".join(f"{path}: {problem}" for problem in problems)) from None
+
+
+def _describe(model: type[BaseModel], raw: dict, item: dict) -> str:
+    loc = item["loc"]
+    key = _key_path(raw, loc)
+    if item["type"] == "extra_forbidden":
+        known = _fields_at(model, loc[:-1])
+        return f"{key}: unknown key{_suggest(str(loc[-1]), known)}"
+    if item["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = item["msg"].removeprefix("Value error, ")
+    return f"{key}: {message}" if key else message
+
+
+def _key_path(raw: Any, loc: tuple) -> str:
+    """`tasks[2](sst5).source.path`-style key path, naming tasks where the raw data lets us."""
+    parts: list[str] = []
+    node = raw
+    for part in loc:
+        if isinstance(part, int):
+            name = node[part].get("name") if isinstance(node, list) and part < len(node) and isinstance(node[part], dict) else None
+            parts[-1] += f"[{part}]" + (f"({name})" if name else "")
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        else:
+            if not _is_field_name(part):  # pydantic's union/tag labels, not keys of the file
+                continue
+            parts.append(str(part))
+            node = node.get(part) if isinstance(node, dict) else None
+    return ".".join(parts)
+
+
+def _is_field_name(part: str) -> bool:
+    return not any(ch in part for ch in "[]() ,")
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the model reached by walking `loc` from `model` (for suggestions)."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        field = current.model_fields.get(part)
+        current = _model_in(field.annotation) if field else None
+    return list(current.model_fields) if current else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found:
+                return found
+    return None
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (known: {', '.join(known)})" if known else ""

@@ -1,0 +1,143 @@
+"""`sentimerge evaluate`: score a model on tasks and write a table (CSV and Markdown) of their metrics.
+
+The model is a prepared run's base model (`--model base`), a checkpoint directory, a hub id, a peft adapter folder, or
+an exported checkpoint. Tasks come from the run config, or from any tasks file (`--tasks FILE`). All data is loaded
+and validated before the model is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import EvaluateConfig, RunConfig, load_tasks_file
+from pipeline.data import load_task_splits, sample_examples
+from pipeline.errors import SentimergeError
+from pipeline.metrics import compute_metrics
+from pipeline.models import check_model_dir, load_model, pick_device
+from pipeline.prepare import prepared_model_path
+from pipeline.rundir import RunDir, fresh_dir, write_jsonl_atomic, write_manifest, write_text_atomic
+from pipeline.scoring import score_task
+from pipeline.tasks import TaskSpec
+
+log = logging.getLogger("sentimerge.evaluate")
+METRIC_COLUMNS = ["accuracy", "macro_f1", "mse", "pearson"]
+
+
+def evaluate_model(model, tokenizer, tasks: list[TaskSpec], data: dict[str, list[dict]], *,
+                   batch_size: int = 16) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
+    """Metrics per task (one row each, plus a `mean` row of the primary metrics) and per-example predictions."""
+    rows, predictions = [], {}
+    for task in tasks:
+        examples = data[task.name]
+        started = time.time()
+        scores = score_task(model, tokenizer, task, examples, batch_size=batch_size)
+        seconds = time.time() - started
+        predicted = scores.predictions
+        metrics = compute_metrics(task, [e["label"] for e in examples], predicted)
+        rows.append({"task": task.name, "kind": task.kind, "n": len(examples), **metrics,
+                     "examples_per_s": len(examples) / max(seconds, 1e-9)})
+        probs = scores.probs.tolist()
+        predictions[task.name] = [{"id": e["id"], "label": e["label"], "prediction": p,
+                                   "probs": dict(zip(task.answers, map(lambda x: round(x, 5), q)))}
+                                  for e, p, q in zip(examples, predicted, probs)]
+        log.info("%-14s n=%-5d %s (%.0f ex/s)", task.name, len(examples),
+                 " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), len(examples) / max(seconds, 1e-9))
+    table = pd.DataFrame(rows)
+    table = table[["task", "kind", "n", *[c for c in METRIC_COLUMNS if c in table], "primary", "examples_per_s"]]
+    mean = {"task": "mean", "kind": "", "n": int(table["n"].sum()), "primary": float(table["primary"].mean()),
+            "examples_per_s": float(table["n"].sum() / (table["n"] / table["examples_per_s"]).sum())}
+    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True), predictions
+
+
+def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
+    """A Markdown table (no tabulate dependency): NaN cells are blank."""
+    columns = list(table.columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in table.itertuples(index=False):
+        cells = []
+        for value in row:
+            if isinstance(value, float):
+                cells.append("" if np.isnan(value) else f"{value:.{digits}f}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg: RunConfig | None, *, model: str = "base", tasks_file: str | None = None, split: str | None = None,
+         name: str | None = None, limit: int | None = None, batch_size: int | None = None,
+         data_root: str | None = None, run_dir: str | None = None, force: bool = False) -> pd.DataFrame:
+    """Evaluate `model`; with no run config, `tasks_file` and a model other than `base` are required."""
+    if cfg is None and (tasks_file is None or model == "base"):
+        raise SentimergeError("evaluate: without a run config, give --tasks FILE and --model M")
+    settings = cfg.evaluate if cfg else EvaluateConfig()
+    seed = cfg.seed if cfg else 0
+    cache_dir = cfg.resolved_cache_dir if cfg else RunConfig.default_cache_dir()
+    run = RunDir(run_dir or (cfg.resolved_run_dir if cfg else "runs/evaluate"))
+    split, limit = split or settings.split, limit or settings.limit
+    tasks, root = (list(cfg.tasks), cfg.data_root) if cfg else ([], None)
+    if tasks_file is not None:
+        task_list = load_tasks_file(tasks_file)
+        tasks, root = list(task_list.tasks), task_list.data_root or root
+    root = data_root or root
+    data = {}
+    for task in tasks:
+        examples = load_task_splits(task, data_root=root, cache_dir=cache_dir, seed=seed, splits=(split,))[split]
+        if limit and len(examples) > limit:
+            examples = sample_examples(examples, limit, seed, f"{task.name}/{split}/eval")
+        data[task.name] = examples
+    model_ref = prepared_model_path(run) if model == "base" else model
+    if Path(model_ref).exists():
+        check_model_dir(Path(model_ref))
+    out = run.evaluation(name or f"{_model_label(model)}-{split}")
+    if out.exists() and not force:
+        raise SentimergeError(f"{out}: an evaluation with this name exists; pass --name or --force")
+
+    base = cfg.base_model if cfg else None
+    loaded, tokenizer = load_model(model_ref, dtype=base.dtype if base else "bfloat16",
+                                   device=pick_device(cfg.device if cfg else "auto"),
+                                   trust_remote_code=bool(base and base.trust_remote_code))
+    log.info("evaluating %s on %d task(s), %s split", model_ref, len(tasks), split)
+    table, predictions = evaluate_model(loaded, tokenizer, tasks, data, batch_size=batch_size or settings.batch_size)
+    with fresh_dir(out, overwrite=True) as folder:
+        table.to_csv(folder / "metrics.csv", index=False)
+        write_text_atomic(folder / "metrics.md", markdown_table(table))
+        for task_name, rows in predictions.items():
+            write_jsonl_atomic(folder / "predictions" / f"{task_name}.jsonl", rows)
+        write_manifest(folder, stage="evaluate", model=model_ref, split=split, limit=limit,
+                       tasks=[task.name for task in tasks])
+    print(f"\n{model} on {split} ({out / 'metrics.md'}):\n")
+    print(markdown_table(table))
+    return table
+
+
+def _model_label(model: str) -> str:
+    return "base" if model == "base" else Path(model.rstrip("/")).name.replace("/", "_") or "model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="base",
+                        help="`base` (the run's prepared base model), a checkpoint or adapter folder, or a hub id")
+    parser.add_argument("--tasks", dest="tasks_file", help="a tasks file (default: the config's tasks)")
+    parser.add_argument("--split", choices=["train", "dev", "test"], help="default: evaluate.split of the config")
+    parser.add_argument("--name", help="name of the evaluation folder under <run>/eval/")
+    parser.add_argument("--limit", type=int, help="at most this many examples per task (seeded sample)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--force", action="store_true", help="replace an evaluation of the same name")
+
+
+def run_from_args(args: argparse.Namespace, cfg: RunConfig | None) -> None:
+    main(cfg, model=args.model, tasks_file=args.tasks_file, split=args.split, name=args.name, limit=args.limit,
+         batch_size=args.batch_size, data_root=args.data_root, run_dir=args.run_dir, force=args.force)
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_module
+
+    run_module("evaluate")

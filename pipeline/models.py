@@ -1,0 +1,167 @@
+"""Base model provisioning and loading.
+
+`provision_base_model` turns a `ModelSpec` into a plain Hugging Face checkpoint directory, converting once and
+reusing the converted copy from the cache: a GGUF file shipped in a PyPI wheel is de-quantised and saved; a tiny
+random Llama is built with a tokenizer trained on the run's texts. `load_model` loads a checkpoint directory, a hub
+id, a peft adapter folder, or an exported model, in the dtype asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ModelSpec, TinyModel
+from pipeline.errors import ModelError
+from pipeline.pypi import fetch_pypi_file
+
+log = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def provision_base_model(spec: ModelSpec, cache_dir: Path, corpus: list[str] | None = None) -> str:
+    """A local checkpoint directory (or hub id resolved to one) for `spec`; `corpus` trains a tiny tokenizer."""
+    if spec.path is not None:
+        path = Path(spec.path)
+        check_model_dir(path)
+        return str(path)
+    if spec.hub is not None:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(spec.hub, revision=spec.revision, cache_dir=cache_dir / "hub")
+        except Exception as error:
+            raise ModelError(f"base_model.hub: cannot fetch {spec.hub!r}: {str(error).splitlines()[0]}") from None
+    if spec.gguf is not None:
+        return str(_convert_gguf(spec, cache_dir))
+    return str(_build_tiny(spec.tiny, corpus or [], cache_dir))
+
+
+def check_model_dir(path: Path) -> None:
+    """Fail early, naming the folder, when `path` is not a model or adapter directory."""
+    if not path.is_dir():
+        raise ModelError(f"{path}: model directory not found")
+    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+        raise ModelError(f"{path}: not a model directory (no config.json or adapter_config.json)")
+
+
+def _convert_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
+    gguf = spec.gguf
+    target = cache_dir / "models" / f"{gguf.package}-{gguf.version}-{Path(gguf.member).stem}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = fetch_pypi_file(gguf, cache_dir)
+    log.info("converting %s to a Hugging Face checkpoint (once; cached in %s)", gguf_path.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # float32 is the fast path for de-quantising GGUF here; the saved copy is in the dtype the spec asks for.
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.to(DTYPES[spec.dtype])
+    _save_atomic(model, tokenizer, target, {"source": "gguf", **gguf.model_dump()})
+    return target
+
+
+def _build_tiny(spec: TinyModel, corpus: list[str], cache_dir: Path) -> Path:
+    """A seeded random Llama with a byte-level BPE tokenizer trained (in milliseconds) on `corpus`."""
+    corpus_hash = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:12]
+    spec_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:8]
+    target = cache_dir / "models" / f"tiny-{spec_hash}-{corpus_hash}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tiny_tokenizer(corpus, spec.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    _save_atomic(model, tokenizer, target, {"source": "tiny", **spec.model_dump(), "corpus_sha": corpus_hash})
+    return target
+
+
+def train_tiny_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer with ChatML special tokens, trained on `corpus`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus or ["positive negative neutral"], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def _save_atomic(model, tokenizer, target: Path, provenance: dict) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "sentimerge_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def load_model(ref: str, *, dtype: str = "bfloat16", device: str | torch.device = "cpu", merge_adapter: bool = True,
+               trust_remote_code: bool = False):
+    """(model, tokenizer) from a checkpoint directory, a hub id, or a peft adapter folder, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(ref)
+    adapter = path.is_dir() and (path / "adapter_config.json").is_file()
+    if path.exists() or ref.startswith((".", "/", "~")):
+        check_model_dir(path)
+    try:
+        if adapter:
+            from peft import PeftConfig, PeftModel
+
+            base_ref = PeftConfig.from_pretrained(path).base_model_name_or_path
+            base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=DTYPES[dtype],
+                                                        trust_remote_code=trust_remote_code)
+            model = PeftModel.from_pretrained(base, path)
+            if merge_adapter:
+                model = model.merge_and_unload()
+            tokenizer_ref = path if (path / "tokenizer_config.json").is_file() else base_ref
+        else:
+            model = AutoModelForCausalLM.from_pretrained(ref, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            tokenizer_ref = ref
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ModelError(f"{ref}: cannot load model: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,142 @@
+"""Stage 0, `sentimerge prepare CONFIG`: validate and freeze every task's data, and provision the base model.
+
+Writes `<run>/prepare/`: the canonical data of every task and split (the later stages read only these), the base
+model reference, and a data report (counts, label distribution, sources with hashes, leaks between splits and tasks).
+All data is read and validated before any model is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+from pipeline.config import RunConfig, dump_config
+from pipeline.data import find_leaks, load_task_splits, source_location
+from pipeline.errors import SentimergeError
+from pipeline.models import provision_base_model
+from pipeline.prompts import answer_tokens, user_message
+from pipeline.rundir import (RunDir, fresh_dir, is_done, read_jsonl, read_manifest, write_json_atomic,
+                             write_jsonl_atomic, write_manifest, write_text_atomic)
+
+log = logging.getLogger("sentimerge.prepare")
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """Hash of what decides the prepared data and model: a run dir prepared with another one is not reused."""
+    decisive = {"seed": cfg.seed, "base_model": cfg.base_model.model_dump(mode="json"), "data_root": cfg.data_root,
+                "tasks": [task.model_dump(mode="json") for task in cfg.tasks]}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def main(cfg: RunConfig, *, force: bool = False) -> Path:
+    run = RunDir(cfg.resolved_run_dir)
+    if is_done(run.prepare) and not force:
+        if read_manifest(run.prepare).get("fingerprint") != fingerprint(cfg):
+            raise SentimergeError(f"{run.prepare}: prepared with a different config (tasks, data, seed or base model); "
+                                  "use another --run-dir, or --force to prepare again")
+        log.info("prepare: already done in %s", run.prepare)
+        return run.prepare
+    started = time.time()
+    data = {}
+    for task in cfg.tasks:
+        data[task.name] = load_task_splits(task, data_root=cfg.data_root, cache_dir=cfg.resolved_cache_dir,
+                                           seed=cfg.seed)
+        counts = ", ".join(f"{split} {len(rows)}" for split, rows in data[task.name].items())
+        log.info("task %-14s %s (%s)", task.name, counts, source_location(task, None if task.source.carve else "*",
+                                                                          cfg.data_root))
+    leaks = find_leaks(data)
+    if leaks:
+        by_pair = Counter((leak["train_task"], f"{leak['eval_task']}/{leak['eval_split']}") for leak in leaks)
+        for (train_task, evaluated), count in sorted(by_pair.items()):
+            log.warning("leak: %d inputs of %s are also in the train split of %s", count, evaluated, train_task)
+
+    corpus = _tokenizer_corpus(cfg, data)
+    model_path = provision_base_model(cfg.base_model, cfg.resolved_cache_dir, corpus=corpus)
+    _check_answers(cfg, model_path)
+
+    with fresh_dir(run.prepare, overwrite=True) as folder:
+        for task_name, splits in data.items():
+            for split, rows in splits.items():
+                write_jsonl_atomic(folder / run.data(task_name, split).relative_to(run.prepare), rows)
+        write_json_atomic(folder / run.base_model.name, {"path": model_path, "spec": cfg.base_model.model_dump(mode="json")})
+        write_json_atomic(folder / run.data_report.name, _report(cfg, data, leaks))
+        write_text_atomic(folder / "config.yaml", dump_config(cfg))
+        write_manifest(folder, stage="prepare", fingerprint=fingerprint(cfg), seconds=round(time.time() - started, 1))
+    write_text_atomic(run.config, dump_config(cfg))
+    log.info("prepare: done in %.1fs -> %s", time.time() - started, run.prepare)
+    return run.prepare
+
+
+def _tokenizer_corpus(cfg: RunConfig, data: dict) -> list[str]:
+    """Texts a tiny model's tokenizer is trained on (only used when the base model is `tiny`)."""
+    if cfg.base_model.tiny is None:
+        return []
+    corpus = []
+    for task in cfg.tasks:
+        corpus += [user_message(task, "", None), *task.answers, "Text: Aspect: Answer with one of:"]
+        corpus += [row["text"] for row in data[task.name].get("train", [])]
+    return corpus
+
+
+def _check_answers(cfg: RunConfig, model_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.base_model.trust_remote_code)
+    for task in cfg.tasks:
+        try:
+            answer_tokens(tokenizer, task)
+        except SentimergeError as error:
+            raise SentimergeError(f"task {task.name}: {error}") from None
+
+
+def _report(cfg: RunConfig, data: dict, leaks: list[dict]) -> dict:
+    tasks = {}
+    for task in cfg.tasks:
+        splits = {}
+        for split, rows in data[task.name].items():
+            entry = {"examples": len(rows),
+                     "sha256": hashlib.sha256("".join(json.dumps(r, sort_keys=True) for r in rows).encode()).hexdigest()}
+            if task.kind == "classification":
+                entry["labels"] = dict(Counter(row["label"] for row in rows).most_common())
+            else:
+                values = [row["label"] for row in rows]
+                entry["label_mean"] = sum(values) / len(values)
+            splits[split] = entry
+        tasks[task.name] = {"kind": task.kind, "group": task.group, "domain": task.domain,
+                            "source": source_location(task, None if task.source.carve else "{split}", cfg.data_root),
+                            "splits": splits}
+    return {"tasks": tasks, "leaks": {"count": len(leaks), "examples": leaks[:200]}}
+
+
+def load_prepared(run: RunDir, task: str, split: str) -> list[dict]:
+    """The canonical examples `prepare` froze for `task` and `split` (what every later stage reads)."""
+    path = run.data(task, split)
+    if not is_done(run.prepare):
+        raise SentimergeError(f"{run.prepare}: not prepared; run `sentimerge prepare` first")
+    if not path.is_file():
+        raise SentimergeError(f"{path}: task {task!r} has no prepared {split} split")
+    return read_jsonl(path)
+
+
+def prepared_model_path(run: RunDir) -> str:
+    read_manifest(run.prepare)
+    return json.loads(run.base_model.read_text(encoding="utf-8"))["path"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="prepare again even if the run dir is prepared")
+
+
+def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
+    main(cfg, force=args.force)
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_module
+
+    run_module("prepare")

@@ -1,0 +1,84 @@
+"""Chat prompts and answer targets: the one place that turns an example into tokens.
+
+Training (stages 1 and 3) and scoring use the same encoding, so a model is scored on exactly the answer
+tokens it was taught: `prompt_ids(...)` is the chat-templated user turn with the generation prompt, and the answer
+is the verbalised label followed by the template's end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pipeline.errors import ModelError
+from pipeline.tasks import TaskSpec
+
+_PROBE = "\u00a7\u00a7answer\u00a7\u00a7"
+
+
+def user_message(task: TaskSpec, text: str, aspect: str | None) -> str:
+    """The user turn: instruction, the allowed answers, then the input fields."""
+    lines = [task.instruction.strip(), f"Answer with one of: {', '.join(task.answers)}.", ""]
+    lines.append(f"Text: {text}")
+    if "aspect" in task.input_fields:
+        lines.append(f"Aspect: {aspect}")
+    return "\n".join(lines)
+
+
+def truncate_text(tokenizer, text: str, max_tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+def prompt_ids(tokenizer, task: TaskSpec, example: dict) -> list[int]:
+    """Token ids of the chat prompt that asks `task` about `example`, ending where the answer starts."""
+    text = truncate_text(tokenizer, example["text"], task.max_text_tokens)
+    messages = [{"role": "user", "content": user_message(task, text, example.get("aspect"))}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    """The token ids of each answer of a task, and the end-of-turn id that closes an answer in training."""
+
+    answers: tuple[tuple[int, ...], ...]
+    end_of_turn: int | None
+
+
+def answer_tokens(tokenizer, task: TaskSpec) -> AnswerTokens:
+    return _answer_tokens(tokenizer, tuple(task.answers))
+
+
+@lru_cache(maxsize=256)
+def _answer_tokens(tokenizer, answers: tuple[str, ...]) -> AnswerTokens:
+    encoded = tuple(tuple(tokenizer(answer, add_special_tokens=False).input_ids) for answer in answers)
+    for i, first in enumerate(encoded):
+        if not first:
+            raise ModelError(f"answer {answers[i]!r} encodes to no tokens")
+        for j, second in enumerate(encoded):
+            if i != j and second[: len(first)] == first:
+                raise ModelError(f"answer {answers[i]!r} is a token prefix of {answers[j]!r}; "
+                                 "change the verbalizers so that no answer starts another")
+    return AnswerTokens(encoded, end_of_turn_id(tokenizer))
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The first token the chat template puts after an assistant message (e.g. <|im_end|>)."""
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as error:  # a tokenizer without a chat template
+        raise ModelError(f"the tokenizer has no usable chat template: {error}") from None
+    tail = rendered.split(_PROBE, 1)[1]
+    ids = tokenizer(tail, add_special_tokens=False).input_ids if tail else []
+    return ids[0] if ids else tokenizer.eos_token_id
+
+
+def training_example(tokenizer, task: TaskSpec, example: dict, answer: int | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for teacher forcing: the loss falls on the answer and end-of-turn tokens only."""
+    prompt = prompt_ids(tokenizer, task, example)
+    tokens = answer_tokens(tokenizer, task)
+    index = task.answer_index(example["label"]) if answer is None else answer
+    target = list(tokens.answers[index]) + ([tokens.end_of_turn] if tokens.end_of_turn is not None else [])
+    return prompt + target, [-100] * len(prompt) + target

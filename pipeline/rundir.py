@@ -1,0 +1,182 @@
+"""The run directory: the one module that knows where each stage's files live, and how they are written.
+
+Layout of a run directory::
+
+    config.yaml                 resolved config of the last command that wrote here
+    .lock                       held while a command writes (holder's pid, host and command inside)
+    prepare/                    base model reference, canonical data per task and split, data report
+    experts/<task>/             stage 1
+    search/                     stage 2
+    finetune/                   stage 3
+    export/                     the merged checkpoint users take away
+    eval/<name>/                tables from `sentimerge evaluate`
+
+Every finished folder holds a `DONE.json` manifest written last: its presence, and only that, means finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import SentimergeError
+
+MANIFEST = "DONE.json"
+
+
+class RunDir:
+    """Paths inside one run directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def prepare(self) -> Path:
+        return self.root / "prepare"
+
+    def data(self, task: str, split: str) -> Path:
+        return self.prepare / "data" / task / f"{split}.jsonl"
+
+    @property
+    def base_model(self) -> Path:
+        """JSON file naming the prepared base model directory."""
+        return self.prepare / "model.json"
+
+    @property
+    def data_report(self) -> Path:
+        return self.prepare / "data_report.json"
+
+    @property
+    def experts(self) -> Path:
+        return self.root / "experts"
+
+    def expert(self, task: str) -> Path:
+        return self.experts / task
+
+    @property
+    def search(self) -> Path:
+        return self.root / "search"
+
+    @property
+    def finetune(self) -> Path:
+        return self.root / "finetune"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    def evaluation(self, name: str) -> Path:
+        return self.root / "eval" / name
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SentimergeError(f"{folder}: not finished (no {MANIFEST}); run the stage that writes it first") from None
+    except json.JSONDecodeError as error:
+        raise SentimergeError(f"{path}: corrupted manifest ({error.msg} at line {error.lineno})") from None
+
+
+def write_manifest(folder: Path, **info: Any) -> None:
+    """Mark `folder` finished. Call it last, after everything else in the folder is written."""
+    from pipeline import __version__
+
+    write_json_atomic(folder / MANIFEST, {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "version": __version__, **info})
+
+
+@contextlib.contextmanager
+def fresh_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder under a temporary name and rename it into place when the block succeeds.
+
+    A finished folder (one with a manifest) is only replaced when `overwrite` is set; a half-written
+    leftover from a crash is never reused.
+    """
+    if is_done(final) and not overwrite:
+        raise SentimergeError(f"{final}: already finished; pass --force to redo it")
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        stale = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def run_lock(run: RunDir) -> Iterator[None]:
+    """Hold the run directory's lock; a second writer gets a clear error naming the holder."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    handle = open(run.lock, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise SentimergeError(f"{run.root}: in use by {holder}; wait for it to finish") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv[:3])}")
+        handle.flush()
+        yield
+    finally:
+        handle.seek(0)
+        handle.truncate()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

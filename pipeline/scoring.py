@@ -1,0 +1,102 @@
+"""Scoring: the log-probability of each answer of a task, for many examples at once.
+
+One batched forward over the left-padded prompts keeps only the last position's logits (`logits_to_keep=1`), which
+gives every answer's first token. Answers longer than one token continue from the prompts' KV cache, repeated once
+per such answer, so the prompt is never computed twice. Classification predicts the answer with the highest total
+log-probability. Regression answers are score levels 0..L-1 spread evenly over the task's range; the prediction is
+the probability-weighted mean of the level values (softmax over the levels' log-probabilities). That yields a real
+number from the same single forward, uses the model's whole distribution rather than its top level, and is the
+quantity a level-wise cross-entropy teaches in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.prompts import answer_tokens, prompt_ids
+from pipeline.tasks import TaskSpec
+
+
+@dataclass
+class TaskScores:
+    """Per-example answer log-probabilities [N, A] and the resulting predictions."""
+
+    task: TaskSpec
+    logprobs: torch.Tensor
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Probabilities renormalised over the task's answers."""
+        return torch.softmax(self.logprobs, dim=-1)
+
+    @property
+    def predictions(self) -> list[str | float]:
+        if self.task.kind == "classification":
+            return [self.task.labels[i] for i in self.logprobs.argmax(-1).tolist()]
+        values = torch.tensor(self.task.level_values, dtype=self.probs.dtype)
+        return (self.probs @ values).tolist()
+
+
+@torch.inference_mode()
+def score_prompts(model, prompts: list[list[int]], answers: tuple[tuple[int, ...], ...], *, pad_id: int,
+                  batch_size: int = 16) -> torch.Tensor:
+    """log P(answer | prompt) for every prompt and answer: a float32 tensor [len(prompts), len(answers)]."""
+    device = next(model.parameters()).device
+    result = torch.empty(len(prompts), len(answers), dtype=torch.float32)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        result[batch] = _score_batch(model, [prompts[i] for i in batch], answers, pad_id, device)
+    return result
+
+
+def _score_batch(model, prompts, answers, pad_id, device) -> torch.Tensor:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention[row, width - len(prompt):] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    longer = [i for i, answer in enumerate(answers) if len(answer) > 1]
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=bool(longer),
+                logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    scores = first[:, [answer[0] for answer in answers]]
+    if longer:
+        scores[:, longer] += _continuations(model, out.past_key_values, attention, positions,
+                                            [answers[i] for i in longer], pad_id)
+    return scores.cpu()
+
+
+def _continuations(model, cache, attention, positions, answers, pad_id) -> torch.Tensor:
+    """Sum of log-probs of each answer's tokens after its first, continuing from the prompts' cache."""
+    batch, count = attention.shape[0], len(answers)
+    steps = max(len(answer) for answer in answers) - 1
+    feed = torch.full((count, steps), pad_id, dtype=torch.long)
+    target = torch.zeros((count, steps), dtype=torch.long)
+    valid = torch.zeros((count, steps), dtype=torch.bool)
+    for j, answer in enumerate(answers):
+        feed[j, : len(answer) - 1] = torch.tensor(answer[:-1])
+        target[j, : len(answer) - 1] = torch.tensor(answer[1:])
+        valid[j, : len(answer) - 1] = True
+    device = attention.device
+    feed, target, valid = feed.to(device).repeat(batch, 1), target.to(device).repeat(batch, 1), valid.to(device).repeat(batch, 1)
+    cache.batch_repeat_interleave(count)
+    mask = torch.cat([attention.repeat_interleave(count, 0), torch.ones_like(feed)], dim=-1)
+    start = positions[:, -1:].repeat_interleave(count, 0) + 1
+    steps_positions = start + torch.arange(steps, device=device)
+    logits = model(input_ids=feed, attention_mask=mask, position_ids=steps_positions, past_key_values=cache).logits
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return (logprobs * valid).sum(-1).view(batch, count)
+
+
+def score_task(model, tokenizer, task: TaskSpec, examples: list[dict], *, batch_size: int = 16) -> TaskScores:
+    """Score every example of `task` with `model`."""
+    prompts = [prompt_ids(tokenizer, task, example) for example in examples]
+    tokens = answer_tokens(tokenizer, task)
+    logprobs = score_prompts(model, prompts, tokens.answers, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    return TaskScores(task, logprobs)
