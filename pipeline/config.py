@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from experts.config import ExpertsConfig
+from merge.config import SearchConfig
 from pipeline.errors import ConfigError
 from pipeline.tasks import Frozen, PypiFile, TaskList, TaskSpec
 
@@ -72,6 +74,8 @@ class RunConfig(Frozen):
     data_root: str | None = None
     tasks: list[TaskSpec] = Field(min_length=1)
     evaluate: EvaluateConfig = EvaluateConfig()
+    experts: ExpertsConfig = ExpertsConfig()
+    search: SearchConfig = SearchConfig()
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> RunConfig:

@@ -5,7 +5,7 @@ Layout of a run directory::
     config.yaml                 resolved config of the last command that wrote here
     .lock                       held while a command writes (holder's pid, host and command inside)
     prepare/                    base model reference, canonical data per task and split, data report
-    experts/<task>/             stage 1
+    experts/<task>/adapter/     stage 1: one peft LoRA adapter per task (plus logs and a manifest)
     search/                     stage 2
     finetune/                   stage 3
     export/                     the merged checkpoint users take away
@@ -69,6 +69,10 @@ class RunDir:
 
     def expert(self, task: str) -> Path:
         return self.experts / task
+
+    def expert_adapter(self, task: str) -> Path:
+        """The finished expert's LoRA adapter, in peft's own format (`PeftModel.from_pretrained` loads it)."""
+        return self.expert(task) / "adapter"
 
     @property
     def search(self) -> Path:
