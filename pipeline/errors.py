@@ -25,3 +25,9 @@ class StageNotImplemented(SentimergeError):
     """A stage that this version of sentimerge does not implement yet."""
 
     exit_code = 3
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none (for one-line reports)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

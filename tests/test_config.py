@@ -1,0 +1,100 @@
+"""Run configs and tasks files: every shipped file validates; bad files get errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import RunConfig, load_config, load_tasks_file
+from pipeline.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
+
+
+def test_configs_folder_is_not_empty():
+    assert {path.name for path in ALL_YAML} >= {"demo.yaml", "suite.yaml", "tiny.yaml"}
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_yaml_validates(path):
+    raw = yaml.safe_load(path.read_text())
+    if "base_model" in raw:
+        cfg = load_config(path)
+        assert isinstance(cfg, RunConfig) and cfg.tasks
+    else:
+        assert load_tasks_file(path).tasks
+
+
+def test_suite_paths_resolve_relative_to_the_config_and_data_root_overrides(tmp_path):
+    cfg = load_config(CONFIGS / "suite.yaml")
+    assert Path(cfg.data_root).is_absolute() and Path(cfg.data_root).name == "data"
+    assert len(cfg.tasks) == 8
+    overridden = load_config(CONFIGS / "suite.yaml", data_root=str(tmp_path), run_dir=str(tmp_path / "run"))
+    assert overridden.data_root == str(tmp_path)
+    assert overridden.resolved_run_dir == tmp_path / "run"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+name: t
+base_model: {tiny: {}}
+tasks:
+  - name: pol
+    kind: classification
+    labels: [negative, positive]
+    instruction: Is it positive?
+    source: {path: data.jsonl, carve: {train: 0.5, dev: 0.5}}
+"""
+
+
+def test_unknown_key_suggests_the_known_one(tmp_path):
+    path = _write(tmp_path, BASE.replace("name: pol", "name: pol\n    intruction: typo"))
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\(pol\)\.intruction: unknown key \(did you mean 'instruction'\?\)"):
+        load_config(path)
+
+
+def test_every_problem_is_reported_at_once_with_its_key_path(tmp_path):
+    text = BASE.replace("kind: classification", "kind: sentiment").replace("name: t\n", "name: t\nseed: x\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, text))
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 2
+    assert any("seed:" in line for line in lines)
+    assert any("tasks[0](pol).kind:" in line and "classification" in line for line in lines)
+    assert all(line.startswith(str(tmp_path / "config.yaml")) for line in lines)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.yaml:4:\d+: invalid YAML"):
+        load_config(_write(tmp_path, "name: t\nbase_model: {tiny: {}}\ntasks: [\n  - : :"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (("labels: [negative, positive]", "labels: [negative]"), "at least two"),
+    (("labels: [negative, positive]", "range: [0, 1]"), "needs `labels`"),
+    (("base_model: {tiny: {}}", "base_model: {tiny: {}, path: x}"), "exactly one of path, hub, gguf, tiny"),
+    (("carve: {train: 0.5, dev: 0.5}", "carve: {train: 0.5, dev: 0.6}"), "sum to 1"),
+    (("source: {path: data.jsonl, ", "source: {hub: x, path: data.jsonl, "), "exactly one of path, hub, pypi"),
+])
+def test_inconsistent_specs_are_rejected(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, BASE.replace(*change)))
+
+
+def test_missing_tasks_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: file not found"):
+        load_config(_write(tmp_path, "name: t\nbase_model: {tiny: {}}\ntasks: nope.yaml\n"))
+
+
+def test_config_is_frozen(tiny_config_path):
+    cfg = load_config(tiny_config_path)
+    with pytest.raises(Exception):
+        cfg.seed = 3

@@ -1,0 +1,87 @@
+"""Scoring answers by log-probability: batched, left-padded, KV-cached scoring equals the closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.errors import ModelError
+from pipeline.models import load_model
+from pipeline.prepare import load_prepared, prepared_model_path
+from pipeline.prompts import answer_tokens, prompt_ids, training_example
+from pipeline.rundir import RunDir
+from pipeline.scoring import TaskScores, score_prompts, score_task
+
+
+@pytest.fixture
+def tiny(prepared_tiny):
+    run = RunDir(prepared_tiny.resolved_run_dir)
+    model, tokenizer = load_model(prepared_model_path(run), dtype="float32")
+    return prepared_tiny, run, model, tokenizer
+
+
+def _brute_force(model, prompt: list[int], answer: tuple[int, ...]) -> float:
+    """log P(answer | prompt) from one unpadded forward over prompt + answer."""
+    ids = torch.tensor([prompt + list(answer)])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    return sum(logprobs[len(prompt) - 1 + i, token].item() for i, token in enumerate(answer))
+
+
+@pytest.mark.parametrize("task_name", ["polarity", "aspect3", "intensity"])
+def test_batched_scores_equal_unpadded_full_sequence_logprobs(tiny, task_name):
+    cfg, run, model, tokenizer = tiny
+    task = cfg.task(task_name)
+    examples = load_prepared(run, task_name, "dev")[:7]
+    prompts = [prompt_ids(tokenizer, task, e) for e in examples]
+    answers = answer_tokens(tokenizer, task).answers
+    if task_name != "intensity":
+        assert any(len(a) > 1 for a in answers), "the tiny tokenizer should split some labels (tests the cache path)"
+    assert len({len(p) for p in prompts}) > 1, "prompts of different lengths exercise left padding"
+    scores = score_prompts(model, prompts, answers, pad_id=tokenizer.pad_token_id, batch_size=3)
+    expected = torch.tensor([[_brute_force(model, p, a) for a in answers] for p in prompts])
+    torch.testing.assert_close(scores, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_scores_do_not_depend_on_batch_size(tiny):
+    cfg, run, model, tokenizer = tiny
+    task = cfg.task("aspect3")
+    examples = load_prepared(run, "aspect3", "dev")
+    one = score_task(model, tokenizer, task, examples, batch_size=1).logprobs
+    many = score_task(model, tokenizer, task, examples, batch_size=5).logprobs
+    torch.testing.assert_close(one, many, atol=2e-4, rtol=1e-4)
+
+
+def test_regression_prediction_is_the_probability_weighted_level_value(tiny):
+    cfg, _, _, _ = tiny
+    task = cfg.task("intensity")  # range [-3, 3], 5 levels: -3, -1.5, 0, 1.5, 3
+    logprobs = torch.log(torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]) + 1e-12)
+    assert TaskScores(task, logprobs).predictions == pytest.approx([0.75, -3.0], abs=1e-6)
+
+
+def test_classification_prediction_is_the_most_likely_label(tiny):
+    cfg, _, _, _ = tiny
+    task = cfg.task("aspect3")
+    scores = TaskScores(task, torch.tensor([[-3.0, -1.0, -2.0], [-0.1, -5.0, -4.0]]))
+    assert scores.predictions == ["neutral", "negative"]
+    torch.testing.assert_close(scores.probs.sum(-1), torch.ones(2))
+
+
+def test_training_example_puts_the_loss_on_the_answer_and_end_of_turn_only(tiny):
+    cfg, run, _, tokenizer = tiny
+    task = cfg.task("polarity")
+    example = load_prepared(run, "polarity", "train")[0]
+    input_ids, labels = training_example(tokenizer, task, example)
+    prompt = prompt_ids(tokenizer, task, example)
+    answer = answer_tokens(tokenizer, task)
+    taught = [t for t in labels if t != -100]
+    assert input_ids[: len(prompt)] == prompt and labels[: len(prompt)] == [-100] * len(prompt)
+    assert taught == list(answer.answers[task.labels.index(example["label"])]) + [answer.end_of_turn]
+    assert tokenizer.decode([answer.end_of_turn]) == "<|im_end|>"
+
+
+def test_answers_that_prefix_each_other_are_rejected(tiny):
+    cfg, _, _, tokenizer = tiny
+    task = cfg.task("polarity").model_copy(update={"verbalizers": {"negative": "positive", "positive": "positive positive"}})
+    with pytest.raises(ModelError, match="prefix"):
+        answer_tokens(tokenizer, task)
