@@ -95,5 +95,6 @@ def test_every_command_runs_as_a_module(command, monkeypatch, capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run(["sentimerge", "--version"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "sentimerge"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("sentimerge ")
