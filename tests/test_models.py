@@ -1,0 +1,49 @@
+"""Base model provisioning: a hub id resolves through the hub cache (offline here), a tiny model is reproducible."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from pipeline.config import ModelSpec
+from pipeline.errors import ModelError
+from pipeline.models import load_model, provision_base_model
+
+
+def test_tiny_model_is_built_once_and_reproducibly(tmp_path):
+    spec = ModelSpec(tiny={"num_layers": 1, "hidden_size": 32, "vocab_size": 320, "seed": 3})
+    first = provision_base_model(spec, tmp_path / "a", corpus=["good film", "bad film"])
+    again = provision_base_model(spec, tmp_path / "a", corpus=["good film", "bad film"])
+    other_cache = provision_base_model(spec, tmp_path / "b", corpus=["good film", "bad film"])
+    assert first == again
+    model_a, tokenizer = load_model(first, dtype="float32")
+    model_b, _ = load_model(other_cache, dtype="float32")
+    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+        assert (a == b).all(), name
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>user")
+
+
+def test_hub_id_resolves_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    """The hub code path, exercised against a local hub cache (no network): snapshot_download finds the snapshot."""
+    built = provision_base_model(ModelSpec(tiny={"num_layers": 1, "hidden_size": 32, "vocab_size": 320}),
+                                 tmp_path / "build", corpus=["good", "bad"])
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "hub" / "models--someone--tiny-llama"
+    shutil.copytree(built, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = provision_base_model(ModelSpec(hub="someone/tiny-llama"), tmp_path / "cache")
+    model, _ = load_model(path, dtype="float32")
+    assert model.config.num_hidden_layers == 1
+    with pytest.raises(ModelError, match="base_model.hub: cannot fetch 'someone/missing'"):
+        provision_base_model(ModelSpec(hub="someone/missing"), tmp_path / "cache")
+
+
+def test_missing_or_wrong_model_directory_is_named(tmp_path):
+    with pytest.raises(ModelError, match="model directory not found"):
+        provision_base_model(ModelSpec(path=str(tmp_path / "nope")), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a model directory"):
+        load_model(str(tmp_path / "empty"))
