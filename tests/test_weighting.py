@@ -1,0 +1,94 @@
+"""Task-weighting strategies move weights the way their definitions say, on constructed cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.weighting import WEIGHTINGS, TaskStats, imbalance, make_weighting
+
+STATS = TaskStats(names=("a", "b"), sizes=(100, 100), imbalance=(0.0, 0.0))
+
+
+def _run(strategy, losses_per_step, grad_norms=None):
+    for step, losses in enumerate(losses_per_step):
+        losses = torch.tensor(losses, dtype=torch.float32)
+        if strategy.combine(losses).requires_grad:
+            strategy.combine(losses).backward()
+        strategy.observe(losses, None if grad_norms is None else torch.tensor(grad_norms[step]))
+    return strategy.weights()
+
+
+def test_registry_lists_the_strategies_and_rejects_unknown_names_and_options():
+    assert set(WEIGHTINGS.names()) == {"static", "uncertainty", "dwa", "famo", "dao"}
+    with pytest.raises(ConfigError, match="did you mean 'dao'"):
+        make_weighting("daoo", STATS, {})
+    with pytest.raises(ConfigError, match="dwa does not take window_size"):
+        make_weighting("dwa", STATS, {"window_size": 3})
+
+
+def test_static_weights_are_equal_or_follow_size():
+    assert make_weighting("static", STATS, {}).weights().tolist() == [1.0, 1.0]
+    sized = make_weighting("static", TaskStats(("a", "b"), (300, 100), (0, 0)), {"by_size": 1})
+    assert sized.weights().tolist() == pytest.approx([1.5, 0.5])
+
+
+def test_uncertainty_down_weights_the_task_whose_loss_stays_high():
+    strategy = make_weighting("uncertainty", STATS, {"lr": 0.05})
+    weights = _run(strategy, [[3.0, 0.3]] * 40)
+    assert weights[0] < 1.0 < weights[1]
+
+
+def test_dwa_up_weights_the_task_whose_loss_stalls():
+    strategy = make_weighting("dwa", STATS, {"window": 2})
+    falling = [2.0, 1.8, 1.5, 1.2, 1.0, 0.8]
+    weights = _run(strategy, [[value, 1.0] for value in falling])  # task b stalls at 1.0
+    assert weights[1] > 1.0 > weights[0]
+    assert weights.sum().item() == pytest.approx(2.0)
+
+
+def test_famo_up_weights_the_task_that_improves_less():
+    strategy = make_weighting("famo", STATS, {"lr": 0.1})
+    steps = [[1.0 * 0.9 ** i, 1.0 * 0.99 ** i] for i in range(30)]  # a improves fast, b slowly
+    _run(strategy, steps)
+    z = torch.softmax(strategy.logits.detach(), 0)
+    assert z[1] > z[0]
+
+
+def test_dao_weights_each_task_by_the_other_tasks_gradient_share():
+    strategy = make_weighting("dao", STATS, {"a_difficulty": 0.0, "window": 1000})
+    weights = _run(strategy, [[1.0, 1.0]] * 30, grad_norms=[[3.0, 1.0]] * 30)  # a dominates the gradient
+    assert weights[1] > 1.0 > weights[0]
+
+
+def test_dao_data_term_favours_imbalanced_and_initially_harder_tasks():
+    skewed = TaskStats(("a", "b"), (100, 100), (imbalance([90, 10]), imbalance([50, 50])))
+    assert skewed.imbalance[0] > 0.5 and skewed.imbalance[1] == pytest.approx(0.0)
+    strategy = make_weighting("dao", skewed, {"a_difficulty": 0.0})
+    assert strategy.weights()[0] > strategy.weights()[1]
+    harder = make_weighting("dao", STATS, {"a_balance": 0.0})
+    weights = _run(harder, [[2.0, 0.5]], grad_norms=[[1.0, 1.0]])
+    assert weights[0] > weights[1]
+
+
+def test_dao_weights_stay_within_their_bounds():
+    strategy = make_weighting("dao", TaskStats(("a", "b", "c"), (10, 1000, 100), (0.9, 0.0, 0.0)),
+                              {"w_min": 0.5, "w_max": 2.0})
+    weights = _run(strategy, [[5.0, 0.01, 1.0]] * 20, grad_norms=[[0.01, 10.0, 1.0]] * 20)
+    assert weights.min() >= 0.5 - 1e-4 and weights.max() <= 2.0 + 1e-4
+    assert weights.sum().item() == pytest.approx(3.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "dwa", "famo", "dao"])
+def test_state_round_trips_so_a_resumed_run_continues_identically(name):
+    steps = [[1.0 + 0.1 * i, 2.0 - 0.05 * i] for i in range(12)]
+    norms = [[1.0, 2.0]] * 12
+    whole = make_weighting(name, STATS, {})
+    _run(whole, steps, norms)
+    first = make_weighting(name, STATS, {})
+    _run(first, steps[:5], norms[:5])
+    resumed = make_weighting(name, STATS, {})
+    resumed.load_state_dict(first.state_dict())
+    _run(resumed, steps[5:], norms[5:])
+    torch.testing.assert_close(resumed.weights(), whole.weights())
