@@ -2,8 +2,59 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from curriculum.config import CurriculumConfig
 from pipeline.tasks import Frozen
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraSettings(Frozen):
+    """peft LoRA hyper-parameters (peft's own names)."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: list(ALL_LINEAR),
+        description="module names, or peft's `all-linear` (default: every attention and MLP projection)")
 
 
 class ExpertsConfig(Frozen):
     """How stage 1 trains one LoRA expert per task."""
+
+    lora: LoraSettings = LoraSettings()
+    curriculum: CurriculumConfig = CurriculumConfig()
+    examples: int | None = Field(512, ge=1, description="training budget per expert in examples (or give `steps`)")
+    steps: int | None = Field(None, ge=1, description="training budget per expert in optimizer steps")
+    batch_size: int = Field(8, ge=1)
+    bucket: int = Field(4, ge=1, description="batches drawn together and grouped by length, to cut padding")
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: float = Field(0.1, ge=0, lt=1, description="share of the steps with a linear learning-rate warm-up")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the decay ends at this share of the learning rate")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    autocast: bool = Field(True, description="bf16 autocast for the model's math (CPU and CUDA)")
+    dev_examples: int | None = Field(200, ge=1, description="dev sample (seeded) for the periodic evaluation")
+    evaluations: int = Field(2, ge=1, description="dev evaluations spread over training (the last at the end)")
+    keep: Literal["last", "best"] = Field(
+        "last", description="last: the adapter after the last step; best: the evaluated step with the highest "
+                            "primary dev metric (the earliest on ties; step 0, the base model, is not a candidate)")
+    checkpoint_every: int = Field(20, ge=1, description="steps between resumable checkpoints")
+    eval_batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> ExpertsConfig:
+        if self.steps is not None and "examples" in self.model_fields_set:
+            raise ValueError("give the budget as `examples` or `steps`, not both")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, -(-self.examples // self.batch_size))

@@ -2,8 +2,97 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
 from pipeline.tasks import Frozen
 
 
+class WeakConfig(Frozen):
+    """The weak-label set every candidate is scored on.
+
+    Rule: per task, `per_task` rows are drawn (seeded) from `split`. From the train split, rows the task's expert
+    trained on are excluded when the expert lists them in `<run>/experts/<task>/train_ids.json`; the dev split is
+    never used (it is for gold reporting).
+    """
+
+    per_task: int = Field(32, ge=4, description="weak-labelled examples per task")
+    split: Literal["train", "test"] = "train"
+    labeller: str = Field("expert", description="weak labeller for every task: expert, lexicon or gold")
+    labellers: dict[str, str] = Field(default_factory=dict, description="task -> labeller, overriding `labeller`")
+    weights: dict[str, float] = Field(default_factory=dict, description="task -> fitness weight (default 1)")
+
+    @field_validator("labeller")
+    @classmethod
+    def _known_labeller(cls, value: str) -> str:
+        return _registered("labeller", value)
+
+    @field_validator("labellers")
+    @classmethod
+    def _known_labellers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value.values():
+            _registered("labeller", name)
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = sorted(task for task, weight in value.items() if not weight > 0)
+        if bad:
+            raise ValueError(f"task weights must be positive: {bad}")
+        return value
+
+
+class GoldConfig(Frozen):
+    """Gold dev scoring: each generation's best on a dev sample, and the final table on the dev split."""
+
+    per_generation: int = Field(48, ge=0, description="dev examples per task for each generation's best (0: off)")
+    final: int | None = Field(None, ge=1, description="dev examples per task in the final table (default: all)")
+
+
 class SearchConfig(Frozen):
-    """How stage 2 searches layer-wise merge coefficients."""
+    """How stage 2 searches layer-wise merge coefficients with CMA-ES."""
+
+    method: str = Field("task_arithmetic", description="merge method searched (see merge.methods)")
+    density: float = Field(0.5, gt=0, le=1, description="ties/dare: share of each delta kept")
+    layer_group_size: int = Field(6, ge=1, description="layers sharing one coefficient (1: every layer)")
+    split_attention_mlp: bool = Field(False, description="separate coefficients for attention and MLP")
+    bounds: tuple[float, float] = Field((0.0, 1.5), description="coefficient range; below 0 allowed if asked")
+    init: float = Field(1.0, description="start point of every coefficient (also the uniform baseline's weight)")
+    sigma0: float = Field(0.2, gt=0, description="CMA-ES initial step size")
+    population: int = Field(8, ge=2)
+    generations: int = Field(8, ge=1)
+    seed: int | None = Field(None, description="default: the run's seed")
+    failure_penalty: float = Field(-2.0, description="fitness of a candidate whose merge or scoring fails")
+    batch_size: int = Field(32, ge=1)
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="the resident scoring copy")
+    export: bool = Field(True, description="write the best merge through mergekit to <run>/search/merged")
+    weak: WeakConfig = WeakConfig()
+    gold: GoldConfig = GoldConfig()
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return _registered("method", value)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SearchConfig:
+        low, high = self.bounds
+        if not low < high:
+            raise ValueError(f"bounds must be [low, high] with low < high (got {list(self.bounds)})")
+        if not low <= self.init <= high:
+            raise ValueError(f"init {self.init} is outside bounds {list(self.bounds)}")
+        return self
+
+
+def _registered(kind: str, name: str) -> str:
+    """Check `name` against its registry (imported here: the registries import torch)."""
+    if kind == "method":
+        from merge.methods import METHODS as registry
+    else:
+        from merge.weak import LABELLERS as registry
+    problem = registry.problem(name)
+    if problem:
+        raise ValueError(problem)
+    return name

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from experts.config import ExpertsConfig
+from experts.config import ExpertsConfig, LoraSettings
 from merge.config import SearchConfig
 from pipeline.errors import ConfigError
 from pipeline.tasks import Frozen, PypiFile, TaskList, TaskSpec
@@ -61,6 +61,56 @@ class EvaluateConfig(Frozen):
     limit: int | None = Field(None, ge=1, description="score at most this many examples per task (seeded sample)")
 
 
+class WeightingSettings(Frozen):
+    """Which task-weighting strategy stage 3 uses (pipeline/weighting.py), with its options."""
+
+    name: str = "dao"
+    options: dict[str, float] = Field(default_factory=dict, description="keyword arguments of the strategy")
+    grad_norm_every: int = Field(1, ge=1, description="steps between per-task gradient-norm measurements (dao)")
+
+    @model_validator(mode="after")
+    def _known(self) -> WeightingSettings:
+        from pipeline.weighting import WEIGHTINGS
+
+        problem = WEIGHTINGS.problem(self.name)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+class FinetuneConfig(Frozen):
+    """Stage 3: multi-task LoRA fine-tuning of the merged model with dynamic task weights."""
+
+    start: Literal["merged", "base"] = Field("merged", description="fine-tune stage 2's merged model, or the base")
+    lora: LoraSettings = LoraSettings()
+    weighting: WeightingSettings = WeightingSettings()
+    steps: int = Field(60, ge=1)
+    per_task: int = Field(2, ge=1, description="examples of every task in each step's batch")
+    learning_rate: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: float = Field(0.1, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    autocast: bool = True
+    dev_examples: int | None = Field(100, ge=1, description="dev sample per task for the periodic evaluation")
+    evaluations: int = Field(2, ge=1)
+    keep: Literal["last", "best"] = "last"
+    checkpoint_every: int = Field(20, ge=1)
+    eval_batch_size: int = Field(16, ge=1)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps
+
+
+class ExportConfig(Frozen):
+    """The single checkpoint users take away."""
+
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    source: Literal["finetune", "search"] = Field("finetune", description="export stage 3's model or stage 2's merge")
+
+
 class RunConfig(Frozen):
     """Everything one run needs: base model, tasks, and one section per stage."""
 
@@ -76,6 +126,8 @@ class RunConfig(Frozen):
     evaluate: EvaluateConfig = EvaluateConfig()
     experts: ExpertsConfig = ExpertsConfig()
     search: SearchConfig = SearchConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> RunConfig:
@@ -101,7 +153,7 @@ class RunConfig(Frozen):
         for task in self.tasks:
             if task.name == name:
                 return task
-        raise ConfigError(f"no task named {name!r}{_suggest(name, [t.name for t in self.tasks])}")
+        raise ConfigError(f"no task named {name!r}{suggest(name, [t.name for t in self.tasks])}")
 
 
 def load_config(path: str | Path, *, data_root: str | None = None, run_dir: str | None = None) -> RunConfig:
@@ -200,7 +252,7 @@ def _describe(model: type[BaseModel], raw: dict, item: dict) -> str:
     key = _key_path(raw, loc)
     if item["type"] == "extra_forbidden":
         known = _fields_at(model, loc[:-1])
-        return f"{key}: unknown key{_suggest(str(loc[-1]), known)}"
+        return f"{key}: unknown key{suggest(str(loc[-1]), known)}"
     if item["type"] == "missing":
         return f"{key}: required key is missing"
     message = item["msg"].removeprefix("Value error, ")
@@ -250,7 +302,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _suggest(name: str, known: list[str]) -> str:
+def suggest(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     if close:
         return f" (did you mean {close[0]!r}?)"

@@ -1,19 +1,273 @@
-"""`sentimerge experts`: stage 1 (per-task lora experts); not implemented yet (issue #4)."""
+"""Stage 1, `sentimerge experts CONFIG`: one LoRA expert per task, instruction-tuned with a difficulty curriculum.
+
+For each task: difficulty is computed per example from metadata signals (curriculum/signals.py) on a seeded pool of
+training examples; a pacing function opens the pool easiest first (curriculum/pacing.py); the LoRA adapter learns the
+answer tokens of the task's chat prompts under bf16 autocast, with warm-up and decay of the learning rate, periodic
+dev evaluation and resumable checkpoints. The expert's folder (pipeline/rundir.py) ends with the peft adapter, its
+resolved config, the metrics and schedule logs, the examples' difficulty, and `DONE.json`, written last.
+
+A finished expert is skipped unless `--force`; an unfinished one resumes from its last checkpoint, which restores the
+weights, optimizer, learning-rate step, sampler and RNG state, so it ends with the adapter an uninterrupted run gives.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
-from pipeline.config import RunConfig
-from pipeline.errors import StageNotImplemented
+import numpy as np
+import torch
+import yaml
+
+from curriculum.sampler import CurriculumSampler
+from curriculum.signals import Difficulty, SignalInputs, TaskFacts, example_difficulty, task_difficulty
+from experts.checkpoint import read_state
+from experts.loop import Loop, append_row, run_loop
+from experts.train import answer_loss, answer_losses, collate, encode, evaluate_dev, learning_rate, load_lora_model
+from pipeline.config import RunConfig, dump_config
+from pipeline.data import sample_examples
+from pipeline.errors import ConfigError, SentimergeError
+from pipeline.models import pick_device
+from pipeline.prepare import load_prepared, prepared_model_path
+from pipeline.rundir import (RunDir, is_done, read_manifest, write_json_atomic, write_jsonl_atomic,
+                             write_manifest, write_text_atomic)
+from pipeline.tasks import TaskSpec
+
+log = logging.getLogger("sentimerge.experts")
+
+
+@dataclass
+class Expert:
+    """A trained expert: the in-memory peft model and tokenizer, and its folder."""
+
+    task: TaskSpec
+    model: object
+    tokenizer: object
+    folder: Path
+
+
+def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
+         on_step: Callable[[str, int], None] | None = None) -> dict[str, Path]:
+    """Train the experts of `tasks` (default: every task of the run); returns task -> expert folder."""
+    run = RunDir(cfg.resolved_run_dir)
+    selected = select_tasks(cfg, tasks)
+    data = {task.name: (load_prepared(run, task.name, "train"), load_prepared(run, task.name, "dev"))
+            for task in selected}
+    base_path = prepared_model_path(run)
+    prepared = read_manifest(run.prepare).get("fingerprint")
+    write_text_atomic(run.config, dump_config(cfg))
+    folders = {}
+    for task in selected:
+        folder = run.expert(task.name)
+        fingerprint = expert_fingerprint(cfg, task, prepared)
+        if is_done(folder) and not force:
+            if read_manifest(folder).get("fingerprint") != fingerprint:
+                log.warning("expert %s: finished with another config; kept (pass --force to retrain)", task.name)
+            else:
+                log.info("expert %s: already done (%s)", task.name, folder)
+            folders[task.name] = folder
+            continue
+        if force and folder.exists():
+            shutil.rmtree(folder)
+        train, dev = data[task.name]
+        train_expert(cfg, run, task, train, dev, base_path, fingerprint=fingerprint,
+                     on_step=(lambda step, name=task.name: on_step(name, step)) if on_step else None)
+        folders[task.name] = folder
+    return folders
+
+
+def select_tasks(cfg: RunConfig, names: list[str] | None) -> list[TaskSpec]:
+    if not names:
+        return list(cfg.tasks)
+    return [cfg.task(name) for name in names]  # cfg.task raises ConfigError with a suggestion
+
+
+def task_seed(seed: int, task: str) -> int:
+    """Each expert's own seed: independent of which other tasks the run trains, and in which order."""
+    return int(hashlib.sha256(f"{seed}/{task}".encode()).hexdigest()[:8], 16)
+
+
+def expert_fingerprint(cfg: RunConfig, task: TaskSpec, prepared: str | None) -> str:
+    """Hash of what decides an expert: a checkpoint or expert made with another one is not silently reused."""
+    decisive = {"experts": cfg.experts.model_dump(mode="json"), "task": task.model_dump(mode="json"),
+                "seed": cfg.seed, "prepared": prepared}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict], dev: list[dict], base_path: str, *,
+                 fingerprint: str, on_step: Callable[[int], None] | None = None) -> Expert:
+    """Train (or resume) one expert and write its folder; the manifest is written last."""
+    settings, curriculum = cfg.experts, cfg.experts.curriculum
+    folder, checkpoint_dir = run.expert(task.name), run.expert_checkpoint(task.name)
+    seed = task_seed(cfg.seed, task.name)
+    resuming = read_state(checkpoint_dir)
+    if resuming is not None and resuming["fingerprint"] != fingerprint:
+        raise SentimergeError(f"{checkpoint_dir}: a checkpoint of another config (experts section, task or data); "
+                              "pass --force to start this expert again")
+    if resuming is None and folder.exists():
+        shutil.rmtree(folder)  # a leftover without a checkpoint: nothing to resume
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run.expert_config(task.name), yaml.safe_dump(
+        {"experts": settings.model_dump(mode="json"), "task": task.model_dump(mode="json"), "seed": seed,
+         "base_model": base_path, "fingerprint": fingerprint}, sort_keys=False, allow_unicode=True))
+
+    pool = train if curriculum.pool is None or len(train) <= curriculum.pool else sample_examples(
+        train, curriculum.pool, seed, f"{task.name}/experts/pool")
+    dev_sample = dev if settings.dev_examples is None or len(dev) <= settings.dev_examples else sample_examples(
+        dev, settings.dev_examples, seed, f"{task.name}/experts/dev")
+    device = pick_device(cfg.device)
+    model, tokenizer = load_lora_model(base_path, settings.lora, dtype=cfg.base_model.dtype, device=device,
+                                       seed=seed, trust_remote_code=cfg.base_model.trust_remote_code)
+    encoded = encode(tokenizer, task, pool)
+    lengths = [len(ids) for ids, _ in encoded]
+    evaluate = partial(evaluate_dev, model, tokenizer, task, dev_sample, device, use_autocast=settings.autocast,
+                       batch_size=settings.eval_batch_size)
+
+    difficulty = None
+    if curriculum.pacing != "none":
+        difficulty = pool_difficulty(cfg, run, task, pool, lengths, model, tokenizer, device, base_path)
+        write_jsonl_atomic(run.expert_difficulty(task.name), difficulty.rows(pool))
+    order = difficulty.order() if difficulty is not None else np.arange(len(pool))
+    total = settings.total_steps
+    sampler = CurriculumSampler(order, lengths, batch_size=settings.batch_size, total_steps=total,
+                                pacing=curriculum.pacing, start=curriculum.start, full_at=curriculum.full_at,
+                                bucket=settings.bucket, seed=seed)
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+    def train_step(step: int) -> dict:
+        drawn = sampler.next_batch(step)
+        tick = time.time()
+        loss = answer_loss(model, collate([encoded[i] for i in drawn["indices"]], tokenizer.pad_token_id), device,
+                           use_autocast=settings.autocast)
+        loss.backward()
+        append_row(run.expert_schedule(task.name), _schedule_row(step + 1, drawn, pool, difficulty))
+        return {"loss": round(loss.item(), 5),
+                "examples_per_s": round(len(drawn["indices"]) / max(time.time() - tick, 1e-9), 2)}
+
+    state = run_loop(Loop(
+        name=f"expert {task.name}", total_steps=total, checkpoint_dir=checkpoint_dir,
+        metrics_log=run.expert_metrics(task.name), logs_to_truncate=[run.expert_schedule(task.name)],
+        fingerprint=fingerprint, step=train_step, learning_rate=partial(learning_rate, cfg=settings),
+        evaluate=evaluate, eval_steps=evaluation_steps(total, settings.evaluations),
+        checkpoint_every=settings.checkpoint_every, keep=settings.keep, max_grad_norm=settings.max_grad_norm,
+        extra_state=sampler.state, load_extra_state=sampler.load_state, before_step=on_step or (lambda step: None),
+    ), model, optimizer, device)
+    kept, step = state["kept"], state["step"]
+    save_adapter(model, run.expert_adapter(task.name))
+    facts = TaskFacts(task, _average_text_tokens(tokenizer, task, pool), state["zero_shot"]["primary"])
+    _write_manifest(folder, cfg, task, state, kept, difficulty, facts, fingerprint=fingerprint, base_path=base_path,
+                    steps=step, pool=len(pool), dev_examples=len(dev_sample))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    trained = step * settings.batch_size
+    log.info("expert %s: dev %s %.3f (zero-shot %.3f) after %d examples at %.1f ex/s -> %s", task.name, task.primary,
+             kept["dev"]["primary"], state["zero_shot"]["primary"], trained,
+             trained / max(state["train_seconds"], 1e-9), folder)
+    return Expert(task, model, tokenizer, folder)
+
+
+def evaluation_steps(total: int, evaluations: int) -> set[int]:
+    """Steps after which the dev sample is scored: spread evenly, the last one at the end."""
+    return {round(total * k / evaluations) for k in range(1, evaluations + 1)}
+
+
+def _write_manifest(folder: Path, cfg: RunConfig, task: TaskSpec, state: dict, kept: dict,
+                    difficulty: Difficulty | None, facts: TaskFacts, *, fingerprint: str, base_path: str, steps: int,
+                    pool: int, dev_examples: int) -> None:
+    """The expert's DONE.json: budget, speed, zero-shot and kept dev metrics, curriculum and task difficulty."""
+    settings = cfg.experts
+    trained = steps * settings.batch_size
+    write_manifest(folder, stage="experts", task=task.name, fingerprint=fingerprint, base_model=base_path,
+                   steps=steps, examples=trained, pool=pool, dev_examples=dev_examples,
+                   keep=settings.keep, kept_step=kept["step"], primary_metric=task.primary,
+                   zero_shot=state["zero_shot"], dev=kept["dev"],
+                   gain=round(kept["dev"]["primary"] - state["zero_shot"]["primary"], 4),
+                   train_seconds=round(state["train_seconds"], 1), eval_seconds=round(state["eval_seconds"], 1),
+                   examples_per_s=round(trained / max(state["train_seconds"], 1e-9), 2),
+                   curriculum={"pacing": settings.curriculum.pacing,
+                               "signals": difficulty.weights if difficulty else {},
+                               "skipped_signals": difficulty.skipped if difficulty else []},
+                   task_difficulty=task_difficulty(settings.curriculum.task_signals, facts))
+
+
+def pool_difficulty(cfg: RunConfig, run: RunDir, task: TaskSpec, pool: list[dict], lengths: list[int], model,
+                    tokenizer, device: torch.device, base_path: str) -> Difficulty:
+    """Combine the curriculum's signals on the pool; the base model's losses come from the run dir's cache."""
+    settings = cfg.experts
+
+    def base_losses() -> np.ndarray:
+        with model.disable_adapter():
+            return cached_base_losses(run.base_loss_cache(task.name), base_path, pool, lambda missing: answer_losses(
+                model, tokenizer, task, missing, device, use_autocast=settings.autocast,
+                batch_size=settings.eval_batch_size))
+
+    inputs = SignalInputs(task, pool, lengths, base_loss=base_losses,
+                          label_polarity=settings.curriculum.label_polarity)
+    difficulty = example_difficulty(settings.curriculum.signals, inputs)
+    if difficulty.skipped:
+        log.info("expert %s: difficulty signals that do not apply here: %s", task.name, ", ".join(difficulty.skipped))
+    return difficulty
+
+
+def cached_base_losses(path: Path, model_ref: str, examples: list[dict],
+                       compute: Callable[[list[dict]], np.ndarray]) -> np.ndarray:
+    """The base model's loss per example, computed once per (model, example id) and kept in `path`."""
+    cache = {}
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("model") == model_ref:
+            cache = stored["losses"]
+    missing = [example for example in examples if example["id"] not in cache]
+    if missing:
+        log.info("base-model loss of %d examples (cached in %s)", len(missing), path)
+        for example, loss in zip(missing, compute(missing)):
+            cache[example["id"]] = round(float(loss), 6)
+        write_json_atomic(path, {"model": model_ref, "losses": cache})
+    return np.array([cache[example["id"]] for example in examples])
+
+
+def save_adapter(model, target: Path) -> None:
+    """The adapter in peft's own format, written under a temporary name and renamed into place."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def _schedule_row(step: int, drawn: dict, pool: list[dict], difficulty: Difficulty | None) -> dict:
+    row = {"step": step, "competence": drawn["competence"], "available": drawn["available"]}
+    if difficulty is not None:
+        scores = difficulty.scores[drawn["indices"]]
+        row |= {"difficulty_mean": round(float(scores.mean()), 4), "difficulty_max": round(float(scores.max()), 4)}
+    return row | {"ids": [pool[i]["id"] for i in drawn["indices"]]}
+
+
+def _average_text_tokens(tokenizer, task: TaskSpec, examples: list[dict]) -> float:
+    counts = [min(len(tokenizer(example["text"], add_special_tokens=False).input_ids), task.max_text_tokens)
+              for example in examples]
+    return float(np.mean(counts))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--force", action="store_true", help="retrain finished experts (they are kept otherwise)")
+    parser.add_argument("--tasks", help="comma-separated task names (default: every task of the config)")
 
 
-def run_from_args(args: argparse.Namespace, cfg: RunConfig | None) -> None:
-    raise StageNotImplemented("Stage 1 (per-task LoRA experts) is not implemented yet (issue #4)")
+def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
+    if args.tasks is not None and not tasks:
+        raise ConfigError("--tasks: give at least one task name")
+    main(cfg, force=args.force, tasks=tasks)  # the CLI holds the run directory's lock
 
 
 if __name__ == "__main__":

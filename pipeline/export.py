@@ -1,19 +1,162 @@
-"""`sentimerge export`: export of the merged checkpoint; not implemented yet (issue #6)."""
+"""`sentimerge export CONFIG`: write the one checkpoint users take away.
+
+The stage 3 adapter is merged into stage 2's merged model (in float32, then cast to `export.dtype`) and saved as a
+plain `transformers` checkpoint (safetensors, tokenizer, chat template). Next to it: `sentimerge_tasks.yaml` (how each
+task is prompted and answered; `sentimerge predict` needs nothing else), `mergekit_config.yml` (stage 2's recipe),
+`sentimerge_config.yaml` (the resolved run config), `provenance.json` (package version, git revision, base model,
+data sources with hashes), `eval.md` (the exported model scored on every task's dev split after reloading it with
+`transformers` alone) and a `README.md` model card.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
 
-from pipeline.config import RunConfig
-from pipeline.errors import StageNotImplemented
+import torch
+import yaml
+
+from pipeline import __version__
+from pipeline.config import RunConfig, dump_config
+from pipeline.errors import SentimergeError
+from pipeline.evaluate import evaluate_model, markdown_table
+from pipeline.models import DTYPES, load_model, pick_device
+from pipeline.prepare import load_prepared, prepared_model_path
+from pipeline.rundir import (EXPORT_TASKS, RunDir, fresh_dir, is_done, read_manifest, write_json_atomic,
+                             write_manifest, write_text_atomic)
+from pipeline.data import sample_examples
+
+log = logging.getLogger("sentimerge.export")
+
+
+def sources(cfg: RunConfig, run: RunDir) -> tuple[str, Path | None]:
+    """(model to start from, adapter to merge into it or None), checked before anything loads."""
+    if cfg.export.source == "finetune":
+        if not is_done(run.finetune):
+            raise SentimergeError(f"{run.finetune}: stage 3 has not finished; run `sentimerge finetune` first "
+                                  "(or set export.source: search)")
+        return read_manifest(run.finetune)["start"], run.finetune_adapter
+    if not is_done(run.search):
+        raise SentimergeError(f"{run.search}: stage 2 has not finished; run `sentimerge search` first")
+    return str(run.search_merged), None
+
+
+def main(cfg: RunConfig, *, force: bool = False) -> Path:
+    run = RunDir(cfg.resolved_run_dir)
+    if is_done(run.export) and not force:
+        log.info("export: already done in %s", run.export)
+        return run.export
+    start, adapter = sources(cfg, run)
+    dev = {task.name: load_prepared(run, task.name, "dev") for task in cfg.tasks}
+    if cfg.evaluate.limit:
+        dev = {name: rows if len(rows) <= cfg.evaluate.limit else
+               sample_examples(rows, cfg.evaluate.limit, cfg.seed, f"{name}/dev/eval") for name, rows in dev.items()}
+    started = time.time()
+    with fresh_dir(run.export, overwrite=True) as folder:
+        _write_model(start, adapter, folder, cfg)
+        write_text_atomic(folder / EXPORT_TASKS, yaml.safe_dump(
+            {"tasks": [task.model_dump(mode="json", exclude_defaults=False) for task in cfg.tasks]},
+            sort_keys=False, allow_unicode=True))
+        write_text_atomic(folder / "sentimerge_config.yaml", dump_config(cfg))
+        if run.search_recipe.is_file():
+            shutil.copyfile(run.search_recipe, folder / "mergekit_config.yml")
+        heatmap = run.search_plots / "coefficients.png"
+        if heatmap.is_file():
+            shutil.copyfile(heatmap, folder / "coefficients.png")
+        write_json_atomic(folder / "provenance.json", _provenance(cfg, run, start, adapter))
+
+        model, tokenizer = load_model(str(folder), dtype=cfg.export.dtype, device=pick_device(cfg.device))
+        table, _ = evaluate_model(model, tokenizer, list(cfg.tasks), dev, batch_size=cfg.evaluate.batch_size)
+        table.to_csv(folder / "eval.csv", index=False)
+        write_text_atomic(folder / "eval.md", markdown_table(table))
+        write_text_atomic(folder / "README.md", model_card(cfg, run, table, folder))
+        write_manifest(folder, stage="export", start=start, adapter=str(adapter) if adapter else None,
+                       dtype=cfg.export.dtype, mean_primary=float(table["primary"].iloc[-1]),
+                       seconds=round(time.time() - started, 1))
+    log.info("export: %s (mean dev primary %.3f)", run.export, table["primary"].iloc[-1])
+    return run.export
+
+
+def _write_model(start: str, adapter: Path | None, folder: Path, cfg: RunConfig) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trust = cfg.base_model.trust_remote_code
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, trust_remote_code=trust)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.to(DTYPES[cfg.export.dtype])
+    model.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(start, trust_remote_code=trust).save_pretrained(folder)
+
+
+def git_revision() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def _provenance(cfg: RunConfig, run: RunDir, start: str, adapter: Path | None) -> dict:
+    report = json.loads(run.data_report.read_text(encoding="utf-8"))
+    return {
+        "sentimerge_version": __version__, "git_revision": git_revision(),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": cfg.seed,
+        "base_model": {"spec": cfg.base_model.model_dump(mode="json"), "path": prepared_model_path(run)},
+        "merged_model": start, "finetune_adapter": str(adapter) if adapter else None,
+        "data": {name: {"source": task["source"],
+                        "splits": {split: {"examples": info["examples"], "sha256": info["sha256"]}
+                                   for split, info in task["splits"].items()}}
+                 for name, task in report["tasks"].items()},
+    }
+
+
+def model_card(cfg: RunConfig, run: RunDir, table, folder: Path) -> str:
+    """The export's README.md: what the model is, how to prompt each task, how well it does, how it was made."""
+    base = cfg.base_model.hub or (f"{cfg.base_model.gguf.package}=={cfg.base_model.gguf.version}"
+                                  if cfg.base_model.gguf else "a local model")
+    lines = ["---", "library_name: transformers", "tags: [sentiment, lora, model-merging, sentimerge]", "---", "",
+             f"# {cfg.name}: one sentiment specialist for {len(cfg.tasks)} tasks", "",
+             f"Made with sentimerge {__version__} from {base}: one LoRA expert per task, merged layer-wise with "
+             "CMA-ES on weak labels, then fine-tuned on all tasks at once with dynamic task weights "
+             f"(`{cfg.finetune.weighting.name}`). Load it with plain `transformers`:", "",
+             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             "model = AutoModelForCausalLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+             "```", "", "or answer directly: `sentimerge predict --model PATH --task TASK \"some text\"`.", "",
+             "## Tasks and how to prompt them", "",
+             "Send one user message through the chat template: the instruction, the line "
+             "`Answer with one of: ...`, a blank line, `Text: ...` (and `Aspect: ...`). The model answers with one of "
+             "the answers; regression answers are levels spread evenly over the range (the prediction is their "
+             "probability-weighted mean).", "",
+             "| task | kind | answers | instruction |", "|---|---|---|---|"]
+    for task in cfg.tasks:
+        kind = "classification" if task.kind == "classification" else f"regression in {list(task.range)}"
+        lines.append(f"| {task.name} | {kind} | {', '.join(task.answers)} | {task.instruction.strip()} |")
+    lines += ["", "## Evaluation (dev splits)", "", markdown_table(table.drop(columns="examples_per_s")), ""]
+    if (folder / "coefficients.png").is_file():
+        lines += ["## Merge coefficients", "", "![layer-wise merge coefficients](coefficients.png)", "",
+                  "The stage 2 recipe is `mergekit_config.yml`: `mergekit-yaml mergekit_config.yml OUT` rebuilds the "
+                  "merged model before fine-tuning.", ""]
+    lines += ["## Provenance", "", "`provenance.json` lists the package version, git revision, base model and every "
+              "data source with the hashes of the prepared splits; `sentimerge_config.yaml` is the resolved run config.",
+              ""]
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--force", action="store_true", help="export again even if an export exists")
 
 
-def run_from_args(args: argparse.Namespace, cfg: RunConfig | None) -> None:
-    raise StageNotImplemented("Export of the merged checkpoint is not implemented yet (issue #6)")
+def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
+    main(cfg, force=args.force)
 
 
 if __name__ == "__main__":

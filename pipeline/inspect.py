@@ -1,11 +1,156 @@
-"""`sentimerge inspect`: inspection of a search; not implemented yet (issue #5)."""
+"""`sentimerge inspect RUN`: print the story of a run's search and write its plots.
+
+Prints the per-generation table, the best coefficients (layer groups by experts), the baselines, the gold dev table
+with the weak-vs-gold rank correlation, and where the time went. Writes `<run>/search/plots/fitness.png` (fitness over
+evaluations, baselines as lines) and `coefficients.png` (a heatmap of the best coefficients).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 from pipeline.config import RunConfig
-from pipeline.errors import StageNotImplemented
+from pipeline.errors import SentimergeError
+from pipeline.evaluate import markdown_table
+from pipeline.metrics import spearman
+from pipeline.rundir import RunDir, is_done, read_jsonl
+
+
+def main(run_dir: str | Path) -> dict[str, Path]:
+    run = RunDir(run_dir)
+    if not run.search_candidates.is_file() or not (run.search / "genome.json").is_file():
+        raise SentimergeError(f"{run.search}: no search to inspect; run `sentimerge search` first")
+    genome = json.loads((run.search / "genome.json").read_text(encoding="utf-8"))
+    candidates = read_jsonl(run.search_candidates)
+    baselines = _read_json(run.search_baselines) or {}
+    best = _read_json(run.search_best)
+    status = "finished" if is_done(run.search) else "unfinished (run `sentimerge search` again to resume)"
+    print(f"search in {run.search}: {status}; {len(candidates)} candidates, "
+          f"{sum(row['status'] != 'ok' for row in candidates)} failed\n")
+
+    if run.search_generations.is_file():
+        print("generations:\n")
+        print(markdown_table(pd.read_csv(run.search_generations), digits=4))
+    if best is not None:
+        scores = ", ".join(f"{task} {value['metric']:.3f}" for task, value in best["tasks"].items())
+        print(f"best: generation {best['generation']} candidate {best['index']}, fitness {best['fitness']:.4f} "
+              f"({scores})\n")
+        print("best coefficients (layer groups by experts):\n")
+        print(markdown_table(coefficient_table(genome, best["coefficients"])))
+    if baselines:
+        rows = [{"baseline": name, "fitness": b["fitness"], **{t: v["metric"] for t, v in b.get("tasks", {}).items()}}
+                for name, b in baselines.items()]
+        print("baselines on the weak set (fitness; per-task metric against weak labels):\n")
+        print(markdown_table(pd.DataFrame(rows), digits=4))
+    final = run.search / "final.csv"
+    if final.is_file():
+        table = pd.read_csv(final)
+        print("gold dev (primary metric per task; experts' own task is the ceiling):\n")
+        print(markdown_table(table))
+        print(f"weak fitness vs gold dev mean, Spearman over these models: "
+              f"{spearman(table['weak_fitness'].tolist(), table['mean'].tolist()):.3f}")
+    if run.search_gold.is_file():
+        gold = read_jsonl(run.search_gold)
+        print(f"weak fitness vs gold dev sample of each generation's best, Spearman: "
+              f"{spearman([g['fitness'] for g in gold], [g['gold'] for g in gold]):.3f} ({len(gold)} generations)\n")
+    _print_time(run, candidates)
+    plots = {"fitness": plot_fitness(run, candidates, baselines), "coefficients": None}
+    if best is not None:
+        plots["coefficients"] = plot_coefficients(run, genome, best["coefficients"])
+    print("plots: " + ", ".join(str(path) for path in plots.values() if path))
+    return plots
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def coefficient_table(genome: dict, coefficients: list[float]) -> pd.DataFrame:
+    """Rows: layer group (and part); columns: experts."""
+    experts, parts = genome["experts"], genome["parts"]
+    grid = np.asarray(coefficients).reshape(len(experts), -1, len(parts))
+    rows = []
+    for group in range(grid.shape[1]):
+        first = group * genome["group_size"]
+        last = min(genome["layers"], first + genome["group_size"]) - 1
+        for p, part in enumerate(parts):
+            rows.append({"layers": f"{first}-{last}" + ("" if part == "all" else f" {part}"),
+                         **{expert: float(grid[e, group, p]) for e, expert in enumerate(experts)}})
+    return pd.DataFrame(rows)
+
+
+def _print_time(run: RunDir, candidates: list[dict]) -> None:
+    timing = _read_json(run.search / "timing.json")
+    ok = [row for row in candidates if row["status"] == "ok"]
+    if timing:
+        total = sum(timing["seconds"].values())
+        print("where the time went:\n")
+        rows = [{"phase": phase, "seconds": seconds, "share": seconds / total if total else 0.0}
+                for phase, seconds in timing["seconds"].items()]
+        print(markdown_table(pd.DataFrame(rows), digits=2))
+    if ok:
+        merge_ms = 1000 * np.median([row["merge_seconds"] for row in ok])
+        score_s = np.median([row["score_seconds"] for row in ok])
+        examples = np.median([row["examples"] for row in ok]) / score_s
+        print(f"per candidate (median): merge {merge_ms:.0f} ms, scoring {score_s:.2f} s "
+              f"({examples:.1f} examples/s); merge is {merge_ms / 10 / score_s:.1f}% of scoring\n")
+
+
+def plot_fitness(run: RunDir, candidates: list[dict], baselines: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fitness = [row["fitness"] for row in candidates]
+    failed = [i for i, row in enumerate(candidates) if row["status"] != "ok"]
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    axes.scatter(range(len(fitness)), fitness, s=12, color="tab:blue", label="candidate")
+    if failed:
+        axes.scatter(failed, [fitness[i] for i in failed], s=18, marker="x", color="tab:red", label="failed")
+    axes.plot(np.maximum.accumulate(fitness) if fitness else [], color="tab:blue", label="best so far")
+    for (name, baseline), color in zip(baselines.items(), plt.cm.tab10(np.linspace(0.1, 0.9, len(baselines)))):
+        axes.axhline(baseline["fitness"], linestyle="--", linewidth=1, color=color, label=name)
+    axes.set_xlabel("evaluation")
+    axes.set_ylabel("weak-label fitness")
+    axes.legend(fontsize=7, loc="lower right")
+    axes.set_title("CMA-ES merge search")
+    figure.tight_layout()
+    run.search_plots.mkdir(parents=True, exist_ok=True)
+    path = run.search_plots / "fitness.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_coefficients(run: RunDir, genome: dict, coefficients: list[float]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = coefficient_table(genome, coefficients)
+    values = table[genome["experts"]].to_numpy()
+    figure, axes = plt.subplots(figsize=(2 + 1.4 * len(genome["experts"]), 1.5 + 0.35 * len(table)))
+    image = axes.imshow(values, aspect="auto", cmap="viridis")
+    axes.set_xticks(range(len(genome["experts"])), genome["experts"], rotation=30, ha="right")
+    axes.set_yticks(range(len(table)), table["layers"])
+    axes.set_ylabel("layers")
+    for (i, j), value in np.ndenumerate(values):
+        axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
+    figure.colorbar(image, ax=axes, label="coefficient")
+    axes.set_title("best merge coefficients")
+    figure.tight_layout()
+    run.search_plots.mkdir(parents=True, exist_ok=True)
+    path = run.search_plots / "coefficients.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace, cfg: RunConfig | None) -> None:
-    raise StageNotImplemented("Inspection of a search is not implemented yet (issue #5)")
+    main(args.run)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,71 @@
-"""`sentimerge run`: running every stage in order; not implemented yet (issue #6)."""
+"""`sentimerge run CONFIG`: every stage in order (prepare, experts, search, finetune, export), skipping the finished
+ones, then one results table: the zero-shot base model, each expert on its own task, the uniform and TIES merges,
+the evolved merge, and the final model, each task's primary dev metric and their mean.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import time
+
+import pandas as pd
 
 from pipeline.config import RunConfig
-from pipeline.errors import StageNotImplemented
+from pipeline.evaluate import markdown_table
+from pipeline.rundir import RunDir, read_manifest, write_text_atomic
+
+log = logging.getLogger("sentimerge.run")
+
+
+def stages():
+    """The stage scripts in order (imported here so that `sentimerge --help` stays light)."""
+    from pipeline import experts, export, finetune, prepare, search
+
+    return [("prepare", prepare.main), ("experts", experts.main), ("search", search.main),
+            ("finetune", finetune.main), ("export", export.main)]
+
+
+def main(cfg: RunConfig) -> pd.DataFrame:
+    run = RunDir(cfg.resolved_run_dir)
+    seconds = {}
+    for name, stage in stages():
+        log.info("== %s", name)
+        started = time.time()
+        stage(cfg)
+        seconds[name] = round(time.time() - started, 1)
+    table = results_table(cfg, run)
+    table.to_csv(run.root / "results.csv", index=False)
+    text = markdown_table(table)
+    write_text_atomic(run.root / "results.md", text)
+    print(f"\nResults of {cfg.name} (primary dev metric per task; {run.root / 'results.md'}):\n")
+    print(text)
+    print("seconds per stage: " + ", ".join(f"{name} {value}" for name, value in seconds.items()))
+    return table
+
+
+def results_table(cfg: RunConfig, run: RunDir) -> pd.DataFrame:
+    """One row per model: the stage 2 gold-dev table (base, experts, uniform, TIES, evolved), each expert on its own
+    task, and the exported final model; columns are the tasks' primary dev metrics and their mean."""
+    names = [task.name for task in cfg.tasks]
+    search = pd.read_csv(run.search / "final.csv").set_index("model")
+    label = {"base": "zero-shot base", "uniform": "uniform task arithmetic", "ties": "TIES", "evolved": "evolved merge"}
+    rows = [{"model": label.get(model, model), **{n: search.loc[model, n] for n in names}}
+            for model in search.index if not model.startswith("expert:")]
+    rows.insert(1, {"model": "each expert on its own task", **{n: search.loc[f"expert:{n}", n] for n in names}})
+    final = pd.read_csv(run.export / "eval.csv").set_index("task")["primary"]
+    rows.append({"model": f"final ({cfg.finetune.weighting.name})", **{n: float(final[n]) for n in names}})
+    table = pd.DataFrame(rows)
+    table["mean"] = table[names].mean(axis=1)
+    return table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true")
+    pass
 
 
-def run_from_args(args: argparse.Namespace, cfg: RunConfig | None) -> None:
-    raise StageNotImplemented("Running every stage in order is not implemented yet (issue #6)")
+def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
+    main(cfg)
 
 
 if __name__ == "__main__":

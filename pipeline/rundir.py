@@ -31,6 +31,7 @@ from typing import Any
 from pipeline.errors import SentimergeError
 
 MANIFEST = "DONE.json"
+EXPORT_TASKS = "sentimerge_tasks.yaml"  # in an export directory: the task specs `predict` answers with
 
 
 class RunDir:
@@ -74,13 +75,102 @@ class RunDir:
         """The finished expert's LoRA adapter, in peft's own format (`PeftModel.from_pretrained` loads it)."""
         return self.expert(task) / "adapter"
 
+    def expert_config(self, task: str) -> Path:
+        """The expert's resolved config: the `experts` section and the task spec it was trained with."""
+        return self.expert(task) / "config.yaml"
+
+    def expert_metrics(self, task: str) -> Path:
+        """JSON Lines: one row per step (loss, lr, examples/s) and per dev evaluation."""
+        return self.expert(task) / "metrics.jsonl"
+
+    def expert_schedule(self, task: str) -> Path:
+        """JSON Lines: the curriculum actually followed (step, competence, difficulty of the examples drawn)."""
+        return self.expert(task) / "schedule.jsonl"
+
+    def expert_difficulty(self, task: str) -> Path:
+        """JSON Lines: every pool example's difficulty and signals, easiest first."""
+        return self.expert(task) / "difficulty.jsonl"
+
+    def expert_checkpoint(self, task: str) -> Path:
+        """Resumable training state of an unfinished expert (removed when it finishes)."""
+        return self.expert(task) / "checkpoint"
+
+    def base_loss_cache(self, task: str) -> Path:
+        """The base model's loss per training example (a curriculum signal), kept across `--force` retrains."""
+        return self.experts / ".cache" / task / "base_loss.json"
+
     @property
     def search(self) -> Path:
         return self.root / "search"
 
     @property
+    def search_candidates(self) -> Path:
+        """Stage 2's append-only log: one JSON line per scored candidate."""
+        return self.search / "candidates.jsonl"
+
+    @property
+    def search_generations(self) -> Path:
+        return self.search / "generations.csv"
+
+    @property
+    def search_gold(self) -> Path:
+        """One JSON line per generation: its best candidate scored on a gold dev sample."""
+        return self.search / "gold.jsonl"
+
+    @property
+    def search_best(self) -> Path:
+        return self.search / "best.json"
+
+    @property
+    def search_baselines(self) -> Path:
+        return self.search / "baselines.json"
+
+    @property
+    def search_state(self) -> Path:
+        """What the search was started with (a resumed search must match it)."""
+        return self.search / "state.json"
+
+    def search_weak(self, task: str) -> Path:
+        return self.search / "weak" / f"{task}.jsonl"
+
+    @property
+    def search_report(self) -> Path:
+        return self.search / "report.json"
+
+    @property
+    def search_recipe(self) -> Path:
+        return self.search / "recipe.yml"
+
+    @property
+    def search_merged(self) -> Path:
+        """The best merge, written by mergekit."""
+        return self.search / "merged"
+
+    @property
+    def search_plots(self) -> Path:
+        return self.search / "plots"
+
+    @property
     def finetune(self) -> Path:
         return self.root / "finetune"
+
+    @property
+    def finetune_adapter(self) -> Path:
+        """Stage 3's LoRA adapter on the start model (peft format)."""
+        return self.finetune / "adapter"
+
+    @property
+    def finetune_metrics(self) -> Path:
+        """JSON Lines: per step the loss, each task's loss and weight, lr; per evaluation each task's dev metrics."""
+        return self.finetune / "metrics.jsonl"
+
+    @property
+    def finetune_checkpoint(self) -> Path:
+        return self.finetune / "checkpoint"
+
+    @property
+    def finetune_config(self) -> Path:
+        return self.finetune / "config.yaml"
 
     @property
     def export(self) -> Path:

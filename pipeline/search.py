@@ -1,19 +1,414 @@
-"""`sentimerge search`: stage 2 (cma-es merge search); not implemented yet (issue #5)."""
+"""Stage 2, `sentimerge search CONFIG`: merge the experts into the base model with CMA-ES over layer-wise coefficients.
+
+Reads the prepared data and base model and every task's finished expert; writes `<run>/search/`: the weak-label set,
+the baselines, an append-only log of every candidate (`candidates.jsonl`), a per-generation table, the best candidate
+so far, each generation's best scored on a gold dev sample, the final gold dev table, the mergekit recipe of the best
+candidate and (through mergekit) the merged model. Running the same command again resumes from what is on disk.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from pipeline.config import RunConfig
-from pipeline.errors import StageNotImplemented
+import numpy as np
+import pandas as pd
+import torch
+
+from merge.engine import InMemoryMerge
+from merge.fitness import ScoredSet, encode_set, evaluate, predict
+from merge.genome import Genome
+from merge.lora import read_adapter
+from merge.methods import get_method
+from merge.recipe import build_recipe, recipe_yaml, run_mergekit
+from merge.search import Strategy, append_row, read_log, run_cma
+from merge.weak import check_labellers, labeller_for, sample_weak_set
+from pipeline.config import RunConfig, dump_config
+from pipeline.data import sample_examples
+from pipeline.errors import SentimergeError
+from pipeline.evaluate import markdown_table
+from pipeline.metrics import spearman
+from pipeline.models import load_model
+from pipeline.prepare import load_prepared, prepared_model_path
+from pipeline.rundir import (RunDir, fresh_dir, is_done, read_jsonl, read_manifest, write_json_atomic,
+                             write_jsonl_atomic, write_manifest, write_text_atomic)
+
+log = logging.getLogger("sentimerge.search")
+BASELINE_METHODS = ("task_arithmetic", "ties")
+
+
+class Timer:
+    """Seconds spent per phase, for `inspect`'s "where the time went"."""
+
+    def __init__(self, seconds: dict[str, float] | None = None):
+        self.seconds = dict(seconds or {})
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + seconds, 3)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        clock = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - clock)
+
+
+def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = None) -> Path:
+    run = RunDir(cfg.resolved_run_dir)
+    settings = cfg.search
+    tasks = list(cfg.tasks)
+    _check_inputs(cfg, run)
+    if is_done(run.search) and not force:
+        log.info("search: already done in %s", run.search)
+        return run.search
+    if force:
+        shutil.rmtree(run.search, ignore_errors=True)
+    _check_state(cfg, run)
+    seed = cfg.seed if settings.seed is None else settings.seed
+    started = time.perf_counter()
+    weak_examples = {task.name: _weak_examples(run, settings, task, seed) for task in tasks}
+
+    timer = Timer(json.loads((run.search / "timing.json").read_text())["seconds"]
+                  if (run.search / "timing.json").is_file() else None)
+    with timer.phase("load"):
+        base_path = prepared_model_path(run)
+        model, tokenizer = load_model(base_path, dtype=settings.dtype)
+        adapters = {task.name: read_adapter(run.expert_adapter(task.name)) for task in tasks}
+        genome = Genome(tuple(adapters), model.config.num_hidden_layers, settings.layer_group_size,
+                        settings.split_attention_mlp)
+    with timer.phase("precompute"):
+        mergers = {name: InMemoryMerge(model, adapters, genome, get_method(name), density=settings.density,
+                                       seed=seed) for name in dict.fromkeys([*BASELINE_METHODS, settings.method])}
+    log.info("search: %d experts, %d layers in groups of %d -> genome of %d coefficients (%s)", len(adapters),
+             genome.num_layers, genome.group_size, genome.size, settings.method)
+
+    with timer.phase("weak_labels"):
+        weak_sets = _label_weak_sets(run, cfg, model, tokenizer, mergers["task_arithmetic"], genome, weak_examples)
+    with timer.phase("baselines"):
+        baselines = _baselines(run, cfg, model, tokenizer, mergers, genome, weak_sets)
+    merger = mergers[settings.method]
+    gold_sample = _gold_sets(run, cfg, tokenizer, settings.gold.per_generation, "gold-sample")
+    write_json_atomic(run.search / "genome.json", {"experts": list(genome.experts), "layers": genome.num_layers,
+                                                    "group_size": genome.group_size, "parts": list(genome.parts),
+                                                    "labels": genome.labels()})
+
+    def score_candidate(generation: int, index: int, candidate: np.ndarray) -> dict:
+        row = _score(merger, model, tokenizer, weak_sets, candidate, settings)
+        timer.add("search_merge", row["merge_seconds"])
+        timer.add("search_scoring", row["score_seconds"])
+        row = {"generation": generation, "index": index, **row}
+        _keep_best(run, row)
+        log.info("gen %d cand %d: %s fitness %.4f (%s) merge %.0f ms, scoring %.1f s", generation, index,
+                 row["status"], row["fitness"], " ".join(f"{t}={v['metric']:.3f}" for t, v in
+                                                         row.get("tasks", {}).items()) or row.get("error"),
+                 row["merge_seconds"] * 1000, row["score_seconds"])
+        return row
+
+    generations: list[dict] = []
+
+    def finish_generation(generation: int, rows: list[dict], sigma: float) -> None:
+        with timer.phase("gold_per_generation"):
+            generations.append(_generation_row(run, generation, rows, sigma, generations, merger, model, tokenizer,
+                                               gold_sample, settings))
+        pd.DataFrame(generations).to_csv(run.search_generations, index=False)
+        write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
+
+    strategy = Strategy(genome.filled(settings.init), settings.sigma0, settings.bounds, settings.population, seed)
+    finished = run_cma(strategy, settings.generations, score_candidate, run.search_candidates,
+                       on_generation=finish_generation, max_evaluations=max_evaluations)
+    write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
+    if not finished:
+        log.info("search: stopped after %d new candidates; run the same command again to continue",
+                 max_evaluations)
+        return run.search
+
+    if not run.search_best.is_file():
+        raise SentimergeError(f"{run.search_candidates}: every candidate failed (see their `error`); "
+                              "check the experts and the bounds")
+    best = json.loads(run.search_best.read_text(encoding="utf-8"))
+    with timer.phase("final_gold"):
+        final = _final_table(run, cfg, model, tokenizer, mergers, best, baselines)
+    method = get_method(settings.method)
+    recipe = build_recipe(base_path, {t: str(run.expert_adapter(t).resolve()) for t in genome.experts}, genome,
+                          np.asarray(best["coefficients"]), method, density=settings.density,
+                          out_dtype=settings.dtype)
+    write_text_atomic(run.search_recipe, recipe_yaml(recipe))
+    export = None
+    if settings.export:
+        with timer.phase("export"):
+            export = _export(run, cfg, recipe, merger, np.asarray(best["coefficients"]), best, final)
+    report = _report(run, cfg, best, baselines, final, generations, export, timer)
+    write_json_atomic(run.search_report, report)
+    write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
+    write_manifest(run.search, stage="search", method=settings.method, best_fitness=best["fitness"],
+                   seconds=round(time.perf_counter() - started, 1))
+    print(f"\nsearch: gold dev ({run.search / 'final.md'}):\n")
+    print(markdown_table(final))
+    return run.search
+
+
+def _check_inputs(cfg: RunConfig, run: RunDir) -> None:
+    """Every user-input problem at once, before any model loads."""
+    issues = check_labellers(cfg.search.weak, list(cfg.tasks))
+    read_manifest(run.prepare)
+    for task in cfg.tasks:
+        if not is_done(run.expert(task.name)):
+            issues.append(f"task {task.name}: no finished expert in {run.expert(task.name)}; run `sentimerge experts`")
+    if cfg.search.weak.split == "test":
+        issues += [f"task {task.name}: no prepared test split for the weak set" for task in cfg.tasks
+                   if not run.data(task.name, "test").is_file()]
+    if issues:
+        raise SentimergeError("\n".join(issues))
+
+
+def _fingerprint(cfg: RunConfig, run: RunDir) -> str:
+    """What decides the search's log: a resumed search must have the same."""
+    # the number of generations, the final table and the export do not change the candidates already logged
+    decisive = {"search": cfg.search.model_dump(mode="json", exclude={"export": True, "generations": True,
+                                                                       "gold": {"final"}}),
+                "seed": cfg.seed,
+                "tasks": [task.name for task in cfg.tasks],
+                "experts": {task.name: read_manifest(run.expert(task.name)).get("finished_at") for task in cfg.tasks},
+                "prepare": read_manifest(run.prepare).get("fingerprint")}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_state(cfg: RunConfig, run: RunDir) -> None:
+    fingerprint = _fingerprint(cfg, run)
+    if run.search_state.is_file():
+        if json.loads(run.search_state.read_text(encoding="utf-8"))["fingerprint"] != fingerprint:
+            raise SentimergeError(f"{run.search}: a search with another config or other experts is in progress; "
+                                  "use --force to start over, or another --run-dir")
+        log.info("search: resuming from %s", run.search)
+        return
+    run.search.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run.search_state, {"fingerprint": fingerprint})
+    write_text_atomic(run.search / "config.yaml", dump_config(cfg))
+
+
+def _weak_examples(run: RunDir, settings, task, seed: int) -> list[dict]:
+    examples, summary = sample_weak_set(run, settings.weak, task, seed)
+    log.info("weak set %-12s %d examples from %s (pool %d, expert rows excluded: %s)", task.name, len(examples),
+             summary["split"], summary["pool"],
+             summary["excluded_expert_rows"] if summary["expert_rows_checked"] else "unknown")
+    return examples
+
+
+def _label_weak_sets(run: RunDir, cfg: RunConfig, model, tokenizer, arithmetic: InMemoryMerge, genome: Genome,
+                     weak_examples: dict[str, list[dict]]) -> list[ScoredSet]:
+    """Label each task's weak examples (cached on disk) and tokenise them once."""
+    settings = cfg.search
+
+    def expert_predict(task, examples):
+        arithmetic.apply(genome.one_hot(task.name))
+        return predict(model, tokenizer, encode_set(tokenizer, task, examples, [None] * len(examples)),
+                       settings.batch_size)
+
+    sets = []
+    for task in cfg.tasks:
+        path = run.search_weak(task.name)
+        if path.is_file():
+            rows = read_jsonl(path)
+        else:
+            examples = weak_examples[task.name]
+            labeller = labeller_for(settings.weak, task)
+            labels = labeller.label(task, examples, expert_predict)
+            rows = [{**example, "gold": example["label"], "label": label, "labeller": labeller.name}
+                    for example, label in zip(examples, labels)]
+            write_jsonl_atomic(path, rows)
+        if task.kind == "classification":
+            agreement = np.mean([row["label"] == row["gold"] for row in rows])
+            log.info("weak labels %-12s %s: agreement with gold %.3f", task.name, rows[0]["labeller"], agreement)
+        sets.append(encode_set(tokenizer, task, rows, [row["label"] for row in rows],
+                               settings.weak.weights.get(task.name, 1.0)))
+    return sets
+
+
+def _baseline_candidates(cfg: RunConfig, genome: Genome) -> list[tuple[str, str, np.ndarray]]:
+    """(name, method, genome) of the fixed baselines every run scores."""
+    candidates = [("base", "task_arithmetic", genome.filled(0.0))]
+    candidates += [(f"expert:{name}", "task_arithmetic", genome.one_hot(name)) for name in genome.experts]
+    candidates += [("uniform", "task_arithmetic", genome.filled(cfg.search.init)),
+                   ("ties", "ties", genome.filled(1.0))]
+    return candidates
+
+
+def _baselines(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, genome: Genome,
+               weak_sets: list[ScoredSet]) -> dict[str, dict]:
+    if run.search_baselines.is_file():
+        return json.loads(run.search_baselines.read_text(encoding="utf-8"))
+    baselines = {}
+    for name, method, candidate in _baseline_candidates(cfg, genome):
+        row = _score(mergers[method], model, tokenizer, weak_sets, candidate, cfg.search)
+        baselines[name] = {"method": method, "coefficients": candidate.tolist(), **row}
+        log.info("baseline %-20s fitness %.4f (%s)", name, row["fitness"],
+                 " ".join(f"{t}={v['metric']:.3f}" for t, v in row.get("tasks", {}).items()))
+    write_json_atomic(run.search_baselines, baselines)
+    return baselines
+
+
+def _score(merger: InMemoryMerge, model, tokenizer, sets: list[ScoredSet], candidate: np.ndarray, settings) -> dict:
+    """Merge `candidate` into the resident model and score it; a failure is a row with the penalty, not a crash."""
+    clock = time.perf_counter()
+    merge_seconds = 0.0
+    try:
+        merger.apply(candidate)
+        merge_seconds = time.perf_counter() - clock
+        result = evaluate(model, tokenizer, sets, settings.batch_size)
+    except Exception as error:  # any failing candidate: log it, penalise it, go on
+        return {"status": "failed", "coefficients": candidate.tolist(), "fitness": settings.failure_penalty,
+                "error": f"{type(error).__name__}: {error}", "merge_seconds": merge_seconds,
+                "score_seconds": time.perf_counter() - clock - merge_seconds,
+                "seconds": time.perf_counter() - clock}
+    return {"status": "ok", "coefficients": candidate.tolist(), "fitness": result["fitness"], "tasks": result["tasks"],
+            "examples": result["examples"], "merge_seconds": merge_seconds, "score_seconds": result["seconds"],
+            "seconds": time.perf_counter() - clock}
+
+
+def _keep_best(run: RunDir, row: dict) -> None:
+    """Keep the best candidate so far on disk (the first of equal ones)."""
+    if row["status"] != "ok":
+        return
+    if run.search_best.is_file():
+        if not run.search_best.is_file():
+            raise SentimergeError(f"{run.search_candidates}: every candidate failed (see their `error`); "
+                                  "check the experts and the bounds")
+        best = json.loads(run.search_best.read_text(encoding="utf-8"))
+        if best["fitness"] >= row["fitness"]:
+            return
+    write_json_atomic(run.search_best, row)
+
+
+def _gold_sets(run: RunDir, cfg: RunConfig, tokenizer, limit: int | None, salt: str) -> list[ScoredSet]:
+    """Each task's dev examples (a seeded sample of `limit` when given) with their gold labels."""
+    if limit == 0:
+        return []
+    sets = []
+    for task in cfg.tasks:
+        examples = load_prepared(run, task.name, "dev")
+        if limit is not None and len(examples) > limit:
+            examples = sample_examples(examples, limit, cfg.seed, f"{task.name}/dev/{salt}")
+        sets.append(encode_set(tokenizer, task, examples, [e["label"] for e in examples]))
+    return sets
+
+
+def _gold_score(merger: InMemoryMerge, model, tokenizer, sets: list[ScoredSet], candidate, batch_size: int) -> dict:
+    merger.apply(np.asarray(candidate, dtype=float))
+    result = evaluate(model, tokenizer, sets, batch_size)
+    return {"mean": float(np.mean([v["metric"] for v in result["tasks"].values()])),
+            "tasks": {task: v["metric"] for task, v in result["tasks"].items()}}
+
+
+def _generation_row(run: RunDir, generation: int, rows: list[dict], sigma: float, previous: list[dict],
+                    merger, model, tokenizer, gold_sample: list[ScoredSet], settings) -> dict:
+    ok = [row for row in rows if row["status"] == "ok"]
+    fitness = [row["fitness"] for row in rows]
+    best = max(ok, key=lambda row: row["fitness"]) if ok else None
+    entry = {"generation": generation, "evaluations": len(rows) + (previous[-1]["evaluations"] if previous else 0),
+             "best": best["fitness"] if best else None, "mean": float(np.mean(fitness)),
+             "worst": float(np.min(fitness)), "sigma": sigma, "failed": len(rows) - len(ok),
+             "best_so_far": max([best["fitness"] if best else -np.inf,
+                                 *(p["best_so_far"] for p in previous)])}
+    if gold_sample and best is not None:
+        done = {row["generation"]: row for row in read_jsonl(run.search_gold)} if run.search_gold.is_file() else {}
+        if generation not in done:
+            gold = _gold_score(merger, model, tokenizer, gold_sample, best["coefficients"], settings.batch_size)
+            done[generation] = {"generation": generation, "index": best["index"], "fitness": best["fitness"],
+                                "gold": gold["mean"], "tasks": gold["tasks"]}
+            append_row(run.search_gold, done[generation])
+        entry["gold_best"] = done[generation]["gold"]
+    return entry
+
+
+def _final_table(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, best: dict,
+                 baselines: dict) -> pd.DataFrame:
+    """Gold dev scores of the base model, each expert, uniform task arithmetic, TIES and the best candidate."""
+    path = run.search / "final.csv"
+    if path.is_file():
+        return pd.read_csv(path)
+    sets = _gold_sets(run, cfg, tokenizer, cfg.search.gold.final, "eval")  # the sample `evaluate` and `export` draw
+    rows = []
+    entries = [(name, b["method"], b["coefficients"], b["fitness"]) for name, b in baselines.items()]
+    entries.append(("evolved", cfg.search.method, best["coefficients"], best["fitness"]))
+    for name, method, candidate, weak_fitness in entries:
+        gold = _gold_score(mergers[method], model, tokenizer, sets, candidate, cfg.search.batch_size)
+        rows.append({"model": name, **gold["tasks"], "mean": gold["mean"], "weak_fitness": weak_fitness})
+        log.info("gold dev %-20s mean %.4f (%s)", name, gold["mean"],
+                 " ".join(f"{t}={v:.3f}" for t, v in gold["tasks"].items()))
+    table = pd.DataFrame(rows)
+    table.to_csv(path, index=False)
+    write_text_atomic(run.search / "final.md", markdown_table(table))
+    return table
+
+
+def _export(run: RunDir, cfg: RunConfig, recipe: dict, merger: InMemoryMerge, candidate: np.ndarray, best: dict,
+            final: pd.DataFrame) -> dict:
+    """Write the best merge through mergekit and measure how far it is from the in-memory merge."""
+    from safetensors.torch import load_file
+
+    cache = run.search / ".mergekit_cache"
+    with fresh_dir(run.search_merged, overwrite=True) as folder:
+        clock = time.perf_counter()
+        run_mergekit(recipe, folder, cache=cache)
+        seconds = time.perf_counter() - clock
+        merged = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            merged.update(load_file(str(shard)))
+        expected = merger.merged_state(candidate)
+        dtype = getattr(torch, cfg.search.dtype)
+        difference = max(float((merged[name].float() - value.to(dtype).float()).abs().max())
+                         for name, value in expected.items())
+        write_json_atomic(folder / "sentimerge_search.json", {
+            "best": {k: best[k] for k in ("generation", "index", "fitness", "coefficients", "tasks")},
+            "gold_dev": final.to_dict(orient="records"), "max_abs_difference_vs_in_memory": difference})
+        write_manifest(folder, stage="search-export", tool="mergekit", seconds=round(seconds, 2))
+    shutil.rmtree(cache, ignore_errors=True)
+    log.info("export: mergekit wrote %s in %.1fs; max |mergekit - in-memory| = %.3g", run.search_merged, seconds,
+             difference)
+    return {"path": str(run.search_merged), "mergekit_seconds": seconds, "max_abs_difference": difference}
+
+
+def _report(run: RunDir, cfg: RunConfig, best: dict, baselines: dict, final: pd.DataFrame, generations: list[dict],
+            export: dict | None, timer: Timer) -> dict:
+    rows = [row for row in read_log(run.search_candidates) if row["status"] == "ok"]
+    # medians: one candidate slowed down by a busy machine should not move the figure
+    merge_ms = 1000 * float(np.median([row["merge_seconds"] for row in rows])) if rows else None
+    score_s = float(np.median([row["score_seconds"] for row in rows])) if rows else None
+    examples = sum(row["examples"] for row in rows)
+    gold = [row for row in generations if row.get("gold_best") is not None]
+    return {
+        "best": {k: best[k] for k in ("generation", "index", "fitness", "tasks")},
+        "baselines": {name: b["fitness"] for name, b in baselines.items()},
+        "gold_dev": final.to_dict(orient="records"),
+        "weak_vs_gold_spearman": {
+            "generation_bests": spearman([g["best"] for g in gold], [g["gold_best"] for g in gold]) if gold else None,
+            "final_table": spearman(final["weak_fitness"].tolist(), final["mean"].tolist()),
+        },
+        "throughput": {"merge_ms_per_candidate": merge_ms, "scoring_s_per_candidate": score_s,
+                       "examples_per_s": examples / len(rows) / score_s if rows else None,
+                       "candidates": len(rows)},
+        "export": export,
+        "seconds": timer.seconds,
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--force", action="store_true", help="discard an unfinished or finished search and start over")
+    parser.add_argument("--max-evaluations", type=int, metavar="N",
+                        help="score at most N new candidates, then stop (the next run continues)")
 
 
-def run_from_args(args: argparse.Namespace, cfg: RunConfig | None) -> None:
-    raise StageNotImplemented("Stage 2 (CMA-ES merge search) is not implemented yet (issue #5)")
+def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
+    main(cfg, force=args.force, max_evaluations=args.max_evaluations)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ class Weighting:
     """Base: equal weights that never change."""
 
     needs_grad_norms = False
+    class_balance = False  # weight examples inside a task by inverse label frequency
 
     def __init__(self, stats: TaskStats):
         self.stats = stats
@@ -251,8 +252,9 @@ class DynamicAdaptive(Weighting):
 
     def __init__(self, stats: TaskStats, temperature: float = 2.0, window: int = 10, smoothing: float = 0.9,
                  a_size: float = 0.25, a_balance: float = 1.0, a_difficulty: float = 0.5, w_min: float = 0.2,
-                 w_max: float = 5.0):
+                 w_max: float = 5.0, class_balance: bool = True):
         super().__init__(stats)
+        self.class_balance = bool(class_balance)
         self.temperature, self.smoothing, self.w_min, self.w_max = temperature, smoothing, w_min, w_max
         self.a_difficulty = a_difficulty
         self.rate = _DescentRate(self.k, int(window))

@@ -1,0 +1,137 @@
+"""Candidate turnover: one candidate evaluated in memory vs the same candidate merged by mergekit to disk and reloaded.
+
+The second path is how mergekit-evolve evaluates a candidate (write the merged model, load it, score it). Both score
+the same weak set with the shared scorer; the mergekit path gets a warm LoRA-merge cache (one untimed merge first),
+as a long search would have. Usage (on a run whose experts are finished):
+
+    python benchmarks/candidate_turnover.py configs/demo.yaml --run-dir /tmp/r-demo-s2 [--method ties] [--repeats 3]
+
+Writes benchmarks/results/candidate_turnover-<method>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from merge.engine import InMemoryMerge  # noqa: E402
+from merge.fitness import encode_set, evaluate  # noqa: E402
+from merge.genome import Genome  # noqa: E402
+from merge.lora import read_adapter  # noqa: E402
+from merge.methods import get_method  # noqa: E402
+from merge.recipe import build_recipe, run_mergekit  # noqa: E402
+from merge.weak import sample_weak_set  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
+from pipeline.prepare import prepared_model_path  # noqa: E402
+from pipeline.rundir import RunDir, write_json_atomic, write_text_atomic  # noqa: E402
+from pipeline.runtime import setup_logging  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--run-dir")
+    parser.add_argument("--method", help="default: the config's search.method")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    setup_logging()
+    cfg = load_config(args.config, run_dir=args.run_dir)
+    run, settings = RunDir(cfg.resolved_run_dir), cfg.search
+    method = get_method(args.method or settings.method)
+    base_path = prepared_model_path(run)
+
+    sets_examples = {task.name: sample_weak_set(run, settings.weak, task, cfg.seed)[0] for task in cfg.tasks}
+    model, tokenizer = load_model(base_path, dtype=settings.dtype)
+    sets = [encode_set(tokenizer, task, sets_examples[task.name], [e["label"] for e in sets_examples[task.name]])
+            for task in cfg.tasks]  # gold labels: the fitness value is not the point, the time is
+    adapters = {task.name: read_adapter(run.expert_adapter(task.name)) for task in cfg.tasks}
+    genome = Genome(tuple(adapters), model.config.num_hidden_layers, settings.layer_group_size,
+                    settings.split_attention_mlp)
+    candidate = np.clip(settings.init + 0.2 * np.random.default_rng(0).standard_normal(genome.size), *settings.bounds)
+    clock = time.perf_counter()
+    merger = InMemoryMerge(model, adapters, genome, method, density=settings.density, seed=cfg.seed)
+    precompute = time.perf_counter() - clock
+
+    recipe = build_recipe(base_path, {t: str(run.expert_adapter(t).resolve()) for t in adapters}, genome, candidate,
+                          method, density=settings.density, out_dtype=settings.dtype)
+    work = Path(tempfile.mkdtemp(prefix="turnover-"))
+    in_memory, on_disk = [], []
+    try:
+        clock = time.perf_counter()
+        run_mergekit(recipe, work / "warmup", cache=work / "cache")  # merges each base+LoRA once into the cache
+        warmup = time.perf_counter() - clock
+        for repeat in range(args.repeats):  # interleaved, so a busy machine slows both paths alike
+            clock = time.perf_counter()
+            merger.apply(candidate)
+            merged = time.perf_counter() - clock
+            result = evaluate(model, tokenizer, sets, settings.batch_size)
+            in_memory.append({"merge": merged, "score": result["seconds"], "fitness": result["fitness"]})
+
+            out = work / f"candidate-{repeat}"
+            clock = time.perf_counter()
+            run_mergekit(recipe, out, cache=work / "cache")
+            merged = time.perf_counter() - clock
+            clock = time.perf_counter()
+            loaded, _ = load_model(str(out), dtype=settings.dtype)
+            load = time.perf_counter() - clock
+            result = evaluate(loaded, tokenizer, sets, settings.batch_size)
+            on_disk.append({"merge_to_disk": merged, "load": load, "score": result["seconds"],
+                            "fitness": result["fitness"]})
+            del loaded
+            shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def median(rows, key):
+        return statistics.median(row[key] for row in rows)
+
+    memory_total = median(in_memory, "merge") + median(in_memory, "score")
+    disk_total = median(on_disk, "merge_to_disk") + median(on_disk, "load") + median(on_disk, "score")
+    report = {
+        "config": args.config, "run_dir": str(run.root), "method": method.name, "genome_size": genome.size,
+        "weak_examples": sum(len(s.examples) for s in sets), "repeats": args.repeats,
+        "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
+        "in_memory": {"precompute_once_s": precompute, "merge_s": median(in_memory, "merge"),
+                      "score_s": median(in_memory, "score"), "total_s": memory_total,
+                      "fitness": in_memory[0]["fitness"]},
+        "mergekit": {"lora_cache_warmup_once_s": warmup, "merge_to_disk_s": median(on_disk, "merge_to_disk"),
+                     "load_s": median(on_disk, "load"), "score_s": median(on_disk, "score"), "total_s": disk_total,
+                     "fitness": on_disk[0]["fitness"]},
+        "ratio_mergekit_over_in_memory": disk_total / memory_total,
+        "ratio_excluding_scoring": (median(on_disk, "merge_to_disk") + median(on_disk, "load"))
+                                   / median(in_memory, "merge"),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    write_json_atomic(RESULTS / f"candidate_turnover-{method.name}.json", report)
+    lines = [f"# Candidate turnover ({method.name}, {report['weak_examples']} weak examples, "
+             f"median of {args.repeats})", "",
+             "| path | merge | load | scoring | total |", "|---|---|---|---|---|",
+             f"| in memory | {report['in_memory']['merge_s'] * 1000:.0f} ms | - | {report['in_memory']['score_s']:.2f} s "
+             f"| {memory_total:.2f} s |",
+             f"| mergekit to disk + reload | {report['mergekit']['merge_to_disk_s']:.2f} s | "
+             f"{report['mergekit']['load_s']:.2f} s | {report['mergekit']['score_s']:.2f} s | {disk_total:.2f} s |",
+             "", f"Ratio (mergekit / in memory), whole candidate: {report['ratio_mergekit_over_in_memory']:.2f}x; "
+             f"merge only (merge+write+load vs in-memory merge): {report['ratio_excluding_scoring']:.0f}x.",
+             f"One-time costs: in-memory precompute {precompute:.2f} s; mergekit LoRA-merge cache warm-up "
+             f"{warmup:.2f} s. Fitness in memory {report['in_memory']['fitness']:.4f}, "
+             f"via mergekit {report['mergekit']['fitness']:.4f}.", ""]
+    write_text_atomic(RESULTS / f"candidate_turnover-{method.name}.md", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The resumable training loop shared by the training stages: learning-rate schedule, optimizer steps, periodic
+evaluation, best/last selection, JSON Lines metrics, progress, and checkpoints that resume exactly.
+
+The stage supplies what differs: `step(step) -> row` computes the loss of one step and back-propagates it (the loop
+then clips, steps the optimizer and calls `after_step`), `evaluate() -> metrics` scores a dev sample, and `extra`
+state (sampler, task weights, ...) that must survive a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from experts.checkpoint import load_trainable_state, read_state, restore_checkpoint, save_checkpoint, trainable_state
+from pipeline.errors import SentimergeError
+from pipeline.rundir import read_jsonl, write_jsonl_atomic
+
+log = logging.getLogger("sentimerge.train")
+
+
+@dataclass
+class Loop:
+    """What a training run needs from its stage."""
+
+    name: str
+    total_steps: int
+    checkpoint_dir: Path
+    metrics_log: Path
+    fingerprint: str
+    step: Callable[[int], dict]
+    learning_rate: Callable[[int], float]
+    evaluate: Callable[[], dict]
+    eval_steps: set[int]
+    checkpoint_every: int
+    keep: str = "last"
+    max_grad_norm: float | None = 1.0
+    after_step: Callable[[int], None] = lambda step: None
+    extra_state: Callable[[], dict] = dict
+    load_extra_state: Callable[[dict], None] = lambda state: None
+    logs_to_truncate: list[Path] = field(default_factory=list)
+    before_step: Callable[[int], None] = lambda step: None  # e.g. a test that kills the run at a given step
+
+
+def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.device) -> dict:
+    """Train to `loop.total_steps`, resuming from the checkpoint if there is one; returns the final state.
+
+    The state holds `zero_shot` (metrics before training), `last` and `best` ({step, dev}), and seconds spent.
+    With `keep: best` the model ends with the best evaluated weights loaded.
+    """
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    state = read_state(loop.checkpoint_dir)
+    best = None
+    if state is not None:
+        if state["fingerprint"] != loop.fingerprint:
+            raise SentimergeError(f"{loop.checkpoint_dir}: a checkpoint of another config; pass --force to start again")
+        state, best = restore_checkpoint(loop.checkpoint_dir, model=model, optimizer=optimizer, device=device)
+        loop.load_extra_state(state["extra"])
+        for path in [loop.metrics_log, *loop.logs_to_truncate]:
+            truncate_log(path, state["step"])
+        log.info("%s: resuming at step %d of %d", loop.name, state["step"], loop.total_steps)
+    else:
+        started = time.time()
+        zero_shot = loop.evaluate()
+        state = {"step": 0, "fingerprint": loop.fingerprint, "zero_shot": zero_shot, "train_seconds": 0.0,
+                 "eval_seconds": time.time() - started, "best": None, "last": None}
+        append_row(loop.metrics_log, {"step": 0, "dev": zero_shot})
+
+    model.train()
+    step = state["step"]
+    progress = tqdm(total=loop.total_steps, initial=step, desc=loop.name, unit="step", mininterval=2.0,
+                    dynamic_ncols=True)
+    while step < loop.total_steps:
+        loop.before_step(step)
+        lr = loop.learning_rate(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        tick = time.time()
+        row = loop.step(step)
+        if loop.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, loop.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loop.after_step(step)
+        seconds = time.time() - tick
+        state["train_seconds"] += seconds
+        step += 1
+        row = {"step": step, **row, "lr": lr, "seconds": round(seconds, 3)}
+        if step in loop.eval_steps:
+            tick = time.time()
+            row["dev"] = loop.evaluate()
+            state["eval_seconds"] += time.time() - tick
+            if loop.keep == "best" and (state["best"] is None or row["dev"]["primary"] > state["best"]["primary"]):
+                state["best"] = {"step": step, "primary": row["dev"]["primary"], "dev": row["dev"]}
+                best = trainable_state(model)
+            state["last"] = {"step": step, "dev": row["dev"]}
+            progress.write(f"{loop.name}: step {step} dev primary={row['dev']['primary']:.3f}", file=sys.stderr)
+        append_row(loop.metrics_log, row)
+        progress.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", lr=f"{lr:.1e}",
+                             **({"ex_s": f"{row['examples_per_s']:.1f}"} if "examples_per_s" in row else {}))
+        progress.update(1)
+        if step % loop.checkpoint_every == 0 and step < loop.total_steps:
+            save_checkpoint(loop.checkpoint_dir, model=model, optimizer=optimizer, best=best,
+                            state={**state, "step": step, "extra": loop.extra_state()})
+    progress.close()
+    if loop.keep == "best" and best is not None:
+        load_trainable_state(model, {name: tensor.to(device) for name, tensor in best.items()})
+    state["step"] = step
+    state["kept"] = state["best"] if loop.keep == "best" and state["best"] else state["last"]
+    return state
+
+
+def append_row(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.flush()
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop rows written after the checkpoint we resume from (they will be written again)."""
+    if path.is_file():
+        write_jsonl_atomic(path, [row for row in read_jsonl(path) if row["step"] <= step])

@@ -1,0 +1,100 @@
+"""The CMA-ES loop over merge coefficients, with its state on disk.
+
+Every scored candidate is appended to a JSON Lines log at once (flushed and synced). Resuming replays the log:
+a fresh CMA-ES with the same seed asks for the same generations, logged candidates are told their logged fitness,
+and only the candidates missing from the log are scored. CMA-ES draws its samples from its own seeded generator, so an
+interrupted-then-resumed search asks for exactly the candidates an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import SentimergeError
+from pipeline.rundir import write_text_atomic
+
+log = logging.getLogger("sentimerge.search")
+
+Evaluate = Callable[[int, int, np.ndarray], dict]
+OnGeneration = Callable[[int, list[dict], float], None]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What decides the sequence of candidates: start point, step size, bounds, population and seed."""
+
+    x0: np.ndarray
+    sigma0: float
+    bounds: tuple[float, float]
+    population: int
+    seed: int
+
+    def create(self):
+        import cma
+
+        rng = np.random.default_rng(self.seed)
+        options = {"bounds": list(self.bounds), "popsize": self.population, "seed": np.nan,
+                   "randn": lambda *shape: rng.standard_normal(shape), "verbose": -9, "verb_log": 0,
+                   "verb_disp": 0, "maxiter": 10**9}
+        return cma.CMAEvolutionStrategy(self.x0.tolist(), self.sigma0, options)
+
+
+def read_log(path: Path) -> list[dict]:
+    """The logged candidates; a torn last line (a crash while writing it) is dropped from the file."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                log.warning("%s: dropping a torn last line (the previous run stopped while writing it)", path)
+                write_text_atomic(path, "".join(lines[:-1]))
+                break
+            raise SentimergeError(f"{path}:{number}: corrupted log line; remove the search folder or use --force") from None
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def run_cma(strategy: Strategy, generations: int, evaluate: Evaluate, log_path: Path, *,
+            on_generation: OnGeneration | None = None, max_evaluations: int | None = None) -> bool:
+    """Run (or resume) the search; True when every generation is done, False when `max_evaluations` stopped it."""
+    logged = {(row["generation"], row["index"]): row for row in read_log(log_path)}
+    es = strategy.create()
+    scored_now = 0
+    for generation in range(generations):
+        solutions = es.ask()
+        rows = []
+        for index, candidate in enumerate(solutions):
+            row = logged.get((generation, index))
+            if row is None:
+                if max_evaluations is not None and scored_now >= max_evaluations:
+                    return False
+                row = evaluate(generation, index, candidate)
+                append_row(log_path, row)
+                scored_now += 1
+            elif not np.array_equal(np.asarray(row["coefficients"], dtype=float), candidate):
+                raise SentimergeError(f"{log_path}: generation {generation} candidate {index} differs from what "
+                                      "CMA-ES asks now (was the log written with another seed or config?); use --force")
+            rows.append(row)
+        es.tell(solutions, [-row["fitness"] for row in rows])
+        if on_generation is not None:
+            on_generation(generation, rows, float(es.sigma))
+    return True

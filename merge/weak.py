@@ -1,0 +1,130 @@
+"""The weak-label set: which examples every candidate is scored on, and the weak labellers that label them.
+
+Sampling rule: per task, `weak.per_task` rows drawn with the run's seed (salt `<task>/weak`) from `weak.split`
+(train by default, never dev). From the train split, the rows the task's expert trained on are excluded: the ids in
+stage 1's schedule log (`<run>/experts/<task>/schedule.jsonl`, the `ids` of every step), or, for an expert made
+elsewhere, the list in `<run>/experts/<task>/train_ids.json`. The weak set's summary records whether that check was
+possible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.registry import Registry
+from pipeline.data import sample_examples
+from pipeline.errors import SentimergeError
+from pipeline.prepare import load_prepared
+from pipeline.rundir import RunDir, read_jsonl
+from pipeline.tasks import TaskSpec
+
+log = logging.getLogger("sentimerge.search")
+
+ExpertPredict = Callable[[TaskSpec, list[dict]], list]
+POLARITY = ("negative", "neutral", "positive")
+
+
+@dataclass(frozen=True)
+class Labeller:
+    """`label(task, examples, expert_predict)` gives one weak label per example; `problem(task)` says if it cannot."""
+
+    name: str
+    label: Callable[[TaskSpec, list[dict], ExpertPredict], list]
+    problem: Callable[[TaskSpec], str | None] = lambda task: None
+    needs_experts: bool = False
+
+
+LABELLERS: Registry[Labeller] = Registry("weak labeller")
+
+
+def get_labeller(name: str) -> Labeller:
+    return LABELLERS.get(name)
+
+
+def _expert_labels(task: TaskSpec, examples: list[dict], expert_predict: ExpertPredict) -> list:
+    return expert_predict(task, examples)
+
+
+def _gold_labels(task: TaskSpec, examples: list[dict], expert_predict: ExpertPredict) -> list:
+    return [example["label"] for example in examples]
+
+
+def _lexicon_problem(task: TaskSpec) -> str | None:
+    if "aspect" in task.input_fields:
+        return "lexicon cannot label aspect-based tasks (VADER ignores the aspect)"
+    if task.kind == "classification":
+        labels = {label.lower() for label in task.labels}
+        if not labels <= set(POLARITY) or not {"negative", "positive"} <= labels:
+            return f"lexicon labels only negative/neutral/positive tasks (labels: {task.labels})"
+    return None
+
+
+def _lexicon_labels(task: TaskSpec, examples: list[dict], expert_predict: ExpertPredict) -> list:
+    """VADER's compound score: its sign (|c| < 0.05 is neutral) for polarity, linearly onto the range for intensity."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyser = SentimentIntensityAnalyzer()
+    compounds = [analyser.polarity_scores(example["text"])["compound"] for example in examples]
+    if task.kind == "regression":
+        low, high = task.range
+        return [low + (high - low) * (c + 1) / 2 for c in compounds]
+    by_name = {label.lower(): label for label in task.labels}
+    labels = []
+    for c in compounds:
+        name = "neutral" if abs(c) < 0.05 and "neutral" in by_name else ("positive" if c >= 0 else "negative")
+        labels.append(by_name[name])
+    return labels
+
+
+for _labeller in (Labeller("expert", _expert_labels, needs_experts=True), Labeller("gold", _gold_labels),
+                  Labeller("lexicon", _lexicon_labels, _lexicon_problem)):
+    LABELLERS.register(_labeller.name)(_labeller)
+
+
+def labeller_for(weak, task: TaskSpec) -> Labeller:
+    return get_labeller(weak.labellers.get(task.name, weak.labeller))
+
+
+def check_labellers(weak, tasks: list[TaskSpec]) -> list[str]:
+    """Problems with the configured labellers and weights for these tasks (checked before models load)."""
+    names = {task.name for task in tasks}
+    issues = [f"search.weak.labellers: no task named {name!r}" for name in weak.labellers if name not in names]
+    issues += [f"search.weak.weights: no task named {name!r}" for name in weak.weights if name not in names]
+    for task in tasks:
+        problem = labeller_for(weak, task).problem(task)
+        if problem:
+            issues.append(f"task {task.name}: {problem}")
+    return issues
+
+
+def trained_ids(run: RunDir, task: str) -> set[str] | None:
+    """Ids of the train rows the task's expert trained on; None when the expert does not say."""
+    schedule, listed = run.expert_schedule(task), run.expert(task) / "train_ids.json"
+    if schedule.is_file():
+        return {identifier for row in read_jsonl(schedule) for identifier in row.get("ids", [])}
+    if listed.is_file():
+        return set(json.loads(listed.read_text(encoding="utf-8")))
+    return None
+
+
+def sample_weak_set(run: RunDir, weak, task: TaskSpec, seed: int) -> tuple[list[dict], dict]:
+    """The task's weak-set examples (still with their gold labels) and a summary of how they were drawn."""
+    pool = load_prepared(run, task.name, weak.split)
+    excluded, checked = 0, weak.split != "train"
+    trained = trained_ids(run, task.name) if weak.split == "train" else None
+    if trained is not None:
+        kept = [example for example in pool if example["id"] not in trained]
+        excluded, checked, pool = len(pool) - len(kept), True, kept
+    if not pool:
+        raise SentimergeError(f"task {task.name}: no {weak.split} rows left for the weak set after excluding the "
+                              "expert's training rows")
+    if weak.split == "train" and not checked:
+        log.warning("task %s: the expert does not list its training rows (schedule.jsonl or train_ids.json); "
+                    "the weak set may overlap them", task.name)
+    count = min(weak.per_task, len(pool))
+    examples = sample_examples(pool, count, seed, f"{task.name}/weak") if count < len(pool) else list(pool)
+    return examples, {"split": weak.split, "pool": len(pool), "drawn": count, "excluded_expert_rows": excluded,
+                      "expert_rows_checked": checked}

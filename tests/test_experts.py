@@ -1,0 +1,237 @@
+"""Stage 1 on the tiny model: the expert folder contract, peft round trip, resume, skip/force, answer-only loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from experts.config import ExpertsConfig
+from experts.train import answer_loss, collate, encode, learning_rate
+from pipeline import cli, experts, prepare
+from pipeline.config import load_config, load_tasks_file
+from pipeline.errors import SentimergeError
+from pipeline.prepare import load_prepared, prepared_model_path
+from pipeline.rundir import RunDir, is_done, read_jsonl, read_manifest
+from tests.conftest import write_tiny_config
+
+# 6 steps of 4 examples, a checkpoint every 2 steps, dev evaluations at steps 3 and 6; dropout on (RNG matters).
+SMALL = {"steps": 6, "batch_size": 4, "bucket": 2, "checkpoint_every": 2, "evaluations": 2, "dev_examples": 6,
+         "learning_rate": 5e-3, "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+         "curriculum": {"pool": 16, "start": 0.5, "full_at": 0.5}}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads, and busy CI machines make thread barriers slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def prepared(folder: Path, cache_dir: Path, **experts_section):
+    cfg = load_config(write_tiny_config(folder, cache_dir=cache_dir, experts={**SMALL, **experts_section}))
+    prepare.main(cfg)
+    return cfg
+
+
+def test_expert_folder_holds_adapter_logs_and_manifest(tmp_path, cache_dir):
+    cfg = prepared(tmp_path, cache_dir)
+    folders = experts.main(cfg, tasks=["aspect3", "intensity"])
+    run = RunDir(cfg.resolved_run_dir)
+    assert set(folders) == {"aspect3", "intensity"} and not run.expert("polarity").exists()
+    for task in ("aspect3", "intensity"):
+        folder = run.expert(task)
+        assert is_done(folder) and not run.expert_checkpoint(task).exists()
+        assert {p.name for p in run.expert_adapter(task).iterdir()} >= {"adapter_config.json",
+                                                                        "adapter_model.safetensors"}
+        manifest = read_manifest(folder)
+        assert manifest["steps"] == 6 and manifest["examples"] == 24 and manifest["kept_step"] == 6
+        metrics = read_jsonl(run.expert_metrics(task))
+        assert [row["step"] for row in metrics] == list(range(7))
+        assert "dev" in metrics[0] and "loss" not in metrics[0]  # step 0: the zero-shot base model
+        assert all({"loss", "lr", "examples_per_s"} <= set(row) for row in metrics[1:])
+        assert [row["step"] for row in metrics if "dev" in row] == [0, 3, 6]
+        assert manifest["dev"] == metrics[-1]["dev"] and manifest["zero_shot"] == metrics[0]["dev"]
+        schedule = read_jsonl(run.expert_schedule(task))
+        assert [row["step"] for row in schedule] == list(range(1, 7))
+        assert all(len(row["ids"]) == 4 and 0 <= row["difficulty_mean"] <= 1 for row in schedule)
+        assert schedule[0]["competence"] == 0.5 and schedule[-1]["competence"] == 1.0
+        assert len(read_jsonl(run.expert_difficulty(task))) == 16
+        assert "task_difficulty" in manifest and 0 <= manifest["task_difficulty"]["difficulty"] <= 1
+        assert run.base_loss_cache(task).is_file()
+    assert read_manifest(run.expert("aspect3"))["curriculum"]["skipped_signals"] == []
+    assert "agreement" in read_manifest(run.expert("intensity"))["curriculum"]["skipped_signals"]
+
+
+def test_curriculum_draws_easy_examples_first(tmp_path, cache_dir):
+    cfg = prepared(tmp_path, cache_dir, curriculum={"pool": 16, "start": 0.25, "full_at": 1.0, "pacing": "linear",
+                                                    "signals": {"agreement": 1.0}})
+    experts.main(cfg, tasks=["aspect3"])
+    run = RunDir(cfg.resolved_run_dir)
+    ranked = read_jsonl(run.expert_difficulty("aspect3"))
+    agreement = {row["id"]: row["meta"]["agreement"] for row in load_prepared(run, "aspect3", "train")}
+    in_order = [agreement[row["id"]] for row in ranked]
+    assert in_order == sorted(in_order, reverse=True)  # unanimous examples first
+    rank = {row["id"]: row["rank"] for row in ranked}
+    first = read_jsonl(run.expert_schedule("aspect3"))[0]
+    assert first["available"] == 4 and all(rank[i] < 4 for i in first["ids"])
+
+
+def test_saved_adapter_loads_with_peft_and_reproduces_the_expert(tmp_path, cache_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = prepared(tmp_path, cache_dir, autocast=False)
+    run = RunDir(cfg.resolved_run_dir)
+    task = cfg.task("polarity")
+    base_path = prepared_model_path(run)
+    expert = experts.train_expert(cfg, run, task, load_prepared(run, "polarity", "train"),
+                                  load_prepared(run, "polarity", "dev"), base_path, fingerprint="test")
+    batch = collate(encode(expert.tokenizer, task, load_prepared(run, "polarity", "dev")[:5]),
+                    expert.tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    expert.model.eval()
+    with torch.no_grad():
+        in_memory = expert.model(**inputs).logits
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path),
+                                           run.expert_adapter("polarity")).eval()
+        reloaded = loaded(**inputs).logits
+        with loaded.disable_adapter():
+            base = loaded(**inputs).logits
+    torch.testing.assert_close(reloaded, in_memory)
+    assert (reloaded - base).abs().max() > 1e-3  # the adapter is not a no-op
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_at(task: str, step: int):
+    def hook(name: str, current: int) -> None:
+        if name == task and current == step:
+            raise Interrupt
+
+    return hook
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, cache_dir):
+    whole = prepared(tmp_path / "whole", cache_dir)
+    experts.main(whole, tasks=["aspect3"])
+    broken = prepared(tmp_path / "broken", cache_dir)
+    run = RunDir(broken.resolved_run_dir)
+    with pytest.raises(Interrupt):  # killed before step 6, after the checkpoint of step 4 and the log of step 5
+        experts.main(broken, tasks=["aspect3"], on_step=stop_at("aspect3", 5))
+    assert not is_done(run.expert("aspect3")) and run.expert_checkpoint("aspect3").is_dir()
+    assert [row["step"] for row in read_jsonl(run.expert_metrics("aspect3"))][-1] == 5
+    experts.main(broken, tasks=["aspect3"])
+
+    expected = load_file(RunDir(whole.resolved_run_dir).expert_adapter("aspect3") / "adapter_model.safetensors")
+    resumed = load_file(run.expert_adapter("aspect3") / "adapter_model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6)
+    rows = read_jsonl(run.expert_metrics("aspect3"))
+    reference = read_jsonl(RunDir(whole.resolved_run_dir).expert_metrics("aspect3"))
+    assert [row["step"] for row in rows] == list(range(7))  # rows after the checkpoint were not duplicated
+    assert [row["loss"] for row in rows[1:]] == pytest.approx([row["loss"] for row in reference[1:]], rel=1e-4)
+    assert [row["ids"] for row in read_jsonl(run.expert_schedule("aspect3"))] == [
+        row["ids"] for row in read_jsonl(RunDir(whole.resolved_run_dir).expert_schedule("aspect3"))]
+
+
+def test_checkpoint_of_another_config_is_not_reused(tmp_path, cache_dir):
+    cfg = prepared(tmp_path, cache_dir)
+    with pytest.raises(Interrupt):
+        experts.main(cfg, tasks=["polarity"], on_step=stop_at("polarity", 3))
+    changed = cfg.model_copy(update={"experts": ExpertsConfig.model_validate({**SMALL, "learning_rate": 1e-3})})
+    with pytest.raises(SentimergeError, match="--force"):
+        experts.main(changed, tasks=["polarity"])
+    experts.main(changed, tasks=["polarity"], force=True)
+    assert read_manifest(RunDir(cfg.resolved_run_dir).expert("polarity"))["steps"] == 6
+
+
+def test_keep_best_keeps_the_evaluated_step_with_the_best_dev_metric(tmp_path, cache_dir):
+    cfg = prepared(tmp_path, cache_dir, keep="best", evaluations=3, dev_examples=12, learning_rate=2e-2)
+    experts.main(cfg, tasks=["intensity"])
+    run = RunDir(cfg.resolved_run_dir)
+    evaluated = [row for row in read_jsonl(run.expert_metrics("intensity")) if "dev" in row and row["step"] > 0]
+    assert [row["step"] for row in evaluated] == [2, 4, 6]
+    best = max(evaluated, key=lambda row: (row["dev"]["primary"], -row["step"]))
+    manifest = read_manifest(run.expert("intensity"))
+    assert manifest["kept_step"] == best["step"] and manifest["dev"] == best["dev"]
+
+
+def test_finished_expert_is_kept_unless_forced(tmp_path, cache_dir):
+    cfg = prepared(tmp_path, cache_dir, steps=2, evaluations=1)
+    run = RunDir(cfg.resolved_run_dir)
+    experts.main(cfg, tasks=["polarity"])
+    manifest = run.expert("polarity") / "DONE.json"
+    first = manifest.read_text()
+    experts.main(cfg, tasks=["polarity"])
+    assert manifest.read_text() == first
+    (run.expert("polarity") / "marker").write_text("from the first training")
+    experts.main(cfg, tasks=["polarity"], force=True)
+    assert is_done(run.expert("polarity")) and not (run.expert("polarity") / "marker").exists()
+
+
+def test_answer_loss_is_cross_entropy_on_the_answer_tokens_only(prepared_tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = RunDir(prepared_tiny.resolved_run_dir)
+    path = prepared_model_path(run)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    task = prepared_tiny.task("aspect3")
+    encoded = encode(tokenizer, task, load_prepared(run, "aspect3", "train")[:4])
+    assert len({len(ids) for ids, _ in encoded}) > 1  # padding is exercised
+    with torch.no_grad():
+        loss = answer_loss(model, collate(encoded, tokenizer.pad_token_id), torch.device("cpu"), use_autocast=False)
+        per_token, counted = [], 0
+        for ids, labels in encoded:  # one unpadded sequence at a time, full logits
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            targets = torch.tensor(labels[1:])
+            per_token.append(torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"))
+            counted += int((targets != -100).sum())
+            assert targets[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # the end of turn is taught too
+    assert counted > 2 * len(encoded)  # multi-token answers: the first answer token is not the only target
+    torch.testing.assert_close(loss, torch.stack(per_token).sum() / counted, rtol=1e-4, atol=1e-5)
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = ExpertsConfig(steps=20, learning_rate=1e-3, warmup=0.1, schedule="cosine", min_lr_ratio=0.1)
+    rates = [learning_rate(step, cfg) for step in range(20)]
+    assert rates[0] == pytest.approx(5e-4) and rates[1] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] == pytest.approx(1e-4)
+
+
+def test_budget_in_examples_or_steps():
+    assert ExpertsConfig(examples=100, batch_size=8).total_steps == 13
+    assert ExpertsConfig(steps=7).total_steps == 7
+    with pytest.raises(ValueError, match="not both"):
+        ExpertsConfig(steps=7, examples=100)
+
+
+def test_cli_rejects_an_unknown_task_before_training(tiny_config_path, capsys):
+    code = cli.main(["experts", str(tiny_config_path), "--tasks", "polarty"])
+    assert code == 2
+    assert "no task named 'polarty' (did you mean 'polarity'?)" in capsys.readouterr().err
+
+
+def test_cli_needs_a_prepared_run(tiny_config_path, capsys):
+    assert cli.main(["experts", str(tiny_config_path)]) == 2
+    assert "not prepared" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_validates(path):
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    if "base_model" in raw:
+        cfg = load_config(path)
+        assert cfg.experts.total_steps >= 1 and cfg.experts.curriculum.pacing in ("linear", "sqrt", "none")
+    else:
+        assert load_tasks_file(path).tasks

@@ -1,0 +1,140 @@
+"""Stage 3 (multi-task fine-tuning with dynamic task weights) and the export users take away."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline import export, finetune
+from pipeline.cli import main as cli
+from pipeline.config import load_config
+from pipeline.errors import SentimergeError
+from pipeline.prepare import load_prepared
+from pipeline.rundir import RunDir, is_done, read_jsonl, read_manifest
+from tests.conftest import write_tiny_config
+
+FINETUNE = {"start": "base", "steps": 6, "per_task": 2, "checkpoint_every": 2, "dev_examples": 4,
+            "evaluations": 1, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
+
+
+def _config(folder, cache_dir, **finetune_overrides):
+    path = write_tiny_config(folder, cache_dir=cache_dir, finetune={**FINETUNE, **finetune_overrides},
+                             export={"dtype": "float32"})
+    cfg = load_config(path)
+    from pipeline import prepare
+
+    prepare.main(cfg)
+    return cfg
+
+
+class Killed(Exception):
+    pass
+
+
+def test_finetune_logs_the_weights_it_used_and_writes_a_loadable_adapter(tmp_path, cache_dir):
+    cfg = _config(tmp_path, cache_dir)
+    manifest = finetune.main(cfg)
+    run = RunDir(cfg.resolved_run_dir)
+    rows = [row for row in read_jsonl(run.finetune_metrics) if "weights" in row]
+    assert [row["step"] for row in rows] == list(range(1, 7))
+    for row in rows:
+        assert set(row["weights"]) == {"polarity", "aspect3", "intensity"}
+        assert sum(row["weights"].values()) == pytest.approx(3.0, abs=1e-3)
+        assert set(row["grad_norm"]) == set(row["task_loss"])  # dao measures every step by default
+    assert (run.finetune / "weights.png").stat().st_size > 0
+    assert manifest["weighting"] == "dao" and manifest["steps"] == 6
+    assert not run.finetune_checkpoint.exists()
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(run.finetune_adapter).r == 4
+
+
+@pytest.mark.parametrize("weighting", ["static", "famo"])
+def test_other_strategies_run_and_static_keeps_weights_fixed(tmp_path, cache_dir, weighting):
+    cfg = _config(tmp_path, cache_dir, steps=4, weighting={"name": weighting})
+    finetune.main(cfg)
+    rows = [row for row in read_jsonl(RunDir(cfg.resolved_run_dir).finetune_metrics) if "weights" in row]
+    if weighting == "static":
+        assert all(row["weights"] == {"polarity": 1.0, "aspect3": 1.0, "intensity": 1.0} for row in rows)
+    else:
+        assert rows[-1]["weights"] != rows[0]["weights"]
+
+
+def test_a_killed_finetune_resumes_to_the_same_adapter_and_log(tmp_path, cache_dir):
+    whole = _config(tmp_path / "whole", cache_dir)
+    finetune.main(whole)
+    broken = _config(tmp_path / "broken", cache_dir)
+
+    def kill(step):
+        if step == 5:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        finetune.main(broken, before_step=kill)
+    run = RunDir(broken.resolved_run_dir)
+    assert not is_done(run.finetune) and json.loads((run.finetune_checkpoint / "state.json").read_text())["step"] == 4
+    finetune.main(broken)
+    a = load_file(RunDir(whole.resolved_run_dir).finetune_adapter / "adapter_model.safetensors")
+    b = load_file(run.finetune_adapter / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    assert strip(read_jsonl(run.finetune_metrics)) == strip(read_jsonl(RunDir(whole.resolved_run_dir).finetune_metrics))
+
+
+def test_finetune_from_the_merge_needs_stage_2(tmp_path, cache_dir):
+    cfg = _config(tmp_path, cache_dir, start="merged")
+    with pytest.raises(SentimergeError, match="stage 2 has not finished"):
+        finetune.main(cfg)
+
+
+def test_export_loads_with_transformers_alone_and_predicts_like_the_pipeline(tmp_path, cache_dir, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.scoring import score_task
+
+    cfg = _config(tmp_path, cache_dir)
+    finetune.main(cfg)
+    folder = export.main(cfg)
+    run = RunDir(cfg.resolved_run_dir)
+    assert is_done(folder) and read_manifest(folder)["dtype"] == "float32"
+    for name in ["README.md", "sentimerge_tasks.yaml", "sentimerge_config.yaml", "provenance.json", "eval.md",
+                 "model.safetensors", "tokenizer.json"]:
+        assert (folder / name).is_file(), name
+    assert "| aspect3 |" in (folder / "README.md").read_text()
+    provenance = json.loads((folder / "provenance.json").read_text())
+    assert provenance["data"]["polarity"]["splits"]["dev"]["examples"] == 12
+
+    exported = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    start = AutoModelForCausalLM.from_pretrained(read_manifest(run.finetune)["start"], dtype=torch.float32)
+    pipeline_model = PeftModel.from_pretrained(start, run.finetune_adapter).eval()
+    task = cfg.task("aspect3")
+    examples = load_prepared(run, "aspect3", "dev")
+    torch.testing.assert_close(score_task(exported, tokenizer, task, examples).logprobs,
+                               score_task(pipeline_model, tokenizer, task, examples).logprobs, atol=1e-4, rtol=1e-4)
+
+    texts = [example["text"] for example in examples[:2]]
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(folder), "--task", "aspect3", "--aspect", "the hotel", *texts]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [line["text"] for line in lines] == texts
+    assert all(line["label"] in task.labels and 0 < line["probability"] <= 1 for line in lines)
+    tasks_file = yaml.safe_load((folder / "sentimerge_tasks.yaml").read_text())
+    assert [t["name"] for t in tasks_file["tasks"]] == ["polarity", "aspect3", "intensity"]
+
+
+def test_predict_rejects_an_unknown_task_and_a_missing_aspect(tmp_path, cache_dir, capsys):
+    cfg = _config(tmp_path, cache_dir, steps=2)
+    finetune.main(cfg)
+    folder = export.main(cfg)
+    assert cli(["predict", "--model", str(folder), "--task", "polarty", "fine"]) == 2
+    assert "did you mean 'polarity'" in capsys.readouterr().err
+    assert cli(["predict", "--model", str(folder), "--task", "aspect3", "fine"]) == 2
+    assert "needs an aspect" in capsys.readouterr().err

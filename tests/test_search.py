@@ -1,0 +1,177 @@
+"""Stage 2's search on the tiny run: files and numbers, resume equivalence, failed candidates, input errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from merge.methods import METHODS, MergeMethod, weighted_sum
+from pipeline import prepare, search
+from pipeline.config import load_config
+from pipeline.errors import SentimergeError
+from pipeline.rundir import RunDir, is_done, read_jsonl, write_json_atomic, write_jsonl_atomic
+from tests.conftest import write_tiny_config
+from tests.test_merge import make_experts
+
+SEARCH = {"layer_group_size": 1, "split_attention_mlp": True, "population": 4, "generations": 3, "sigma0": 0.3,
+          "weak": {"per_task": 6}, "gold": {"per_generation": 4, "final": 6}, "export": False}
+TIMING = {"seconds", "merge_seconds", "score_seconds"}
+
+
+def tiny_search(folder, cache_dir, *, experts: bool = True, **overrides):
+    cfg = load_config(write_tiny_config(folder, cache_dir=cache_dir, search={**SEARCH, **overrides}))
+    prepare.main(cfg)
+    if experts:
+        make_experts(cfg)
+    return cfg
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def test_search_writes_its_log_tables_baselines_and_a_mergekit_export(tmp_path, cache_dir):
+    cfg = tiny_search(tmp_path, cache_dir, export=True, dtype="float32")
+    run = RunDir(cfg.resolved_run_dir)
+    search.main(cfg)
+    assert is_done(run.search)
+    rows = read_jsonl(run.search_candidates)
+    assert [(r["generation"], r["index"]) for r in rows] == [(g, i) for g in range(3) for i in range(4)]
+    assert all(len(r["coefficients"]) == 3 * 2 * 2 for r in rows)  # experts x layer groups x (attention, mlp)
+    assert all(set(r["tasks"]) == {"polarity", "aspect3", "intensity"} for r in rows)
+    generations = pd.read_csv(run.search_generations)
+    assert list(generations["generation"]) == [0, 1, 2]
+    assert {"best", "mean", "sigma", "gold_best"} <= set(generations.columns)
+    best = json.loads(run.search_best.read_text())
+    assert best["fitness"] == max(r["fitness"] for r in rows)
+    baselines = json.loads(run.search_baselines.read_text())
+    assert list(baselines) == ["base", "expert:polarity", "expert:aspect3", "expert:intensity", "uniform", "ties"]
+    for task in ("polarity", "aspect3", "intensity"):  # the expert labeller: each expert agrees with itself
+        assert baselines[f"expert:{task}"]["tasks"][task]["normalised"] == pytest.approx(1.0)
+    final = pd.read_csv(run.search / "final.csv")
+    assert list(final["model"]) == [*baselines, "evolved"]
+    report = json.loads(run.search_report.read_text())
+    assert report["export"]["max_abs_difference"] < 1e-5
+    assert report["throughput"]["candidates"] == 12 and report["throughput"]["merge_ms_per_candidate"] > 0
+    for name in ("mergekit_config.yml", "README.md", "model.safetensors", "DONE.json", "sentimerge_search.json"):
+        assert (run.search_merged / name).is_file(), name
+    assert "+" in run.search_recipe.read_text()  # base+adapter references
+    search.main(cfg)  # finished: a second run changes nothing
+    assert read_jsonl(run.search_candidates) == rows
+
+
+def test_interrupted_then_resumed_search_equals_an_uninterrupted_one(tmp_path, cache_dir):
+    whole = tiny_search(tmp_path / "whole", cache_dir)
+    search.main(whole)
+    parts = tiny_search(tmp_path / "parts", cache_dir)
+    run = RunDir(parts.resolved_run_dir)
+    search.main(parts, max_evaluations=5)  # stops inside generation 1
+    assert len(read_jsonl(run.search_candidates)) == 5 and not is_done(run.search)
+    with open(run.search_candidates, "a") as handle:
+        handle.write('{"generation": 1, "index": 1, "coeff')  # a crash while writing a line
+    search.main(parts, max_evaluations=4)
+    assert len(read_jsonl(run.search_candidates)) == 9
+    search.main(parts)
+    reference = RunDir(whole.resolved_run_dir)
+    assert without_timing(read_jsonl(run.search_candidates)) == without_timing(read_jsonl(reference.search_candidates))
+    pd.testing.assert_frame_equal(pd.read_csv(run.search_generations), pd.read_csv(reference.search_generations))
+    assert read_jsonl(run.search_gold) == read_jsonl(reference.search_gold)
+
+
+def _flaky(base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Task arithmetic that breaks in down_proj for some coefficients: an exception, or NaN weights."""
+    down_proj = base.shape == (64, 128)
+    if down_proj and weights[0] > 1.2:
+        raise RuntimeError("boom")
+    merged = weighted_sum(base, deltas, weights)
+    return merged * float("nan") if down_proj and weights[1] < 0.8 else merged
+
+
+@pytest.fixture
+def flaky_method():
+    METHODS.register("flaky")(MergeMethod("flaky", _flaky, "task_arithmetic"))
+    yield "flaky"
+    METHODS.unregister("flaky")
+
+
+def test_failed_candidates_are_logged_with_the_penalty_and_the_search_goes_on(tmp_path, cache_dir, flaky_method):
+    cfg = tiny_search(tmp_path, cache_dir, method=flaky_method, failure_penalty=-3.0, generations=2)
+    run = RunDir(cfg.resolved_run_dir)
+    search.main(cfg)
+    rows = read_jsonl(run.search_candidates)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(rows) == 8 and is_done(run.search)
+    assert failed and len(failed) < len(rows)
+    assert all(r["fitness"] == -3.0 and "tasks" not in r for r in failed)
+    assert {r["error"].split(":")[0] for r in failed} <= {"RuntimeError", "MergeFailed"}
+    assert json.loads(run.search_best.read_text())["status"] == "ok"
+    assert pd.read_csv(run.search_generations)["failed"].sum() == len(failed)
+
+
+def test_weak_set_excludes_the_experts_training_rows_and_never_uses_dev(tmp_path, cache_dir):
+    from merge.weak import sample_weak_set
+
+    cfg = tiny_search(tmp_path, cache_dir, experts=False)
+    run = RunDir(cfg.resolved_run_dir)
+    train = prepare.load_prepared(run, "polarity", "train")
+    steps = [{"step": 1, "ids": [row["id"] for row in train[:12]]}, {"step": 2, "ids": [row["id"] for row in train[8:20]]}]
+    write_jsonl_atomic(run.expert_schedule("polarity"), steps)  # stage 1's log of what each step trained on
+    examples, summary = sample_weak_set(run, cfg.search.weak, cfg.task("polarity"), seed=0)
+    assert {e["id"] for e in examples} == {row["id"] for row in train[20:]}
+    assert summary == {"split": "train", "pool": 4, "drawn": 4, "excluded_expert_rows": 20,
+                       "expert_rows_checked": True}
+    write_json_atomic(run.expert("aspect3") / "train_ids.json", [row["id"] for row in train[:2]])  # other task's ids
+    _, summary = sample_weak_set(run, cfg.search.weak, cfg.task("aspect3"), seed=0)
+    assert summary["excluded_expert_rows"] == 0 and summary["expert_rows_checked"]
+    again, _ = sample_weak_set(run, cfg.search.weak, cfg.task("intensity"), seed=0)
+    assert len(again) == 6 and not {e["id"] for e in again} & {r["id"] for r in prepare.load_prepared(run, "intensity", "dev")}
+
+
+def test_lexicon_and_gold_labellers():
+    from merge.weak import get_labeller
+    from pipeline.tasks import TaskSpec
+
+    source = {"path": "x.jsonl"}
+    polarity = TaskSpec(name="p", kind="classification", labels=["negative", "neutral", "positive"],
+                        instruction="?", source=source)
+    intensity = TaskSpec(name="i", kind="regression", range=[-4, 4], instruction="?", source=source)
+    examples = [{"text": "what a wonderful, great day", "label": "positive"},
+                {"text": "this is awful and terrible", "label": "negative"},
+                {"text": "the meeting is on monday", "label": "neutral"}]
+    lexicon = get_labeller("lexicon")
+    assert lexicon.label(polarity, examples, None) == ["positive", "negative", "neutral"]
+    values = lexicon.label(intensity, examples, None)
+    assert values[0] > 2 and values[1] < -2 and values[2] == 0
+    assert get_labeller("gold").label(polarity, examples, None) == ["positive", "negative", "neutral"]
+    aspect = polarity.model_copy(update={"input_fields": ["text", "aspect"]})
+    assert "aspect" in lexicon.problem(aspect)
+
+
+def test_input_errors_are_reported_before_models_load(tmp_path, cache_dir, capsys):
+    from pipeline.cli import main as cli
+
+    cfg = tiny_search(tmp_path, cache_dir, experts=False, weak={"labeller": "lexicon", "weights": {"polarty": 2}})
+    with pytest.raises(SentimergeError) as error:
+        search.main(cfg)
+    message = str(error.value)
+    assert "task aspect3: lexicon cannot label aspect-based tasks" in message
+    assert "search.weak.weights: no task named 'polarty'" in message
+    assert all(f"task {t}: no finished expert" in message for t in ("polarity", "aspect3", "intensity"))
+    assert not RunDir(cfg.resolved_run_dir).search.exists()
+    assert cli(["search", str(tmp_path / "config.yaml")]) == 2
+    assert "no finished expert" in capsys.readouterr().err
+
+
+def test_a_search_with_another_config_is_not_resumed(tmp_path, cache_dir):
+    cfg = tiny_search(tmp_path, cache_dir)
+    search.main(cfg, max_evaluations=2)
+    changed = cfg.model_copy(update={"search": cfg.search.model_copy(update={"sigma0": 0.5})})
+    with pytest.raises(SentimergeError, match="another config"):
+        search.main(changed)
+    search.main(changed, force=True, max_evaluations=1)
+    rows = read_jsonl(RunDir(cfg.resolved_run_dir).search_candidates)
+    assert len(rows) == 1 and not np.allclose(rows[0]["coefficients"], 1.0)
