@@ -18,8 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sentimerge prepare configs/demo.yaml
-	$(BIN)/sentimerge evaluate configs/demo.yaml --model base --force
+	$(BIN)/sentimerge run configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
