@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from experts.config import ExpertsConfig, LoraSettings
 from merge.config import SearchConfig
 from pipeline.errors import ConfigError
-from pipeline.tasks import Frozen, PypiFile, TaskList, TaskSpec
+from pipeline.tasks import Frozen, PypiFile, TaskList, TaskSpec, check_unique_names
 
 
 class TinyModel(Frozen):
@@ -131,10 +131,7 @@ class RunConfig(Frozen):
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> RunConfig:
-        names = [task.name for task in self.tasks]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"task names must be unique: {duplicates}")
+        check_unique_names(self.tasks)
         return self
 
     @property

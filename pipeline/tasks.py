@@ -170,8 +170,12 @@ class TaskList(Frozen):
 
     @model_validator(mode="after")
     def _unique(self) -> TaskList:
-        names = [task.name for task in self.tasks]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"task names must be unique: {duplicates}")
+        check_unique_names(self.tasks)
         return self
+
+
+def check_unique_names(tasks: list[TaskSpec]) -> None:
+    names = [task.name for task in tasks]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"task names must be unique: {duplicates}")

@@ -121,18 +121,25 @@ class Uncertainty(Weighting):
         self.optimizer.zero_grad()
 
     def state_dict(self) -> dict:
-        adam = self.optimizer.state_dict()
-        slot = adam["state"].get(0, {})
-        return {"log_variance": self.log_variance.detach().tolist(),
-                "adam": {key: (value.tolist() if torch.is_tensor(value) else value) for key, value in slot.items()}}
+        return {"log_variance": self.log_variance.detach().tolist(), "adam": _adam_state(self.optimizer)}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.log_variance.copy_(torch.tensor(state["log_variance"]))
-        if state["adam"]:
-            adam = self.optimizer.state_dict()
-            adam["state"] = {0: {key: torch.tensor(value) for key, value in state["adam"].items()}}
-            self.optimizer.load_state_dict(adam)
+        _load_adam_state(self.optimizer, state["adam"])
+
+
+def _adam_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The moments of a one-tensor Adam as JSON (no pickle in checkpoints)."""
+    slot = optimizer.state_dict()["state"].get(0, {})
+    return {key: (value.tolist() if torch.is_tensor(value) else value) for key, value in slot.items()}
+
+
+def _load_adam_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    if state:
+        adam = optimizer.state_dict()
+        adam["state"] = {0: {key: torch.tensor(value) for key, value in state.items()}}
+        optimizer.load_state_dict(adam)
 
 
 class _DescentRate:
@@ -229,19 +236,15 @@ class Famo(Weighting):
         self.previous = losses
 
     def state_dict(self) -> dict:
-        slot = self.optimizer.state_dict()["state"].get(0, {})
         return {"logits": self.logits.detach().tolist(),
                 "previous": None if self.previous is None else self.previous.tolist(),
-                "adam": {key: (value.tolist() if torch.is_tensor(value) else value) for key, value in slot.items()}}
+                "adam": _adam_state(self.optimizer)}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.logits.copy_(torch.tensor(state["logits"]))
         self.previous = None if state["previous"] is None else torch.tensor(state["previous"])
-        if state["adam"]:
-            adam = self.optimizer.state_dict()
-            adam["state"] = {0: {key: torch.tensor(value) for key, value in state["adam"].items()}}
-            self.optimizer.load_state_dict(adam)
+        _load_adam_state(self.optimizer, state["adam"])
 
 
 @WEIGHTINGS.register("dao")
