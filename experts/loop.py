@@ -8,7 +8,6 @@ state (sampler, task weights, ...) that must survive a crash.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from experts.checkpoint import load_trainable_state, read_state, restore_checkpoint, save_checkpoint, trainable_state
 from pipeline.errors import SentimergeError
-from pipeline.rundir import read_jsonl, write_jsonl_atomic
+from pipeline.rundir import append_jsonl, read_jsonl, write_jsonl_atomic
 
 log = logging.getLogger("sentimerge.train")
 
@@ -71,7 +70,7 @@ def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.
         zero_shot = loop.evaluate()
         state = {"step": 0, "fingerprint": loop.fingerprint, "zero_shot": zero_shot, "train_seconds": 0.0,
                  "eval_seconds": time.time() - started, "best": None, "last": None}
-        append_row(loop.metrics_log, {"step": 0, "dev": zero_shot})
+        append_jsonl(loop.metrics_log, {"step": 0, "dev": zero_shot})
 
     model.train()
     step = state["step"]
@@ -102,7 +101,7 @@ def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.
                 best = trainable_state(model)
             state["last"] = {"step": step, "dev": row["dev"]}
             progress.write(f"{loop.name}: step {step} dev primary={row['dev']['primary']:.3f}", file=sys.stderr)
-        append_row(loop.metrics_log, row)
+        append_jsonl(loop.metrics_log, row)
         progress.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", lr=f"{lr:.1e}",
                              **({"ex_s": f"{row['examples_per_s']:.1f}"} if "examples_per_s" in row else {}))
         progress.update(1)
@@ -115,13 +114,6 @@ def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.
     state["step"] = step
     state["kept"] = state["best"] if loop.keep == "best" and state["best"] else state["last"]
     return state
-
-
-def append_row(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        handle.flush()
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import SentimergeError
-from pipeline.rundir import write_text_atomic
+from pipeline.rundir import append_jsonl, write_text_atomic
 
 log = logging.getLogger("sentimerge.search")
 
@@ -66,13 +65,6 @@ def read_log(path: Path) -> list[dict]:
     return rows
 
 
-def append_row(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def run_cma(strategy: Strategy, generations: int, evaluate: Evaluate, log_path: Path, *,
             on_generation: OnGeneration | None = None, max_evaluations: int | None = None) -> bool:
     """Run (or resume) the search; True when every generation is done, False when `max_evaluations` stopped it."""
@@ -88,7 +80,7 @@ def run_cma(strategy: Strategy, generations: int, evaluate: Evaluate, log_path: 
                 if max_evaluations is not None and scored_now >= max_evaluations:
                     return False
                 row = evaluate(generation, index, candidate)
-                append_row(log_path, row)
+                append_jsonl(log_path, row)
                 scored_now += 1
             elif not np.array_equal(np.asarray(row["coefficients"], dtype=float), candidate):
                 raise SentimergeError(f"{log_path}: generation {generation} candidate {index} differs from what "

@@ -31,14 +31,14 @@ import yaml
 from curriculum.sampler import CurriculumSampler
 from curriculum.signals import Difficulty, SignalInputs, TaskFacts, example_difficulty, task_difficulty
 from experts.checkpoint import read_state
-from experts.loop import Loop, append_row, run_loop
+from experts.loop import Loop, run_loop
 from experts.train import answer_loss, answer_losses, collate, encode, evaluate_dev, learning_rate, load_lora_model
 from pipeline.config import RunConfig, dump_config
 from pipeline.data import sample_examples
 from pipeline.errors import ConfigError, SentimergeError
 from pipeline.models import pick_device
 from pipeline.prepare import load_prepared, prepared_model_path
-from pipeline.rundir import (RunDir, is_done, read_manifest, write_json_atomic, write_jsonl_atomic,
+from pipeline.rundir import (RunDir, append_jsonl, is_done, read_manifest, write_json_atomic, write_jsonl_atomic,
                              write_manifest, write_text_atomic)
 from pipeline.tasks import TaskSpec
 
@@ -150,7 +150,7 @@ def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict],
         loss = answer_loss(model, collate([encoded[i] for i in drawn["indices"]], tokenizer.pad_token_id), device,
                            use_autocast=settings.autocast)
         loss.backward()
-        append_row(run.expert_schedule(task.name), _schedule_row(step + 1, drawn, pool, difficulty))
+        append_jsonl(run.expert_schedule(task.name), _schedule_row(step + 1, drawn, pool, difficulty))
         return {"loss": round(loss.item(), 5),
                 "examples_per_s": round(len(drawn["indices"]) / max(time.time() - tick, 1e-9), 2)}
 

@@ -28,7 +28,7 @@ from merge.genome import Genome
 from merge.lora import read_adapter
 from merge.methods import get_method
 from merge.recipe import build_recipe, recipe_yaml, run_mergekit
-from merge.search import Strategy, append_row, read_log, run_cma
+from merge.search import Strategy, read_log, run_cma
 from merge.weak import check_labellers, labeller_for, sample_weak_set
 from pipeline.config import RunConfig, dump_config
 from pipeline.data import sample_examples
@@ -37,7 +37,7 @@ from pipeline.evaluate import markdown_table
 from pipeline.metrics import spearman
 from pipeline.models import load_model
 from pipeline.prepare import load_prepared, prepared_model_path
-from pipeline.rundir import (RunDir, fresh_dir, is_done, read_jsonl, read_manifest, write_json_atomic,
+from pipeline.rundir import (RunDir, append_jsonl, fresh_dir, is_done, read_jsonl, read_manifest, write_json_atomic,
                              write_jsonl_atomic, write_manifest, write_text_atomic)
 
 log = logging.getLogger("sentimerge.search")
@@ -324,7 +324,7 @@ def _generation_row(run: RunDir, generation: int, rows: list[dict], sigma: float
             gold = _gold_score(merger, model, tokenizer, gold_sample, best["coefficients"], settings.batch_size)
             done[generation] = {"generation": generation, "index": best["index"], "fitness": best["fitness"],
                                 "gold": gold["mean"], "tasks": gold["tasks"]}
-            append_row(run.search_gold, done[generation])
+            append_jsonl(run.search_gold, done[generation])
         entry["gold_best"] = done[generation]["gold"]
     return entry
 
