@@ -33,7 +33,8 @@ from pipeline.errors import SentimergeError
 from pipeline.models import pick_device
 from pipeline.prepare import load_prepared, prepared_model_path
 from pipeline.prompts import training_example
-from pipeline.rundir import RunDir, is_done, read_jsonl, read_manifest, write_manifest, write_text_atomic
+from pipeline.rundir import (RunDir, is_done, read_jsonl, read_manifest, save_figure, write_manifest,
+                             write_text_atomic)
 from pipeline.weighting import make_weighting
 
 log = logging.getLogger("sentimerge.finetune")
@@ -178,9 +179,7 @@ def write_weight_history(run: RunDir) -> pd.DataFrame:
         axis.set_xlabel("step")
         axis.set_ylabel("task weight (mean 1)")
         axis.legend(fontsize=7, ncol=2)
-        figure.tight_layout()
-        figure.savefig(run.finetune / "weights.png", dpi=110)
-        plt.close(figure)
+        save_figure(figure, run.finetune / "weights.png")
     return table
 
 

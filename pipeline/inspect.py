@@ -18,7 +18,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import SentimergeError
 from pipeline.evaluate import markdown_table
 from pipeline.metrics import spearman
-from pipeline.rundir import RunDir, is_done, read_jsonl
+from pipeline.rundir import RunDir, is_done, read_jsonl, save_figure
 
 
 def main(run_dir: str | Path) -> dict[str, Path]:
@@ -120,12 +120,7 @@ def plot_fitness(run: RunDir, candidates: list[dict], baselines: dict) -> Path:
     axes.set_ylabel("weak-label fitness")
     axes.legend(fontsize=7, loc="lower right")
     axes.set_title("CMA-ES merge search")
-    figure.tight_layout()
-    run.search_plots.mkdir(parents=True, exist_ok=True)
-    path = run.search_plots / "fitness.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, run.search_plots / "fitness.png")
 
 
 def plot_coefficients(run: RunDir, genome: dict, coefficients: list[float]) -> Path:
@@ -145,12 +140,7 @@ def plot_coefficients(run: RunDir, genome: dict, coefficients: list[float]) -> P
         axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
     figure.colorbar(image, ax=axes, label="coefficient")
     axes.set_title("best merge coefficients")
-    figure.tight_layout()
-    run.search_plots.mkdir(parents=True, exist_ok=True)
-    path = run.search_plots / "coefficients.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, run.search_plots / "coefficients.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -213,6 +213,17 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def save_figure(figure, path: Path) -> Path:
+    """Write a matplotlib figure as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def is_done(folder: Path) -> bool:
     return (folder / MANIFEST).is_file()
 
