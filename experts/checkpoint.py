@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.rundir import write_json_atomic
+from pipeline import faults
+from pipeline.errors import SentimergeError
+from pipeline.rundir import sweep_leftovers, write_json_atomic
 
 STATE = "state.json"
 
@@ -71,6 +73,7 @@ def load_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(folder: Path, *, model, optimizer, state: dict, best: dict[str, torch.Tensor] | None) -> None:
     """Write the checkpoint to `folder` atomically (temporary folder, then rename)."""
+    sweep_leftovers(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -81,10 +84,12 @@ def save_checkpoint(folder: Path, *, model, optimizer, state: dict, best: dict[s
     if best is not None:
         save_file(_cpu(best), tmp / "best.safetensors")
     write_json_atomic(tmp / STATE, {**state, "optimizer": info})
+    faults.point("built checkpoint/")
     stale = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     if folder.exists():
         os.replace(folder, stale)
     os.replace(tmp, folder)
+    faults.point("renamed checkpoint/")
     shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -93,7 +98,14 @@ def read_state(folder: Path) -> dict | None:
     path = folder / STATE
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise SentimergeError(f"{path}: corrupted checkpoint ({error.msg}); delete {folder} to restart this "
+                              "training from its beginning") from None
+    if not isinstance(state, dict) or "step" not in state or "fingerprint" not in state:
+        raise SentimergeError(f"{path}: corrupted checkpoint (no step or fingerprint); delete {folder} to restart")
+    return state
 
 
 def restore_checkpoint(folder: Path, *, model, optimizer, device: torch.device) -> tuple[dict, dict | None]:

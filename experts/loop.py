@@ -1,6 +1,10 @@
 """The resumable training loop shared by the training stages: learning-rate schedule, optimizer steps, periodic
 evaluation, best/last selection, JSON Lines metrics, progress, and checkpoints that resume exactly.
 
+Numeric faults: a step whose loss or gradient norm is not finite is skipped (no optimizer update, no `after_step`,
+so task weights never see it), logged with `skipped` and counted in the state; `max_skipped_in_a_row` such steps in
+a row stop the run with an error, keeping the last checkpoint.
+
 The stage supplies what differs: `step(step) -> row` computes the loss of one step and back-propagates it (the loop
 then clips, steps the optimizer and calls `after_step`), `evaluate() -> metrics` scores a dev sample, and `extra`
 state (sampler, task weights, ...) that must survive a crash.
@@ -9,6 +13,7 @@ state (sampler, task weights, ...) that must survive a crash.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +51,7 @@ class Loop:
     load_extra_state: Callable[[dict], None] = lambda state: None
     logs_to_truncate: list[Path] = field(default_factory=list)
     before_step: Callable[[int], None] = lambda step: None  # e.g. a test that kills the run at a given step
+    max_skipped_in_a_row: int = 5
 
 
 def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.device) -> dict:
@@ -74,6 +80,7 @@ def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.
 
     model.train()
     step = state["step"]
+    in_a_row = 0
     progress = tqdm(total=loop.total_steps, initial=step, desc=loop.name, unit="step", mininterval=2.0,
                     dynamic_ncols=True)
     while step < loop.total_steps:
@@ -83,15 +90,28 @@ def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.
             group["lr"] = lr
         tick = time.time()
         row = loop.step(step)
-        if loop.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, loop.max_grad_norm)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, loop.max_grad_norm or math.inf)
+        fault = _numeric_fault(row, grad_norm)
+        if fault is None:
+            optimizer.step()
+            loop.after_step(step)
+            in_a_row = 0
+        else:  # skip the update; the batch counts as consumed so a resumed run stays in step with this one
+            row = {**_finite_or_none(row), "skipped": fault}
+            state["skipped_steps"] = [*state.get("skipped_steps", []), step + 1]
+            in_a_row += 1
         optimizer.zero_grad(set_to_none=True)
-        loop.after_step(step)
         seconds = time.time() - tick
         state["train_seconds"] += seconds
         step += 1
         row = {"step": step, **row, "lr": lr, "seconds": round(seconds, 3)}
+        if fault is not None:
+            log.warning("%s: step %d skipped (%s)", loop.name, step, fault)
+            if in_a_row >= loop.max_skipped_in_a_row:
+                append_jsonl(loop.metrics_log, row)
+                raise SentimergeError(
+                    f"{loop.name}: {in_a_row} steps in a row with a {fault} (the last at step {step}); the last "
+                    f"checkpoint in {loop.checkpoint_dir} is kept: lower the learning rate or check the data")
         if step in loop.eval_steps:
             tick = time.time()
             row["dev"] = loop.evaluate()
@@ -102,7 +122,8 @@ def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.
             state["last"] = {"step": step, "dev": row["dev"]}
             progress.write(f"{loop.name}: step {step} dev primary={row['dev']['primary']:.3f}", file=sys.stderr)
         append_jsonl(loop.metrics_log, row)
-        progress.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", lr=f"{lr:.1e}",
+        loss = row.get("loss")
+        progress.set_postfix(loss="skipped" if loss is None else f"{loss:.3f}", lr=f"{lr:.1e}",
                              **({"ex_s": f"{row['examples_per_s']:.1f}"} if "examples_per_s" in row else {}))
         progress.update(1)
         if step % loop.checkpoint_every == 0 and step < loop.total_steps:
@@ -114,6 +135,25 @@ def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.
     state["step"] = step
     state["kept"] = state["best"] if loop.keep == "best" and state["best"] else state["last"]
     return state
+
+
+def _numeric_fault(row: dict, grad_norm: torch.Tensor) -> str | None:
+    """Why this step must not update the weights, or None: a non-finite loss, or a non-finite gradient norm."""
+    loss = row.get("loss")
+    if loss is not None and not math.isfinite(loss):
+        return "non-finite loss"
+    if not bool(torch.isfinite(grad_norm)):
+        return "non-finite gradient"
+    return None
+
+
+def _finite_or_none(value):
+    """`value` with NaN and inf replaced by None, so the log stays strict JSON."""
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -36,7 +36,18 @@ def load_lora_model(base_path: str, lora: LoraSettings, *, dtype: str, device: t
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(base, config)
     model.to(device)
+    contiguous_head_input(model)
     return model, tokenizer
+
+
+def contiguous_head_input(model) -> None:
+    """Make the output layer's input contiguous before its matmul.
+
+    With `logits_to_keep > 1` transformers hands the LM head a strided slice of the hidden states; torch's matmul
+    then cannot fold the batch into one GEMM and materialises the head's weight once per sequence (for SmolLM2:
+    8 x 576 x 49152 copies forward and backward, 40% of a training step, measured). One small copy avoids it.
+    """
+    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,8 @@ from pipeline.rundir import append_jsonl, write_text_atomic
 log = logging.getLogger("sentimerge.search")
 
 Evaluate = Callable[[int, int, np.ndarray], dict]
+# (generation, [(index, candidate), ...]) -> the rows, in the order given; a pool may score them in parallel
+EvaluateMany = Callable[[int, list[tuple[int, np.ndarray]]], Iterator[dict]]
 OnGeneration = Callable[[int, list[dict], float], None]
 
 
@@ -65,21 +67,33 @@ def read_log(path: Path) -> list[dict]:
     return rows
 
 
-def run_cma(strategy: Strategy, generations: int, evaluate: Evaluate, log_path: Path, *,
+def one_by_one(evaluate: Evaluate) -> EvaluateMany:
+    """The local path: score the candidates in turn (lazily, so each is logged as soon as it is scored)."""
+    return lambda generation, pending: (evaluate(generation, index, candidate) for index, candidate in pending)
+
+
+def run_cma(strategy: Strategy, generations: int, evaluate: EvaluateMany, log_path: Path, *,
             on_generation: OnGeneration | None = None, max_evaluations: int | None = None) -> bool:
-    """Run (or resume) the search; True when every generation is done, False when `max_evaluations` stopped it."""
+    """Run (or resume) the search; True when every generation is done, False when `max_evaluations` stopped it.
+
+    `evaluate` gets each generation's candidates that the log lacks and yields their rows in order; each row is
+    appended to the log as it arrives. Local and parallel evaluators therefore write the same log.
+    """
     logged = {(row["generation"], row["index"]): row for row in read_log(log_path)}
     es = strategy.create()
     scored_now = 0
     for generation in range(generations):
         solutions = es.ask()
+        pending = [(index, candidate) for index, candidate in enumerate(solutions) if (generation, index) not in logged]
+        budget_left = None if max_evaluations is None else max_evaluations - scored_now
+        fresh = evaluate(generation, pending[:budget_left] if budget_left is not None else pending)
         rows = []
         for index, candidate in enumerate(solutions):
             row = logged.get((generation, index))
             if row is None:
                 if max_evaluations is not None and scored_now >= max_evaluations:
                     return False
-                row = evaluate(generation, index, candidate)
+                row = next(fresh)
                 append_jsonl(log_path, row)
                 scored_now += 1
             elif not np.array_equal(np.asarray(row["coefficients"], dtype=float), candidate):

@@ -14,10 +14,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.registry import Registry
 from pipeline.data import sample_examples
 from pipeline.errors import SentimergeError
 from pipeline.prepare import load_prepared
+from pipeline.registry import Registry
 from pipeline.rundir import RunDir, read_jsonl
 from pipeline.tasks import TaskSpec
 

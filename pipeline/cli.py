@@ -7,12 +7,17 @@ model is loaded.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.errors import SentimergeError
+
+
+# Errors of the machine rather than of the code: reported as one line, exit status 2.
+ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     except SentimergeError as error:
         print(f"sentimerge {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRORS:
+            raise
+        print(f"sentimerge {args.command}: error: {error.filename or 'a file'}: {error.strerror}; nothing finished "
+              "was lost, free the space or fix the permissions and run the same command again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sentimerge {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

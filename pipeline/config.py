@@ -111,6 +111,21 @@ class ExportConfig(Frozen):
     source: Literal["finetune", "search"] = Field("finetune", description="export stage 3's model or stage 2's merge")
 
 
+class RayConfig(Frozen):
+    """Where and with what resources the Ray backend runs (`backend: ray`; needs `pip install sentimerge[ray]`)."""
+
+    address: str | None = Field(None, description="a running cluster (`auto`, `ray://host:10001`); "
+                                                   "default: start a local Ray on this machine")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray started when `address` is unset")
+    cpus_per_expert: float = Field(1.0, gt=0, description="stage 1: CPUs each expert's training task asks for")
+    gpus_per_expert: float = Field(0.0, ge=0, description="stage 1: GPUs each expert's training task asks for")
+    actors: int | None = Field(None, ge=1, description="stage 2: scoring actors (default: as many as fit)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    retries: int = Field(1, ge=0, description="stage 2: a candidate whose actor died is retried this many times on a "
+                                               "fresh actor, then logged as failed with the penalty")
+
+
 class RunConfig(Frozen):
     """Everything one run needs: base model, tasks, and one section per stage."""
 
@@ -128,6 +143,8 @@ class RunConfig(Frozen):
     search: SearchConfig = SearchConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     export: ExportConfig = ExportConfig()
+    backend: Literal["local", "ray"] = Field("local", description="where stage 1 trains and stage 2 scores")
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> RunConfig:

@@ -21,7 +21,7 @@ from pipeline.errors import SentimergeError
 from pipeline.metrics import compute_metrics
 from pipeline.models import check_model_dir, load_model, pick_device
 from pipeline.prepare import prepared_model_path
-from pipeline.rundir import RunDir, fresh_dir, write_jsonl_atomic, write_manifest, write_text_atomic
+from pipeline.rundir import RunDir, fresh_dir, write_csv_atomic, write_jsonl_atomic, write_manifest, write_text_atomic
 from pipeline.scoring import score_task
 from pipeline.tasks import TaskSpec
 
@@ -106,7 +106,7 @@ def main(cfg: RunConfig | None, *, model: str = "base", tasks_file: str | None =
     log.info("evaluating %s on %d task(s), %s split", model_ref, len(tasks), split)
     table, predictions = evaluate_model(loaded, tokenizer, tasks, data, batch_size=batch_size or settings.batch_size)
     with fresh_dir(out, overwrite=True) as folder:
-        table.to_csv(folder / "metrics.csv", index=False)
+        write_csv_atomic(folder / "metrics.csv", table)
         write_text_atomic(folder / "metrics.md", markdown_table(table))
         for task_name, rows in predictions.items():
             write_jsonl_atomic(folder / "predictions" / f"{task_name}.jsonl", rows)

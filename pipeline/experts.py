@@ -33,13 +33,14 @@ from curriculum.signals import Difficulty, SignalInputs, TaskFacts, example_diff
 from experts.checkpoint import read_state
 from experts.loop import Loop, run_loop
 from experts.train import answer_loss, answer_losses, collate, encode, evaluate_dev, learning_rate, load_lora_model
+from pipeline import faults
 from pipeline.config import RunConfig, dump_config
 from pipeline.data import sample_examples
 from pipeline.errors import ConfigError, SentimergeError
 from pipeline.models import pick_device
 from pipeline.prepare import load_prepared, prepared_model_path
-from pipeline.rundir import (RunDir, append_jsonl, is_done, read_manifest, write_json_atomic, write_jsonl_atomic,
-                             write_manifest, write_text_atomic)
+from pipeline.rundir import (RunDir, append_jsonl, is_done, read_manifest, sweep_leftovers, write_json_atomic,
+                             write_jsonl_atomic, write_manifest, write_text_atomic)
 from pipeline.tasks import TaskSpec
 
 log = logging.getLogger("sentimerge.experts")
@@ -56,10 +57,22 @@ class Expert:
 
 
 def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
-         on_step: Callable[[str, int], None] | None = None) -> dict[str, Path]:
-    """Train the experts of `tasks` (default: every task of the run); returns task -> expert folder."""
+         on_step: Callable[[str, int], None] | None = None, backend: str | None = None) -> dict[str, Path]:
+    """Train the experts of `tasks` (default: every task of the run); returns task -> expert folder.
+
+    With the Ray backend each unfinished expert trains as a Ray task running this same function for its task.
+    """
     run = RunDir(cfg.resolved_run_dir)
     selected = select_tasks(cfg, tasks)
+    if (backend or cfg.backend) == "ray":
+        from pipeline.distributed import train_experts
+
+        read_manifest(run.prepare)
+        todo = [task.name for task in selected if force or not is_done(run.expert(task.name))]
+        if todo:
+            write_text_atomic(run.config, dump_config(cfg))
+            train_experts(cfg, todo, force=force)
+        return {task.name: run.expert(task.name) for task in selected}
     data = {task.name: (load_prepared(run, task.name, "train"), load_prepared(run, task.name, "dev"))
             for task in selected}
     base_path = prepared_model_path(run)
@@ -237,11 +250,19 @@ def cached_base_losses(path: Path, model_ref: str, examples: list[dict],
 
 def save_adapter(model, target: Path) -> None:
     """The adapter in peft's own format, written under a temporary name and renamed into place."""
+    sweep_leftovers(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    config = tmp / "adapter_config.json"  # peft writes target_modules from a set: sort it, for identical files
+    settings = json.loads(config.read_text(encoding="utf-8"))
+    if isinstance(settings.get("target_modules"), list):
+        settings["target_modules"] = sorted(settings["target_modules"])
+        config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    faults.point("built adapter/")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+    faults.point("renamed adapter/")
 
 
 def _schedule_row(step: int, drawn: dict, pool: list[dict], difficulty: Difficulty | None) -> dict:
@@ -261,13 +282,15 @@ def _average_text_tokens(tokenizer, task: TaskSpec, examples: list[dict]) -> flo
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="retrain finished experts (they are kept otherwise)")
     parser.add_argument("--tasks", help="comma-separated task names (default: every task of the config)")
+    parser.add_argument("--backend", choices=["local", "ray"], help="train here, one expert after another, or as "
+                                                                   "Ray tasks (default: the config's `backend`)")
 
 
 def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
     if args.tasks is not None and not tasks:
         raise ConfigError("--tasks: give at least one task name")
-    main(cfg, force=args.force, tasks=tasks)  # the CLI holds the run directory's lock
+    main(cfg, force=args.force, tasks=tasks, backend=args.backend)  # the CLI holds the run directory's lock
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ import yaml
 
 from pipeline import __version__
 from pipeline.config import RunConfig, dump_config
+from pipeline.data import sample_examples
 from pipeline.errors import SentimergeError
 from pipeline.evaluate import evaluate_model, markdown_table
 from pipeline.models import DTYPES, load_model, pick_device
 from pipeline.prepare import load_prepared, prepared_model_path
-from pipeline.rundir import (EXPORT_TASKS, RunDir, fresh_dir, is_done, read_manifest, write_json_atomic,
-                             write_manifest, write_text_atomic)
-from pipeline.data import sample_examples
+from pipeline.rundir import (EXPORT_TASKS, RunDir, fresh_dir, is_done, read_manifest, write_csv_atomic,
+                             write_json_atomic, write_manifest, write_text_atomic)
 
 log = logging.getLogger("sentimerge.export")
 
@@ -72,7 +72,7 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
 
         model, tokenizer = load_model(str(folder), dtype=cfg.export.dtype, device=pick_device(cfg.device))
         table, _ = evaluate_model(model, tokenizer, list(cfg.tasks), dev, batch_size=cfg.evaluate.batch_size)
-        table.to_csv(folder / "eval.csv", index=False)
+        write_csv_atomic(folder / "eval.csv", table)
         write_text_atomic(folder / "eval.md", markdown_table(table))
         write_text_atomic(folder / "README.md", model_card(cfg, run, table, folder))
         write_manifest(folder, stage="export", start=start, adapter=str(adapter) if adapter else None,

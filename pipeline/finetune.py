@@ -33,7 +33,7 @@ from pipeline.errors import SentimergeError
 from pipeline.models import pick_device
 from pipeline.prepare import load_prepared, prepared_model_path
 from pipeline.prompts import training_example
-from pipeline.rundir import (RunDir, is_done, read_jsonl, read_manifest, save_figure, write_manifest,
+from pipeline.rundir import (RunDir, is_done, read_jsonl, read_manifest, save_figure, write_csv_atomic, write_manifest,
                              write_text_atomic)
 from pipeline.weighting import make_weighting
 
@@ -166,7 +166,7 @@ def write_weight_history(run: RunDir) -> pd.DataFrame:
     """weights.csv (step x task) and weights.png from the metrics log: the weights each step actually used."""
     rows = [{"step": row["step"], **row["weights"]} for row in read_jsonl(run.finetune_metrics) if "weights" in row]
     table = pd.DataFrame(rows)
-    table.to_csv(run.finetune / "weights.csv", index=False)
+    write_csv_atomic(run.finetune / "weights.csv", table)
     if len(table):
         import matplotlib
 

@@ -56,12 +56,43 @@ def provision_base_model(spec: ModelSpec, cache_dir: Path, corpus: list[str] | N
     return str(_build_tiny(spec.tiny, corpus or [], cache_dir))
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def check_model_dir(path: Path) -> None:
-    """Fail early, naming the folder, when `path` is not a model or adapter directory."""
+    """Fail early, naming the file, when `path` is not a loadable model or adapter directory.
+
+    Checks what can be checked without loading weights: the config parses and names its architecture, the weights
+    are there, and an adapter's base model exists when it is a local path.
+    """
     if not path.is_dir():
         raise ModelError(f"{path}: model directory not found")
-    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+    config, adapter = path / "config.json", path / "adapter_config.json"
+    if adapter.is_file():
+        base = _read_json(adapter).get("base_model_name_or_path")
+        if not base:
+            raise ModelError(f"{adapter}: no `base_model_name_or_path`")
+        if base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir():
+            raise ModelError(f"{adapter}: base model {base} not found")
+        if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise ModelError(f"{path}: no adapter weights (adapter_model.safetensors)")
+    elif config.is_file():
+        if not _read_json(config).get("model_type"):
+            raise ModelError(f"{config}: no `model_type`; not a transformers model config")
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise ModelError(f"{path}: no weights (model.safetensors or an index of shards)")
+    else:
         raise ModelError(f"{path}: not a model directory (no config.json or adapter_config.json)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return value
 
 
 def _convert_gguf(spec: ModelSpec, cache_dir: Path) -> Path:

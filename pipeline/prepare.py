@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.config import RunConfig, dump_config
 from pipeline.data import find_leaks, load_task_splits, source_location
 from pipeline.errors import SentimergeError
-from pipeline.models import provision_base_model
+from pipeline.models import check_model_dir, provision_base_model
 from pipeline.prompts import answer_tokens, user_message
 from pipeline.rundir import (RunDir, fresh_dir, is_done, read_jsonl, read_manifest, write_json_atomic,
                              write_jsonl_atomic, write_manifest, write_text_atomic)
@@ -125,7 +125,12 @@ def load_prepared(run: RunDir, task: str, split: str) -> list[dict]:
 
 def prepared_model_path(run: RunDir) -> str:
     read_manifest(run.prepare)
-    return json.loads(run.base_model.read_text(encoding="utf-8"))["path"]
+    try:
+        path = json.loads(run.base_model.read_text(encoding="utf-8"))["path"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise SentimergeError(f"{run.base_model}: missing or corrupted; run `sentimerge prepare --force`") from None
+    check_model_dir(Path(path))
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,8 +34,14 @@ def prompt_ids(tokenizer, task: TaskSpec, example: dict) -> list[int]:
     """Token ids of the chat prompt that asks `task` about `example`, ending where the answer starts."""
     text = truncate_text(tokenizer, example["text"], task.max_text_tokens)
     messages = [{"role": "user", "content": user_message(task, text, example.get("aspect"))}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"])
+    if task.system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": task.system_prompt})
+    try:
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    except Exception as error:  # e.g. a template without a system role
+        raise ModelError(f"task {task.name}: the chat template rejects the prompt ({error}); "
+                         "set the task's `system_prompt: null` if it has no system role") from None
+    return list(rendered["input_ids"])
 
 
 @dataclass(frozen=True)

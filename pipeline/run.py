@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipeline.config import RunConfig
 from pipeline.evaluate import markdown_table
-from pipeline.rundir import RunDir, read_manifest, write_text_atomic
+from pipeline.rundir import RunDir, write_csv_atomic, write_text_atomic
 
 log = logging.getLogger("sentimerge.run")
 
@@ -35,7 +35,7 @@ def main(cfg: RunConfig) -> pd.DataFrame:
         stage(cfg)
         seconds[name] = round(time.time() - started, 1)
     table = results_table(cfg, run)
-    table.to_csv(run.root / "results.csv", index=False)
+    write_csv_atomic(run.root / "results.csv", table)
     text = markdown_table(table)
     write_text_atomic(run.root / "results.md", text)
     print(f"\nResults of {cfg.name} (primary dev metric per task; {run.root / 'results.md'}):\n")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -28,7 +29,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline import faults
 from pipeline.errors import SentimergeError
+
+log = logging.getLogger("sentimerge.rundir")
 
 MANIFEST = "DONE.json"
 EXPORT_TASKS = "sentimerge_tasks.yaml"  # in an export directory: the task specs `predict` answers with
@@ -180,15 +184,32 @@ class RunDir:
         return self.root / "eval" / name
 
 
+def sweep_leftovers(final: Path) -> None:
+    """Remove what a killed writer of `final` left (`.name.tmp-PID`, `.name.old-PID` of another process).
+
+    Safe because the run directory's lock admits one writer at a time."""
+    mine = str(os.getpid())
+    for leftover in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, pid = leftover.name[len(final.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and pid != mine:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    faults.point(f"written {path.name}")
     os.replace(tmp, path)
+    faults.point(f"renamed {path.name}")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -199,6 +220,11 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def write_csv_atomic(path: Path, table) -> None:
+    """A pandas table as CSV, written atomically."""
+    write_text_atomic(path, table.to_csv(index=False))
+
+
 def append_jsonl(path: Path, row: dict) -> None:
     """Append one row to an append-only JSON Lines log, flushed and synced so a crash loses at most this row."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,11 +232,26 @@ def append_jsonl(path: Path, row: dict) -> None:
         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+    faults.point(f"appended {path.name}")
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON Lines file. A last line without its newline is what a crash mid-append leaves: it is
+    dropped (the row is written again on resume). Any other line that does not parse is an error naming it."""
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        lines = handle.read().split("\n")
+    torn = lines.pop()  # "" when the file ends with a newline
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise SentimergeError(f"{path}:{number}: corrupted line ({error.msg}); fix or remove it") from None
+    if torn.strip():
+        log.warning("%s: dropping a torn last line (a crash mid-write): %.60s", path, torn)
+    return rows
 
 
 def save_figure(figure, path: Path) -> Path:
@@ -254,6 +295,7 @@ def fresh_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     if is_done(final) and not overwrite:
         raise SentimergeError(f"{final}: already finished; pass --force to redo it")
+    sweep_leftovers(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -262,6 +304,7 @@ def fresh_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    faults.point(f"built {final.name}/")
     if final.exists():
         stale = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, stale)
@@ -269,11 +312,13 @@ def fresh_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(stale, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    faults.point(f"renamed {final.name}/")
 
 
 @contextlib.contextmanager
 def run_lock(run: RunDir) -> Iterator[None]:
     """Hold the run directory's lock; a second writer gets a clear error naming the holder."""
+    created = not run.root.exists()
     run.root.mkdir(parents=True, exist_ok=True)
     handle = open(run.lock, "a+", encoding="utf-8")
     try:
@@ -292,5 +337,8 @@ def run_lock(run: RunDir) -> Iterator[None]:
     finally:
         handle.seek(0)
         handle.truncate()
+        if created and [p.name for p in run.root.iterdir()] == [run.lock.name]:  # a failed first command: no trace
+            run.lock.unlink()
+            run.root.rmdir()
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()

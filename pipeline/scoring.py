@@ -2,15 +2,17 @@
 
 One batched forward over the left-padded prompts keeps only the last position's logits (`logits_to_keep=1`), which
 gives every answer's first token. Answers longer than one token continue from the prompts' KV cache, repeated once
-per such answer, so the prompt is never computed twice. Classification predicts the answer with the highest total
-log-probability. Regression answers are score levels 0..L-1 spread evenly over the task's range; the prediction is
-the probability-weighted mean of the level values (softmax over the levels' log-probabilities). That yields a real
-number from the same single forward, uses the model's whole distribution rather than its top level, and is the
-quantity a level-wise cross-entropy teaches in training.
+per such answer, so the prompt is never computed twice. The token prefix all prompts share (system turn,
+instruction, answer list) is computed once per call and reused by every batch through its KV cache. Classification
+predicts the answer with the highest total log-probability. Regression answers are score levels 0..L-1 spread evenly
+over the task's range; the prediction is the probability-weighted mean of the level values (softmax over the levels'
+log-probabilities). That yields a real number from the same single forward, uses the model's whole distribution
+rather than its top level, and is the quantity a level-wise cross-entropy teaches in training.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -41,29 +43,58 @@ class TaskScores:
 
 @torch.inference_mode()
 def score_prompts(model, prompts: list[list[int]], answers: tuple[tuple[int, ...], ...], *, pad_id: int,
-                  batch_size: int = 16) -> torch.Tensor:
-    """log P(answer | prompt) for every prompt and answer: a float32 tensor [len(prompts), len(answers)]."""
+                  batch_size: int = 16, reuse_prefix: bool = True) -> torch.Tensor:
+    """log P(answer | prompt) for every prompt and answer: a float32 tensor [len(prompts), len(answers)].
+
+    With `reuse_prefix`, the prompts' longest common token prefix (system turn, instruction, answer list: about
+    half of a short prompt) is computed once, and each batch only computes the rest on top of its KV cache.
+    """
     device = next(model.parameters()).device
     result = torch.empty(len(prompts), len(answers), dtype=torch.float32)
+    prefix = _prefix(model, prompts, device) if reuse_prefix and len(prompts) > 1 else None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        result[batch] = _score_batch(model, [prompts[i] for i in batch], answers, pad_id, device)
+        result[batch] = _score_batch(model, [prompts[i] for i in batch], answers, pad_id, device, prefix)
     return result
 
 
-def _score_batch(model, prompts, answers, pad_id, device) -> torch.Tensor:
-    width = max(len(p) for p in prompts)
+@dataclass
+class _Prefix:
+    length: int
+    cache: object  # the model's KV cache of the prefix, batch 1
+
+
+def _prefix(model, prompts: list[list[int]], device) -> _Prefix | None:
+    shortest = min(len(p) for p in prompts)
+    length = 0
+    while length < shortest - 1 and all(p[length] == prompts[0][length] for p in prompts):
+        length += 1
+    if length < 8:  # not worth a second forward
+        return None
+    ids = torch.tensor([prompts[0][:length]], device=device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return _Prefix(length, out.past_key_values)
+
+
+def _score_batch(model, prompts, answers, pad_id, device, prefix: _Prefix | None = None) -> torch.Tensor:
+    skip = prefix.length if prefix else 0
+    width = max(len(p) for p in prompts) - skip
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-        attention[row, width - len(prompt):] = 1
+    for row, prompt in enumerate(prompts):  # left padding: after the shared prefix when there is one
+        input_ids[row, width - len(prompt) + skip:] = torch.tensor(prompt[skip:])
+        attention[row, width - len(prompt) + skip:] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
+    cache = None
+    if prefix is not None:
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(len(prompts))
+        attention = torch.cat([torch.ones((len(prompts), skip), dtype=torch.long, device=device), attention], dim=-1)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     longer = [i for i, answer in enumerate(answers) if len(answer) > 1]
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=bool(longer),
-                logits_to_keep=1)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions[:, skip:],
+                past_key_values=cache, use_cache=bool(longer) or cache is not None, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     scores = first[:, [answer[0] for answer in answers]]
     if longer:

@@ -28,7 +28,7 @@ from merge.genome import Genome
 from merge.lora import read_adapter
 from merge.methods import get_method
 from merge.recipe import build_recipe, recipe_yaml, run_mergekit
-from merge.search import Strategy, read_log, run_cma
+from merge.search import Strategy, one_by_one, read_log, run_cma
 from merge.weak import check_labellers, labeller_for, sample_weak_set
 from pipeline.config import RunConfig, dump_config
 from pipeline.data import sample_examples
@@ -37,8 +37,8 @@ from pipeline.evaluate import markdown_table
 from pipeline.metrics import spearman
 from pipeline.models import load_model
 from pipeline.prepare import load_prepared, prepared_model_path
-from pipeline.rundir import (RunDir, append_jsonl, fresh_dir, is_done, read_jsonl, read_manifest, write_json_atomic,
-                             write_jsonl_atomic, write_manifest, write_text_atomic)
+from pipeline.rundir import (RunDir, append_jsonl, fresh_dir, is_done, read_jsonl, read_manifest, write_csv_atomic,
+                             write_json_atomic, write_jsonl_atomic, write_manifest, write_text_atomic)
 
 log = logging.getLogger("sentimerge.search")
 BASELINE_METHODS = ("task_arithmetic", "ties")
@@ -62,7 +62,8 @@ class Timer:
             self.add(name, time.perf_counter() - clock)
 
 
-def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = None) -> Path:
+def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = None,
+         backend: str | None = None) -> Path:
     run = RunDir(cfg.resolved_run_dir)
     settings = cfg.search
     tasks = list(cfg.tasks)
@@ -103,9 +104,12 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
 
     def score_candidate(generation: int, index: int, candidate: np.ndarray) -> dict:
         row = _score(merger, model, tokenizer, weak_sets, candidate, settings)
+        return after_scoring({"generation": generation, "index": index, **row})
+
+    def after_scoring(row: dict) -> dict:
+        generation, index = row["generation"], row["index"]
         timer.add("search_merge", row["merge_seconds"])
         timer.add("search_scoring", row["score_seconds"])
-        row = {"generation": generation, "index": index, **row}
         _keep_best(run, row)
         log.info("gen %d cand %d: %s fitness %.4f (%s) merge %.0f ms, scoring %.1f s", generation, index,
                  row["status"], row["fitness"], " ".join(f"{t}={v['metric']:.3f}" for t, v in
@@ -119,12 +123,23 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
         with timer.phase("gold_per_generation"):
             generations.append(_generation_row(run, generation, rows, sigma, generations, merger, model, tokenizer,
                                                gold_sample, settings))
-        pd.DataFrame(generations).to_csv(run.search_generations, index=False)
+        write_csv_atomic(run.search_generations, pd.DataFrame(generations))
         write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
 
     strategy = Strategy(genome.filled(settings.init), settings.sigma0, settings.bounds, settings.population, seed)
-    finished = run_cma(strategy, settings.generations, score_candidate, run.search_candidates,
-                       on_generation=finish_generation, max_evaluations=max_evaluations)
+    if (backend or cfg.backend) == "ray":
+        from pipeline.distributed import RayScorerPool
+
+        pool = RayScorerPool(cfg, seed)
+        evaluate = pool.evaluator(after_scoring)
+    else:
+        evaluate = one_by_one(score_candidate)
+    try:
+        finished = run_cma(strategy, settings.generations, evaluate, run.search_candidates,
+                           on_generation=finish_generation, max_evaluations=max_evaluations)
+    finally:
+        if (backend or cfg.backend) == "ray":
+            pool.close()
     write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
     if not finished:
         log.info("search: stopped after %d new candidates; run the same command again to continue",
@@ -213,7 +228,6 @@ def _label_weak_sets(run: RunDir, cfg: RunConfig, model, tokenizer, arithmetic: 
         return predict(model, tokenizer, encode_set(tokenizer, task, examples, [None] * len(examples)),
                        settings.batch_size)
 
-    sets = []
     for task in cfg.tasks:
         path = run.search_weak(task.name)
         if path.is_file():
@@ -228,8 +242,16 @@ def _label_weak_sets(run: RunDir, cfg: RunConfig, model, tokenizer, arithmetic: 
         if task.kind == "classification":
             agreement = np.mean([row["label"] == row["gold"] for row in rows])
             log.info("weak labels %-12s %s: agreement with gold %.3f", task.name, rows[0]["labeller"], agreement)
+    return load_weak_sets(run, cfg, tokenizer)
+
+
+def load_weak_sets(run: RunDir, cfg: RunConfig, tokenizer) -> list[ScoredSet]:
+    """The labelled weak sets on disk, tokenised: what every candidate is scored on (here or on a Ray actor)."""
+    sets = []
+    for task in cfg.tasks:
+        rows = read_jsonl(run.search_weak(task.name))
         sets.append(encode_set(tokenizer, task, rows, [row["label"] for row in rows],
-                               settings.weak.weights.get(task.name, 1.0)))
+                               cfg.search.weak.weights.get(task.name, 1.0)))
     return sets
 
 
@@ -345,7 +367,7 @@ def _final_table(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, best: d
         log.info("gold dev %-20s mean %.4f (%s)", name, gold["mean"],
                  " ".join(f"{t}={v:.3f}" for t, v in gold["tasks"].items()))
     table = pd.DataFrame(rows)
-    table.to_csv(path, index=False)
+    write_csv_atomic(path, table)
     write_text_atomic(run.search / "final.md", markdown_table(table))
     return table
 
@@ -360,6 +382,7 @@ def _export(run: RunDir, cfg: RunConfig, recipe: dict, merger: InMemoryMerge, ca
         clock = time.perf_counter()
         run_mergekit(recipe, folder, cache=cache)
         seconds = time.perf_counter() - clock
+        _normalise_card(folder / "README.md", folder.name, run.search_merged.name)
         merged = {}
         for shard in sorted(folder.glob("*.safetensors")):
             merged.update(load_file(str(shard)))
@@ -375,6 +398,24 @@ def _export(run: RunDir, cfg: RunConfig, recipe: dict, merger: InMemoryMerge, ca
     log.info("export: mergekit wrote %s in %.1fs; max |mergekit - in-memory| = %.3g", run.search_merged, seconds,
              difference)
     return {"path": str(run.search_merged), "mergekit_seconds": seconds, "max_abs_difference": difference}
+
+
+def _normalise_card(readme: Path, written_as: str, name: str) -> None:
+    """Make mergekit's model card the same for the same merge: it is titled after the folder it was written to (our
+    temporary name) and lists the merged models in `set` order, which changes with each process's hash seed."""
+    if not readme.is_file():
+        return
+    text = readme.read_text(encoding="utf-8").replace(written_as, name)
+    lines, out, bullets = text.split("\n"), [], []
+    for line in [*lines, None]:
+        if line is not None and line.startswith("* "):
+            bullets.append(line)
+            continue
+        out += sorted(bullets)
+        bullets = []
+        if line is not None:
+            out.append(line)
+    write_text_atomic(readme, "\n".join(out))
 
 
 def _report(run: RunDir, cfg: RunConfig, best: dict, baselines: dict, final: pd.DataFrame, generations: list[dict],
@@ -405,10 +446,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="discard an unfinished or finished search and start over")
     parser.add_argument("--max-evaluations", type=int, metavar="N",
                         help="score at most N new candidates, then stop (the next run continues)")
+    parser.add_argument("--backend", choices=["local", "ray"], help="score candidates here or on Ray actors "
+                                                                   "(default: the config's `backend`)")
 
 
 def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
-    main(cfg, force=args.force, max_evaluations=args.max_evaluations)
+    main(cfg, force=args.force, max_evaluations=args.max_evaluations, backend=args.backend)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.data import load_task_splits
-from pipeline.errors import ModelError
 from pipeline.models import check_model_dir
 
 

@@ -73,8 +73,8 @@ def test_registries_list_their_parts():
 
 
 def test_unknown_method_fails_with_a_suggestion(tmp_path, cache_dir):
-    from tests.conftest import write_tiny_config
     from pipeline.config import load_config
+    from tests.conftest import write_tiny_config
 
     path = write_tiny_config(tmp_path, cache_dir=cache_dir, search={"method": "tie", "weak": {"labeller": "lexicn"}})
     with pytest.raises(ConfigError) as error:

@@ -28,8 +28,9 @@ def _brute_force(model, prompt: list[int], answer: tuple[int, ...]) -> float:
     return sum(logprobs[len(prompt) - 1 + i, token].item() for i, token in enumerate(answer))
 
 
+@pytest.mark.parametrize("reuse_prefix", [True, False], ids=["shared-prefix-cache", "full-prompts"])
 @pytest.mark.parametrize("task_name", ["polarity", "aspect3", "intensity"])
-def test_batched_scores_equal_unpadded_full_sequence_logprobs(tiny, task_name):
+def test_batched_scores_equal_unpadded_full_sequence_logprobs(tiny, task_name, reuse_prefix):
     cfg, run, model, tokenizer = tiny
     task = cfg.task(task_name)
     examples = load_prepared(run, task_name, "dev")[:7]
@@ -38,7 +39,11 @@ def test_batched_scores_equal_unpadded_full_sequence_logprobs(tiny, task_name):
     if task_name != "intensity":
         assert any(len(a) > 1 for a in answers), "the tiny tokenizer should split some labels (tests the cache path)"
     assert len({len(p) for p in prompts}) > 1, "prompts of different lengths exercise left padding"
-    scores = score_prompts(model, prompts, answers, pad_id=tokenizer.pad_token_id, batch_size=3)
+    if reuse_prefix:
+        shared = next(i for i in range(min(map(len, prompts))) if len({p[i] for p in prompts}) > 1)
+        assert shared >= 8, "the prompts share a prefix worth caching"
+    scores = score_prompts(model, prompts, answers, pad_id=tokenizer.pad_token_id, batch_size=3,
+                           reuse_prefix=reuse_prefix)
     expected = torch.tensor([[_brute_force(model, p, a) for a in answers] for p in prompts])
     torch.testing.assert_close(scores, expected, atol=2e-4, rtol=1e-4)
 

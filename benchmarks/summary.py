@@ -1,0 +1,39 @@
+"""`benchmarks/results/summary.json`: the headline figures under stable keys, each with its date, machine and command.
+
+Each benchmark script calls `record(...)` for the keys it measures; a key keeps its latest measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+SUMMARY = Path(__file__).resolve().parent / "results" / "summary.json"
+KEYS = ("candidate_speedup_vs_mergekit", "merge_share_of_candidate_time", "scoring_flop_utilization",
+        "training_speedup_vs_plain_peft", "demo_wall_seconds", "demo_peak_rss_mb", "retention_evolved",
+        "retention_final", "weak_gold_spearman")
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.machine()} {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), "
+            f"{platform.system()} {platform.release()}, torch {torch.__version__}"
+            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"))
+
+
+def record(values: dict[str, float], *, command: str | None = None, notes: str | None = None) -> None:
+    """Merge `values` into summary.json, stamping each with today's date, this machine and the command."""
+    summary = json.loads(SUMMARY.read_text()) if SUMMARY.is_file() else {}
+    command = command or "python " + shlex.join([os.path.relpath(sys.argv[0], SUMMARY.parents[2]), *sys.argv[1:]])
+    for key, value in values.items():
+        summary[key] = {"value": round(float(value), 4), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                        "command": command, **({"notes": notes} if notes else {})}
+    ordered = {key: summary[key] for key in [*KEYS, *sorted(set(summary) - set(KEYS))] if key in summary}
+    SUMMARY.parent.mkdir(parents=True, exist_ok=True)
+    SUMMARY.write_text(json.dumps(ordered, indent=2) + "\n")

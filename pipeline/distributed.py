@@ -1,0 +1,204 @@
+"""The Ray backend (`backend: ray`, or `--backend ray` on `experts` and `search`): stage 1 trains each expert as a Ray
+task, stage 2 scores each generation's candidates on a pool of Ray actors.
+
+The driver keeps everything that decides a result: CMA-ES, the candidate log, resume, the best candidate, the gold
+tables. Workers only compute, and write where the local path writes (the run directory must be on storage every
+node sees). So a local and a Ray run with the same seed write the same log, and a Ray search resumes like a local one.
+
+What crosses the wire:
+- stage 1, once per expert: the run config (a few KB) and the task name; the worker reads the prepared data and the
+  base model from the run directory and writes the expert folder there;
+- stage 2, once per actor: the run config; the actor loads the base model, the expert adapters and the labelled weak
+  sets from the run directory and keeps one resident scoring copy of the model;
+- stage 2, per candidate: the coefficient vector (8 bytes per coefficient) to the actor, one log row (about 1 KB)
+  back. `benchmarks/ray_overhead.py` measures the bytes and the overhead against the local path.
+
+A worker that dies mid-candidate (OOM, a lost node) is replaced by a fresh actor; its candidate is retried on it
+`ray.retries` times (default once), then logged as failed with the search's failure penalty, and the search goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import RunConfig
+from pipeline.errors import SentimergeError
+
+log = logging.getLogger("sentimerge.ray")
+
+# Tests set this to a fault spec (`kill@N`, see pipeline.faults) that the first actors get as SENTIMERGE_FAULT,
+# so that a worker dies mid-candidate; replacement actors start without it.
+WORKER_FAULT_ENV = "SENTIMERGE_RAY_WORKER_FAULT"
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise SentimergeError("backend ray: Ray is not installed; pip install 'sentimerge[ray]'") from None
+    return ray
+
+
+def init_ray(cfg: RunConfig):
+    """Connect to `ray.address`, or start a local Ray with `ray.num_cpus` CPUs (once per process)."""
+    ray = require_ray()
+    if not ray.is_initialized():
+        local = cfg.ray.address is None
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if local else None, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+        log.info("ray: %s with %s", "started a local cluster" if local else f"connected to {cfg.ray.address}",
+                 {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
+    return ray
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The user-facing error inside a Ray task error, when there is one."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, SentimergeError) else error
+
+
+# --- stage 1 -------------------------------------------------------------------------------------------------
+
+def _train_expert_task(cfg: RunConfig, task: str, force: bool) -> str:
+    """Runs on a Ray worker: the local stage 1 for one task (same seeds, same files)."""
+    from pipeline import experts
+    from pipeline.runtime import seed_everything, set_threads, setup_logging
+
+    setup_logging(False)
+    seed_everything(cfg.seed)
+    set_threads(cfg.threads)
+    return str(experts.main(cfg.model_copy(update={"backend": "local"}), force=force, tasks=[task])[task])
+
+
+def train_experts(cfg: RunConfig, tasks: list[str], *, force: bool) -> dict[str, Path]:
+    """Train the experts of `tasks` as Ray tasks, each with `ray.cpus_per_expert` CPUs and `gpus_per_expert` GPUs."""
+    ray = init_ray(cfg)
+    remote = ray.remote(_train_expert_task).options(num_cpus=cfg.ray.cpus_per_expert,
+                                                     num_gpus=cfg.ray.gpus_per_expert, max_retries=0)
+    refs = {task: remote.remote(cfg, task, force) for task in tasks}
+    log.info("ray: %d expert(s) submitted (%g CPU, %g GPU each)", len(refs), cfg.ray.cpus_per_expert,
+             cfg.ray.gpus_per_expert)
+    folders, failures = {}, []
+    for task, ref in refs.items():
+        try:
+            folders[task] = Path(ray.get(ref))
+        except Exception as error:  # report every task's failure, then raise the first
+            failures.append((task, _unwrap(error)))
+    if failures:
+        task, error = failures[0]
+        if isinstance(error, SentimergeError):
+            raise error
+        raise SentimergeError(f"expert {task}: training failed on Ray: {str(error).strip().splitlines()[-1]}")
+    return folders
+
+
+# --- stage 2 -------------------------------------------------------------------------------------------------
+
+class ScoringWorker:
+    """A Ray actor: the base model, the experts' deltas and one resident scoring copy; scores candidates."""
+
+    def __init__(self, cfg: RunConfig, seed: int):
+        from merge.engine import InMemoryMerge
+        from merge.genome import Genome
+        from merge.lora import read_adapter
+        from merge.methods import get_method
+        from pipeline.models import load_model
+        from pipeline.prepare import prepared_model_path
+        from pipeline.rundir import RunDir
+        from pipeline.runtime import set_threads
+        from pipeline.search import load_weak_sets
+
+        set_threads(cfg.threads)
+        run, settings = RunDir(cfg.resolved_run_dir), cfg.search
+        self.settings = settings
+        self.model, self.tokenizer = load_model(prepared_model_path(run), dtype=settings.dtype)
+        adapters = {task.name: read_adapter(run.expert_adapter(task.name)) for task in cfg.tasks}
+        genome = Genome(tuple(adapters), self.model.config.num_hidden_layers, settings.layer_group_size,
+                        settings.split_attention_mlp)
+        self.merger = InMemoryMerge(self.model, adapters, genome, get_method(settings.method),
+                                    density=settings.density, seed=seed)
+        self.sets = load_weak_sets(run, cfg, self.tokenizer)
+
+    def score(self, generation: int, index: int, candidate: list[float]) -> dict:
+        from pipeline import faults
+        from pipeline.search import _score
+
+        faults.point("score candidate")
+        row = _score(self.merger, self.model, self.tokenizer, self.sets, np.asarray(candidate), self.settings)
+        return {"generation": generation, "index": index, **row}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayScorerPool:
+    """The actors of stage 2, and an evaluator for `merge.search.run_cma` that spreads a generation over them."""
+
+    def __init__(self, cfg: RunConfig, seed: int):
+        self.ray = init_ray(cfg)
+        self.cfg, self.seed = cfg, seed
+        settings = cfg.ray
+        count = settings.actors or max(1, int(self.ray.cluster_resources().get("CPU", 1) // settings.cpus_per_actor))
+        self.actor_class = self.ray.remote(num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor,
+                                           max_restarts=0, max_task_retries=0)(ScoringWorker)
+        fault = os.environ.get(WORKER_FAULT_ENV)
+        self.actors = [self._start({"SENTIMERGE_FAULT": fault} if fault else None) for _ in range(count)]
+        self.replaced = 0
+        log.info("ray: %d scoring actor(s) (%g CPU, %g GPU each)", count, settings.cpus_per_actor,
+                 settings.gpus_per_actor)
+
+    def _start(self, env: dict[str, str] | None = None):
+        options = {"runtime_env": {"env_vars": env}} if env else {}
+        return self.actor_class.options(**options).remote(self.cfg, self.seed)
+
+    def _failed(self, generation: int, index: int, candidate: np.ndarray, error: str) -> dict:
+        return {"generation": generation, "index": index, "status": "failed", "coefficients": candidate.tolist(),
+                "fitness": self.cfg.search.failure_penalty, "error": error, "merge_seconds": 0.0,
+                "score_seconds": 0.0, "seconds": 0.0}
+
+    def evaluate(self, generation: int, pending: list[tuple[int, np.ndarray]]) -> Iterator[dict]:
+        """Score `pending` on the actors (one candidate per free actor); yield the rows in the order given."""
+        ray = self.ray
+        queue = [(index, candidate, 0) for index, candidate in pending]
+        free = list(range(len(self.actors)))
+        running: dict = {}  # object ref -> (actor slot, index, candidate, attempts)
+        done: dict[int, dict] = {}
+        order = [index for index, _ in pending]
+        while queue or running:
+            while queue and free:
+                slot = free.pop(0)
+                index, candidate, attempts = queue.pop(0)
+                ref = self.actors[slot].score.remote(generation, index, candidate.tolist())
+                running[ref] = (slot, index, candidate, attempts)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            slot, index, candidate, attempts = running.pop(ready[0])
+            try:
+                done[index] = ray.get(ready[0])
+            except ray.exceptions.RayActorError as error:
+                self.actors[slot] = self._start()  # the dead actor's replacement, without any injected fault
+                self.replaced += 1
+                reason = f"worker died: {type(error).__name__}"
+                if attempts < self.cfg.ray.retries:
+                    log.warning("ray: gen %d cand %d: %s; retrying on a fresh actor", generation, index, reason)
+                    queue.insert(0, (index, candidate, attempts + 1))
+                else:
+                    log.warning("ray: gen %d cand %d: %s %d time(s); logged as failed", generation, index, reason,
+                                attempts + 1)
+                    done[index] = self._failed(generation, index, candidate, reason)
+            free.append(slot)
+            while order and order[0] in done:
+                yield done.pop(order.pop(0))
+
+    def evaluator(self, after_scoring: Callable[[dict], dict]):
+        """`run_cma`'s evaluator: the pool's rows, each passed through the driver's bookkeeping."""
+        return lambda generation, pending: (after_scoring(row) for row in self.evaluate(generation, pending))
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []

@@ -1,0 +1,119 @@
+"""The Ray backend on a local Ray (2 CPUs) and the tiny model: same results as the local path, and a worker that
+dies mid-candidate is replaced without stopping the search."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from pipeline import experts, prepare, search  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.distributed import WORKER_FAULT_ENV, RayScorerPool  # noqa: E402
+from pipeline.rundir import RunDir, read_jsonl  # noqa: E402
+from tests.conftest import write_tiny_config  # noqa: E402
+
+DECISIVE = ("generation", "index", "status", "coefficients", "fitness", "tasks")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir, ray_session):
+    """A tiny run with its experts trained locally (the reference for the Ray runs)."""
+    folder = tmp_path_factory.mktemp("ray")
+    path = write_tiny_config(folder, cache_dir=cache_dir, experts={"steps": 4, "batch_size": 4, "dev_examples": 8},
+                             search={"population": 4, "generations": 2, "weak": {"per_task": 4},
+                                     "gold": {"per_generation": 0}, "export": False},
+                             ray={"num_cpus": 2, "cpus_per_expert": 1, "cpus_per_actor": 1})
+    cfg = load_config(path)
+    prepare.main(cfg)
+    experts.main(cfg)
+    return cfg
+
+
+def _copy_run(cfg, target, *, keep_experts: bool):
+    shutil.copytree(cfg.resolved_run_dir, target)
+    if not keep_experts:
+        shutil.rmtree(target / "experts")
+    shutil.rmtree(target / "search", ignore_errors=True)
+    return cfg.model_copy(update={"run_dir": str(target)})
+
+
+def _decisive(rows):
+    return [{key: row.get(key) for key in DECISIVE} for row in rows]
+
+
+def test_experts_trained_as_ray_tasks_equal_the_local_ones(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = _copy_run(trained, tmp_path / "run", keep_experts=False)
+    experts.main(cfg, backend="ray")
+    local, remote = RunDir(trained.resolved_run_dir), RunDir(cfg.resolved_run_dir)
+    for task in cfg.tasks:
+        want = load_file(local.expert_adapter(task.name) / "adapter_model.safetensors")
+        got = load_file(remote.expert_adapter(task.name) / "adapter_model.safetensors")
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4)
+        assert (read_jsonl(remote.expert(task.name) / "metrics.jsonl")[-1]["step"]
+                == read_jsonl(local.expert(task.name) / "metrics.jsonl")[-1]["step"])
+
+
+def test_a_ray_search_writes_the_same_log_as_a_local_one(trained, tmp_path):
+    local = _copy_run(trained, tmp_path / "local", keep_experts=True)
+    remote = _copy_run(trained, tmp_path / "ray", keep_experts=True)
+    search.main(local)
+    search.main(remote, backend="ray")
+    want = read_jsonl(RunDir(local.resolved_run_dir).search_candidates)
+    got = read_jsonl(RunDir(remote.resolved_run_dir).search_candidates)
+    assert len(want) == 8
+    _close(_decisive(got), _decisive(want))
+
+
+def _close(got, want) -> None:
+    assert [(r["generation"], r["index"], r["status"]) for r in got] == [(r["generation"], r["index"], r["status"])
+                                                                          for r in want]
+    for g, w in zip(got, want):
+        assert g["coefficients"] == pytest.approx(w["coefficients"], abs=1e-9)
+        assert g["fitness"] == pytest.approx(w["fitness"], abs=1e-6)
+
+
+def test_a_worker_that_dies_mid_candidate_is_replaced_and_the_candidate_retried(trained, tmp_path, monkeypatch):
+    local = _copy_run(trained, tmp_path / "local", keep_experts=True)
+    search.main(local)
+    cfg = _copy_run(trained, tmp_path / "ray", keep_experts=True)
+    monkeypatch.setenv(WORKER_FAULT_ENV, "kill@2")  # each first actor dies as it starts its 2nd candidate
+    replaced = []
+    original = RayScorerPool.close
+
+    def close(pool):
+        replaced.append(pool.replaced)
+        original(pool)
+
+    monkeypatch.setattr(RayScorerPool, "close", close)
+    search.main(cfg, backend="ray")
+    assert replaced and replaced[0] >= 1
+    rows = read_jsonl(RunDir(cfg.resolved_run_dir).search_candidates)
+    _close(_decisive(rows), _decisive(read_jsonl(RunDir(local.resolved_run_dir).search_candidates)))
+
+
+def test_without_retries_the_dead_workers_candidate_is_logged_as_failed_and_the_search_goes_on(trained, tmp_path,
+                                                                                              monkeypatch):
+    cfg = _copy_run(trained, tmp_path / "ray", keep_experts=True)
+    cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"retries": 0, "actors": 1})})
+    monkeypatch.setenv(WORKER_FAULT_ENV, "kill@3")
+    search.main(cfg, backend="ray")
+    rows = read_jsonl(RunDir(cfg.resolved_run_dir).search_candidates)
+    failed = [row for row in rows if row["status"] == "failed"]
+    assert len(rows) == 8 and len(failed) == 1
+    assert failed[0]["index"] == 2 and failed[0]["fitness"] == cfg.search.failure_penalty
+    assert failed[0]["error"].startswith("worker died")
