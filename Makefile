@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench env clean
+.PHONY: demo test bench kill-test env clean
 
 env: $(STAMP)
 
@@ -23,8 +23,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Every benchmark, on the demo run (`make demo` first; finished stages are skipped). Results: benchmarks/results/.
+BENCH_RUN ?= runs/demo
 bench: $(STAMP)
-	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	$(BIN)/sentimerge run configs/demo.yaml --run-dir $(BENCH_RUN)
+	$(BIN)/python benchmarks/training_throughput.py configs/demo.yaml --run-dir $(BENCH_RUN)
+	$(BIN)/python benchmarks/scoring_efficiency.py configs/demo.yaml --run-dir $(BENCH_RUN)
+	$(BIN)/python benchmarks/candidate_turnover.py configs/demo.yaml --run-dir $(BENCH_RUN)
+	$(BIN)/python benchmarks/ray_overhead.py configs/demo.yaml --run-dir $(BENCH_RUN)
+	$(BIN)/python benchmarks/kill_resume.py --trials 20
+	$(BIN)/python benchmarks/demo_report.py $(BENCH_RUN)
+
+# The complete kill-and-resume suite (the test suite runs a reduced form).
+kill-test: $(STAMP)
+	$(BIN)/python benchmarks/kill_resume.py --trials 20
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,12 +1,18 @@
-"""Candidate turnover: one candidate evaluated in memory vs the same candidate merged by mergekit to disk and reloaded.
+"""Candidate turnover: one candidate evaluated in memory vs the alternatives a user would otherwise pick.
 
-The second path is how mergekit-evolve evaluates a candidate (write the merged model, load it, score it). Both score
-the same weak set with the shared scorer; the mergekit path gets a warm LoRA-merge cache (one untimed merge first),
-as a long search would have. Usage (on a run whose experts are finished):
+1. in memory (sentimerge): write the candidate's merged weights into the resident bf16 scoring copy, score;
+2. mergekit to disk: `run_merge` writes the merged model, it is loaded and scored (how mergekit-evolve evaluates a
+   candidate); mergekit gets a warm LoRA-merge cache (one untimed merge first), as a long search would have;
+3. peft: load the base, load the adapters, `add_weighted_adapter` (`cat` for task arithmetic, `ties` for TIES) and
+   `merge_and_unload` (it consumes the model, so each candidate reloads), score. peft takes one weight per adapter,
+   so this path merges with each expert's mean coefficient: it cannot express layer-wise coefficients at all.
 
-    python benchmarks/candidate_turnover.py configs/demo.yaml --run-dir /tmp/r-demo-s2 [--method ties] [--repeats 3]
+All paths score the same weak set with the shared scorer, interleaved per repeat. Usage (on a run whose experts are
+finished):
 
-Writes benchmarks/results/candidate_turnover-<method>.json and .md.
+    python benchmarks/candidate_turnover.py configs/demo.yaml --run-dir RUN [--methods task_arithmetic,ties]
+
+Writes benchmarks/results/candidate_turnover-<method>.json and .md, and the summary keys (from task arithmetic).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.summary import machine, record  # noqa: E402
 from merge.engine import InMemoryMerge  # noqa: E402
 from merge.fitness import encode_set, evaluate  # noqa: E402
 from merge.genome import Genome  # noqa: E402
@@ -36,22 +43,42 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.prepare import prepared_model_path  # noqa: E402
 from pipeline.rundir import RunDir, write_json_atomic, write_text_atomic  # noqa: E402
-from pipeline.runtime import setup_logging  # noqa: E402
+from pipeline.runtime import set_threads, setup_logging  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def peft_merge(base_path: str, run: RunDir, genome: Genome, candidate: np.ndarray, method: str, settings):
+    """The peft path: base + every adapter, one weighted adapter (each expert's mean coefficient), merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, settings.dtype))
+    names = list(genome.experts)
+    model = PeftModel.from_pretrained(base, str(run.expert_adapter(names[0])), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(run.expert_adapter(name)), adapter_name=name)
+    weights = genome.layer_coefficients(candidate).mean(axis=(1, 2)).tolist()
+    kind = {"task_arithmetic": "cat", "ties": "ties"}[method]
+    extra = {"density": settings.density} if kind == "ties" else {}
+    model.add_weighted_adapter(names, weights, "candidate", combination_type=kind, **extra)
+    model.set_adapter("candidate")
+    merged = model.merge_and_unload()
+    merged.eval()
+    return merged
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--run-dir")
-    parser.add_argument("--method", help="default: the config's search.method")
+    parser.add_argument("--methods", default="task_arithmetic,ties")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     setup_logging()
     cfg = load_config(args.config, run_dir=args.run_dir)
+    set_threads(cfg.threads)
     run, settings = RunDir(cfg.resolved_run_dir), cfg.search
-    method = get_method(args.method or settings.method)
     base_path = prepared_model_path(run)
 
     sets_examples = {task.name: sample_weak_set(run, settings.weak, task, cfg.seed)[0] for task in cfg.tasks}
@@ -59,78 +86,107 @@ def main() -> None:
     sets = [encode_set(tokenizer, task, sets_examples[task.name], [e["label"] for e in sets_examples[task.name]])
             for task in cfg.tasks]  # gold labels: the fitness value is not the point, the time is
     adapters = {task.name: read_adapter(run.expert_adapter(task.name)) for task in cfg.tasks}
-    genome = Genome(tuple(adapters), model.config.num_hidden_layers, settings.layer_group_size,
-                    settings.split_attention_mlp)
-    candidate = np.clip(settings.init + 0.2 * np.random.default_rng(0).standard_normal(genome.size), *settings.bounds)
-    clock = time.perf_counter()
-    merger = InMemoryMerge(model, adapters, genome, method, density=settings.density, seed=cfg.seed)
-    precompute = time.perf_counter() - clock
-
-    recipe = build_recipe(base_path, {t: str(run.expert_adapter(t).resolve()) for t in adapters}, genome, candidate,
-                          method, density=settings.density, out_dtype=settings.dtype)
-    work = Path(tempfile.mkdtemp(prefix="turnover-"))
-    in_memory, on_disk = [], []
-    try:
+    summary = {}
+    for name in args.methods.split(","):
+        method = get_method(name)
+        genome = Genome(tuple(adapters), model.config.num_hidden_layers, settings.layer_group_size,
+                        settings.split_attention_mlp)
+        candidate = np.clip(settings.init + 0.2 * np.random.default_rng(0).standard_normal(genome.size), *settings.bounds)
         clock = time.perf_counter()
-        run_mergekit(recipe, work / "warmup", cache=work / "cache")  # merges each base+LoRA once into the cache
-        warmup = time.perf_counter() - clock
-        for repeat in range(args.repeats):  # interleaved, so a busy machine slows both paths alike
-            clock = time.perf_counter()
-            merger.apply(candidate)
-            merged = time.perf_counter() - clock
-            result = evaluate(model, tokenizer, sets, settings.batch_size)
-            in_memory.append({"merge": merged, "score": result["seconds"], "fitness": result["fitness"]})
+        merger = InMemoryMerge(model, adapters, genome, method, density=settings.density, seed=cfg.seed)
+        precompute = time.perf_counter() - clock
 
-            out = work / f"candidate-{repeat}"
+        recipe = build_recipe(base_path, {t: str(run.expert_adapter(t).resolve()) for t in adapters}, genome, candidate,
+                              method, density=settings.density, out_dtype=settings.dtype)
+        work = Path(tempfile.mkdtemp(prefix="turnover-"))
+        in_memory, on_disk, via_peft = [], [], []
+        try:
             clock = time.perf_counter()
-            run_mergekit(recipe, out, cache=work / "cache")
-            merged = time.perf_counter() - clock
-            clock = time.perf_counter()
-            loaded, _ = load_model(str(out), dtype=settings.dtype)
-            load = time.perf_counter() - clock
-            result = evaluate(loaded, tokenizer, sets, settings.batch_size)
-            on_disk.append({"merge_to_disk": merged, "load": load, "score": result["seconds"],
-                            "fitness": result["fitness"]})
-            del loaded
-            shutil.rmtree(out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            run_mergekit(recipe, work / "warmup", cache=work / "cache")  # merges each base+LoRA once into the cache
+            warmup = time.perf_counter() - clock
+            for repeat in range(args.repeats):  # interleaved, so a busy machine slows both paths alike
+                clock = time.perf_counter()
+                merger.apply(candidate)
+                merged = time.perf_counter() - clock
+                result = evaluate(model, tokenizer, sets, settings.batch_size)
+                in_memory.append({"merge": merged, "score": result["seconds"], "fitness": result["fitness"]})
 
-    def median(rows, key):
-        return statistics.median(row[key] for row in rows)
+                out = work / f"candidate-{repeat}"
+                clock = time.perf_counter()
+                run_mergekit(recipe, out, cache=work / "cache")
+                merged = time.perf_counter() - clock
+                clock = time.perf_counter()
+                loaded, _ = load_model(str(out), dtype=settings.dtype)
+                load = time.perf_counter() - clock
+                result = evaluate(loaded, tokenizer, sets, settings.batch_size)
+                on_disk.append({"merge_to_disk": merged, "load": load, "score": result["seconds"],
+                                "fitness": result["fitness"]})
+                del loaded
+                shutil.rmtree(out)
 
-    memory_total = median(in_memory, "merge") + median(in_memory, "score")
-    disk_total = median(on_disk, "merge_to_disk") + median(on_disk, "load") + median(on_disk, "score")
-    report = {
-        "config": args.config, "run_dir": str(run.root), "method": method.name, "genome_size": genome.size,
-        "weak_examples": sum(len(s.examples) for s in sets), "repeats": args.repeats,
-        "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
-        "in_memory": {"precompute_once_s": precompute, "merge_s": median(in_memory, "merge"),
-                      "score_s": median(in_memory, "score"), "total_s": memory_total,
-                      "fitness": in_memory[0]["fitness"]},
-        "mergekit": {"lora_cache_warmup_once_s": warmup, "merge_to_disk_s": median(on_disk, "merge_to_disk"),
-                     "load_s": median(on_disk, "load"), "score_s": median(on_disk, "score"), "total_s": disk_total,
-                     "fitness": on_disk[0]["fitness"]},
-        "ratio_mergekit_over_in_memory": disk_total / memory_total,
-        "ratio_excluding_scoring": (median(on_disk, "merge_to_disk") + median(on_disk, "load"))
-                                   / median(in_memory, "merge"),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    write_json_atomic(RESULTS / f"candidate_turnover-{method.name}.json", report)
-    lines = [f"# Candidate turnover ({method.name}, {report['weak_examples']} weak examples, "
-             f"median of {args.repeats})", "",
-             "| path | merge | load | scoring | total |", "|---|---|---|---|---|",
-             f"| in memory | {report['in_memory']['merge_s'] * 1000:.0f} ms | - | {report['in_memory']['score_s']:.2f} s "
-             f"| {memory_total:.2f} s |",
-             f"| mergekit to disk + reload | {report['mergekit']['merge_to_disk_s']:.2f} s | "
-             f"{report['mergekit']['load_s']:.2f} s | {report['mergekit']['score_s']:.2f} s | {disk_total:.2f} s |",
-             "", f"Ratio (mergekit / in memory), whole candidate: {report['ratio_mergekit_over_in_memory']:.2f}x; "
-             f"merge only (merge+write+load vs in-memory merge): {report['ratio_excluding_scoring']:.0f}x.",
-             f"One-time costs: in-memory precompute {precompute:.2f} s; mergekit LoRA-merge cache warm-up "
-             f"{warmup:.2f} s. Fitness in memory {report['in_memory']['fitness']:.4f}, "
-             f"via mergekit {report['mergekit']['fitness']:.4f}.", ""]
-    write_text_atomic(RESULTS / f"candidate_turnover-{method.name}.md", "\n".join(lines))
-    print("\n".join(lines))
+                clock = time.perf_counter()
+                loaded = peft_merge(base_path, run, genome, candidate, method.name, settings)
+                merged = time.perf_counter() - clock
+                result = evaluate(loaded, tokenizer, sets, settings.batch_size)
+                via_peft.append({"load_and_merge": merged, "score": result["seconds"], "fitness": result["fitness"]})
+                del loaded
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+        def median(rows, key):
+            return statistics.median(row[key] for row in rows)
+
+        memory_total = median(in_memory, "merge") + median(in_memory, "score")
+        peft_total = median(via_peft, "load_and_merge") + median(via_peft, "score")
+        disk_total = median(on_disk, "merge_to_disk") + median(on_disk, "load") + median(on_disk, "score")
+        report = {
+            "config": args.config, "run_dir": str(run.root), "method": method.name, "genome_size": genome.size,
+            "weak_examples": sum(len(s.examples) for s in sets), "repeats": args.repeats,
+            "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
+            "in_memory": {"precompute_once_s": precompute, "merge_s": median(in_memory, "merge"),
+                          "score_s": median(in_memory, "score"), "total_s": memory_total,
+                          "fitness": in_memory[0]["fitness"]},
+            "mergekit": {"lora_cache_warmup_once_s": warmup, "merge_to_disk_s": median(on_disk, "merge_to_disk"),
+                         "load_s": median(on_disk, "load"), "score_s": median(on_disk, "score"), "total_s": disk_total,
+                         "fitness": on_disk[0]["fitness"]},
+            "peft": {"load_and_merge_s": median(via_peft, "load_and_merge"), "score_s": median(via_peft, "score"),
+                     "total_s": peft_total, "fitness": via_peft[0]["fitness"], "layer_wise": False},
+            "ratio_mergekit_over_in_memory": disk_total / memory_total,
+            "ratio_peft_over_in_memory": peft_total / memory_total,
+            "merge_share_in_memory": median(in_memory, "merge") / memory_total,
+            "ratio_excluding_scoring": (median(on_disk, "merge_to_disk") + median(on_disk, "load"))
+                                       / median(in_memory, "merge"),
+        }
+        RESULTS.mkdir(exist_ok=True)
+        write_json_atomic(RESULTS / f"candidate_turnover-{method.name}.json", report)
+        lines = [f"# Candidate turnover ({method.name}, {report['weak_examples']} weak examples, "
+                 f"median of {args.repeats})", "",
+                 "| path | merge | load | scoring | total |", "|---|---|---|---|---|",
+                 f"| in memory | {report['in_memory']['merge_s'] * 1000:.0f} ms | - | {report['in_memory']['score_s']:.2f} s "
+                 f"| {memory_total:.2f} s |",
+                 f"| mergekit to disk + reload | {report['mergekit']['merge_to_disk_s']:.2f} s | "
+                 f"{report['mergekit']['load_s']:.2f} s | {report['mergekit']['score_s']:.2f} s | {disk_total:.2f} s |",
+                 f"| peft add_weighted_adapter + merge_and_unload (one weight per expert) | "
+                 f"{report['peft']['load_and_merge_s']:.2f} s (load + merge) | - | {report['peft']['score_s']:.2f} s | "
+                 f"{peft_total:.2f} s |",
+                 "", f"`{' '.join(['python', 'benchmarks/candidate_turnover.py', *sys.argv[1:]])}`, "
+                 f"{time.strftime('%Y-%m-%d')}, {machine()}.", "",
+                 f"Whole candidate vs in memory: mergekit {report['ratio_mergekit_over_in_memory']:.2f}x, peft "
+                 f"{report['ratio_peft_over_in_memory']:.2f}x slower. The merge is "
+                 f"{report['merge_share_in_memory']:.1%} of an in-memory candidate's time.",
+                 "", f"Ratio (mergekit / in memory), whole candidate: {report['ratio_mergekit_over_in_memory']:.2f}x; "
+                 f"merge only (merge+write+load vs in-memory merge): {report['ratio_excluding_scoring']:.0f}x.",
+                 f"One-time costs: in-memory precompute {precompute:.2f} s; mergekit LoRA-merge cache warm-up "
+                 f"{warmup:.2f} s. Fitness in memory {report['in_memory']['fitness']:.4f}, "
+                 f"via mergekit {report['mergekit']['fitness']:.4f}.", ""]
+        write_text_atomic(RESULTS / f"candidate_turnover-{method.name}.md", "\n".join(lines))
+        print("\n".join(lines))
+        summary[method.name] = report
+    if "task_arithmetic" in summary:
+        report = summary["task_arithmetic"]
+        record({"candidate_speedup_vs_mergekit": report["ratio_mergekit_over_in_memory"],
+                "merge_share_of_candidate_time": report["in_memory"]["merge_s"] / report["in_memory"]["total_s"]},
+               notes="task arithmetic; whole candidate (merge + load + score) via mergekit / in memory")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipeline.config import RunConfig
 from pipeline.evaluate import markdown_table
-from pipeline.rundir import RunDir, write_csv_atomic, write_text_atomic
+from pipeline.rundir import RunDir, is_done, write_csv_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("sentimerge.run")
 
@@ -28,12 +28,20 @@ def stages():
 
 def main(cfg: RunConfig) -> pd.DataFrame:
     run = RunDir(cfg.resolved_run_dir)
-    seconds = {}
+    seconds, skipped = {}, []
     for name, stage in stages():
         log.info("== %s", name)
+        folders = [run.prepare] if name == "prepare" else [run.expert(t.name) for t in cfg.tasks] \
+            if name == "experts" else [getattr(run, name)]
+        if all(is_done(folder) for folder in folders):
+            skipped.append(name)
         started = time.time()
         stage(cfg)
         seconds[name] = round(time.time() - started, 1)
+    # this invocation's wall time per stage and peak memory (stages finished earlier were skipped: say which)
+    write_json_atomic(run.root / "run.json", {
+        "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1), "skipped": skipped,
+        "peak_rss_mb": round(peak_rss_mb(), 1)})
     table = results_table(cfg, run)
     write_csv_atomic(run.root / "results.csv", table)
     text = markdown_table(table)
@@ -42,6 +50,15 @@ def main(cfg: RunConfig) -> pd.DataFrame:
     print(text)
     print("seconds per stage: " + ", ".join(f"{name} {value}" for name, value in seconds.items()))
     return table
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and its finished children, in MB."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024  # Linux reports KB
 
 
 def results_table(cfg: RunConfig, run: RunDir) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,12 @@ def test_run_does_every_stage_and_ends_with_the_results_table(tmp_path, cache_di
     out = capsys.readouterr().out
     assert "| final (dao) |" in out and "seconds per stage" in out
 
+    info = json.loads((run.root / "run.json").read_text())
+    assert info["skipped"] == [] and set(info["seconds"]) == {"prepare", "experts", "search", "finetune", "export"}
+    assert info["peak_rss_mb"] > 100  # torch alone is more
+
     # a second run finds every stage finished and rebuilds the same table
     assert main(["run", str(path)]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(run.root / "results.csv"), table)
+    assert json.loads((run.root / "run.json").read_text())["skipped"] == ["prepare", "experts", "search", "finetune",
+                                                                          "export"]
