@@ -3,10 +3,11 @@
     python benchmarks/kill_resume.py [--config configs/tiny.yaml] [--trials 20] [--seed 0]
 
 Half the trials kill at the N-th write of the artifact layer (N uniform over the stage's writes, so kills land
-between a temporary file and its rename as often as after it); half kill after a random delay (uniform over the
-stage's reference wall time). Each trial restores the run directory as the reference left it before the stage,
-kills the stage, runs it again, and compares every artifact and log with the reference (wall-clock fields aside;
-tensors to 1e-6). Writes `benchmarks/results/kill_resume.{md,json}`.
+between a temporary file and its rename as often as after it); half kill after a random delay (uniform over the last
+65% of the stage's reference wall time; the first third is Python starting up). Each trial restores the run
+directory as the reference left it before the stage, kills the stage, runs it again, and compares every artifact and
+log with the reference (wall-clock fields aside; tensors to 1e-6). Writes
+`benchmarks/results/kill_resume.{md,json}`.
 """
 
 from __future__ import annotations
@@ -46,16 +47,20 @@ def main() -> int:
             trials.append(trial)
             status = "ok" if trial.ok else "FAILED: " + "; ".join(trial.differences[:3] + trial.stray_files[:3])
             print(f"  trial {trial.index:2d} {trial.stage:9s} {trial.mode:5s} at {trial.kill_at:<7g} "
-                  f"{'killed' if trial.killed else 'finished first'}: {status}", flush=True)
+                  f"{'killed' if trial.killed else 'finished first'} after {trial.writes_before_kill} writes: "
+                  f"{status}", flush=True)
 
     killed = sum(t.killed for t in trials)
     failed = [t for t in trials if not t.ok]
-    lines = ["| trial | stage | kill mode | kill at | killed | resumed | differences | stray files |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| trial | stage | kill mode | kill at | killed | writes before the kill | resumed | differences | "
+             "stray files |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {t.index} | {t.stage} | {t.mode} | {t.kill_at:g} | {'yes' if t.killed else 'no'} | "
+              f"{t.writes_before_kill} | "
               f"{'ok' if t.resume_code == 0 else f'exit {t.resume_code}'} | {len(t.differences)} | {len(t.stray_files)} |"
               for t in trials]
-    summary = (f"{len(trials)} trials ({killed} killed mid-stage, {len(trials) - killed} finished before the kill), "
+    midway = sum(t.killed and t.writes_before_kill > 0 for t in trials)
+    summary = (f"{len(trials)} trials ({killed} killed mid-stage, {midway} of them after the stage had written "
+               f"something; {len(trials) - killed} finished before the kill), "
                f"{len(trials) - len(failed)} resumed to artifacts equal to the uninterrupted run, {len(failed)} failed.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

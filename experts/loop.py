@@ -71,7 +71,9 @@ def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.
         for path in [loop.metrics_log, *loop.logs_to_truncate]:
             truncate_log(path, state["step"])
         log.info("%s: resuming at step %d of %d", loop.name, state["step"], loop.total_steps)
-    else:
+    else:  # a fresh start: rows logged by an attempt that died before its first checkpoint are void
+        for path in [loop.metrics_log, *loop.logs_to_truncate]:
+            truncate_log(path, -1)
         started = time.time()
         zero_shot = loop.evaluate()
         state = {"step": 0, "fingerprint": loop.fingerprint, "zero_shot": zero_shot, "train_seconds": 0.0,

@@ -72,7 +72,8 @@ def _train_expert_task(cfg: RunConfig, task: str, force: bool) -> str:
     setup_logging(False)
     seed_everything(cfg.seed)
     set_threads(cfg.threads)
-    return str(experts.main(cfg.model_copy(update={"backend": "local"}), force=force, tasks=[task])[task])
+    local = cfg.model_copy(update={"backend": "local"})
+    return str(experts.main(local, force=force, tasks=[task], write_run_config=False)[task])
 
 
 def train_experts(cfg: RunConfig, tasks: list[str], *, force: bool) -> dict[str, Path]:

@@ -57,7 +57,8 @@ class Expert:
 
 
 def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
-         on_step: Callable[[str, int], None] | None = None, backend: str | None = None) -> dict[str, Path]:
+         on_step: Callable[[str, int], None] | None = None, backend: str | None = None,
+         write_run_config: bool = True) -> dict[str, Path]:
     """Train the experts of `tasks` (default: every task of the run); returns task -> expert folder.
 
     With the Ray backend each unfinished expert trains as a Ray task running this same function for its task.
@@ -77,7 +78,8 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
             for task in selected}
     base_path = prepared_model_path(run)
     prepared = read_manifest(run.prepare).get("fingerprint")
-    write_text_atomic(run.config, dump_config(cfg))
+    if write_run_config:  # Ray workers do not: the driver did, and workers write only their own task's files
+        write_text_atomic(run.config, dump_config(cfg))
     folders = {}
     for task in selected:
         folder = run.expert(task.name)

@@ -73,7 +73,7 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
         model, tokenizer = load_model(str(folder), dtype=cfg.export.dtype, device=pick_device(cfg.device))
         table, _ = evaluate_model(model, tokenizer, list(cfg.tasks), dev, batch_size=cfg.evaluate.batch_size)
         write_csv_atomic(folder / "eval.csv", table)
-        write_text_atomic(folder / "eval.md", markdown_table(table))
+        write_text_atomic(folder / "eval.md", markdown_table(table.drop(columns="examples_per_s")))
         write_text_atomic(folder / "README.md", model_card(cfg, run, table, folder))
         write_manifest(folder, stage="export", start=start, adapter=str(adapter) if adapter else None,
                        dtype=cfg.export.dtype, mean_primary=float(table["primary"].iloc[-1]),

@@ -50,7 +50,7 @@ def point(name: str) -> None:
 
 STAGES = ("prepare", "experts", "search", "finetune", "export")
 # Keys and files that record wall-clock time or host state: they differ between any two runs and are not compared.
-VOLATILE_KEYS = re.compile(r"seconds|(^|_)(per_s|ex_s|finished_at|started_at)$|(^|_)(ms|s)_per_")
+VOLATILE_KEYS = re.compile(r"seconds|(^|_)(per_s|ex_s)$|_at$|(^|_)(ms|s)_per_")
 VOLATILE_FILES = {"timing.json", ".lock"}
 SKIPPED_SUFFIXES = {".png"}  # figures are drawn from the logs that are compared
 
@@ -81,7 +81,8 @@ def snapshot(root: Path) -> dict[str, object]:
             files[relative] = [_without_volatile(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
         elif path.suffix == ".csv":
             table = pd.read_csv(path)
-            files[relative] = table.drop(columns=[c for c in table.columns if VOLATILE_KEYS.search(c)]).to_dict("list")
+            table = table.drop(columns=[c for c in table.columns if VOLATILE_KEYS.search(c)])
+            files[relative] = table.astype(object).where(table.notna(), None).to_dict("list")  # NaN != NaN
         else:
             files[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
     return files
@@ -116,6 +117,7 @@ class Trial:
     mode: str                 # "write": killed at the N-th write point; "time": killed after a random delay
     kill_at: float            # the write point N, or the delay in seconds
     killed: bool              # False when the stage finished before the kill landed
+    writes_before_kill: int   # write points the killed attempt passed (0: it died before writing anything)
     resume_code: int
     differences: list[str]
     stray_files: list[str]    # temporary files or folders left behind after the resumed run
@@ -217,16 +219,20 @@ class KillHarness:
     def trial(self, index: int, stage: str, mode: str, rng) -> Trial:
         _restore(self._before(stage), self.run_dir)
         command = self._command(stage)
+        trace = self.work / f"trial-{index}-trace.txt"
+        trace.unlink(missing_ok=True)
+        env = {**self.env, "SENTIMERGE_FAULT_TRACE": str(trace)}
         if mode == "write":
             kill_at = float(rng.randint(1, max(1, self.points[stage])))
-            code = _run(command, {**self.env, "SENTIMERGE_FAULT": f"kill@{int(kill_at)}"})
-        else:
-            kill_at = round(rng.uniform(0.5, self.seconds[stage]), 2)
-            code = _run(command, self.env, kill_after=kill_at)
+            code = _run(command, {**env, "SENTIMERGE_FAULT": f"kill@{int(kill_at)}"})
+        else:  # the first ~third of a tiny stage is Python starting up; kill within the rest
+            kill_at = round(rng.uniform(0.35 * self.seconds[stage], self.seconds[stage]), 2)
+            code = _run(command, env, kill_after=kill_at)
         killed = code == -signal.SIGKILL
+        writes = len(trace.read_text().splitlines()) if trace.exists() else 0
         resume_code = _run(command, self.env, log=self.work / f"trial-{index}-resume.log")
         found = differences(self.reference[stage], snapshot(self.run_dir)) if resume_code == 0 else []
-        return Trial(index, stage, mode, kill_at, killed, resume_code, found, stray_files(self.run_dir))
+        return Trial(index, stage, mode, kill_at, killed, writes, resume_code, found, stray_files(self.run_dir))
 
     def trials(self, count: int, seed: int, *, modes: tuple[str, ...] = ("write", "time"),
                stages: tuple[str, ...] | None = None) -> Iterator[Trial]:

@@ -187,7 +187,8 @@ class RunDir:
 def sweep_leftovers(final: Path) -> None:
     """Remove what a killed writer of `final` left (`.name.tmp-PID`, `.name.old-PID` of another process).
 
-    Safe because the run directory's lock admits one writer at a time."""
+    Safe because the run directory's lock admits one command at a time, and the workers of one command (Ray tasks)
+    write disjoint files."""
     mine = str(os.getpid())
     for leftover in final.parent.glob(f".{final.name}.*-*"):
         kind, _, pid = leftover.name[len(final.name) + 2:].partition("-")

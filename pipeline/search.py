@@ -204,10 +204,11 @@ def _check_state(cfg: RunConfig, run: RunDir) -> None:
             raise SentimergeError(f"{run.search}: a search with another config or other experts is in progress; "
                                   "use --force to start over, or another --run-dir")
         log.info("search: resuming from %s", run.search)
-        return
-    run.search.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run.search_state, {"fingerprint": fingerprint})
-    write_text_atomic(run.search / "config.yaml", dump_config(cfg))
+    else:
+        run.search.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.search_state, {"fingerprint": fingerprint})
+    if not (run.search / "config.yaml").is_file():  # also when a crash came between the two writes
+        write_text_atomic(run.search / "config.yaml", dump_config(cfg))
 
 
 def _weak_examples(run: RunDir, settings, task, seed: int) -> list[dict]:

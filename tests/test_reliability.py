@@ -49,6 +49,15 @@ def test_a_non_finite_step_is_skipped_logged_and_training_goes_on(tmp_path):
     json.loads((tmp_path / "m.jsonl").read_text().splitlines()[3])  # strict JSON: no NaN literal
 
 
+def test_a_fresh_start_voids_rows_logged_by_an_attempt_that_died_before_its_first_checkpoint(tmp_path):
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in range(3)))
+    model = torch.nn.Linear(3, 2)
+    run_loop(_loop(tmp_path, model, nan_steps=set(), total=4), model, torch.optim.SGD(model.parameters(), lr=0.1),
+             torch.device("cpu"))
+    assert [row["step"] for row in read_jsonl(tmp_path / "m.jsonl")] == [0, 1, 2, 3, 4]
+    assert all(row.get("loss") != 9.0 for row in read_jsonl(tmp_path / "m.jsonl"))
+
+
 def test_five_non_finite_steps_in_a_row_stop_the_run_with_a_clear_error(tmp_path):
     model = torch.nn.Linear(3, 2)
     loop = _loop(tmp_path, model, nan_steps={1, 2, 3, 4, 5, 6})
@@ -78,8 +87,8 @@ def test_stages_killed_at_random_writes_resume_to_the_uninterrupted_artifacts(tm
     harness = KillHarness(config, tmp_path / "run", tmp_path / "work", in_process=True)
     harness.prepare_reference()
     assert all(harness.points[stage] > 0 for stage in harness.stages), harness.points
-    trials = list(harness.trials(2, seed=0, modes=("write",), stages=("experts", "search")))
-    assert [t.stage for t in trials] == ["experts", "search"]
+    trials = list(harness.trials(3, seed=0, modes=("write",), stages=("experts", "search", "finetune")))
+    assert [t.stage for t in trials] == ["experts", "search", "finetune"]
     assert all(t.killed for t in trials), "each kill lands before the stage ends"
     for trial in trials:
         assert trial.ok, (trial.stage, trial.kill_at, trial.differences, trial.stray_files)
