@@ -25,6 +25,7 @@ test: $(STAMP)
 
 # Every benchmark, on the demo run (`make demo` first; finished stages are skipped). Results: benchmarks/results/.
 BENCH_RUN ?= runs/demo
+SUITE_RUN ?= runs/suite
 bench: $(STAMP)
 	$(BIN)/sentimerge run configs/demo.yaml --run-dir $(BENCH_RUN)
 	$(BIN)/python benchmarks/training_throughput.py configs/demo.yaml --run-dir $(BENCH_RUN)
@@ -33,6 +34,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ray_overhead.py configs/demo.yaml --run-dir $(BENCH_RUN)
 	$(BIN)/python benchmarks/kill_resume.py --trials 20
 	$(BIN)/python benchmarks/demo_report.py $(BENCH_RUN)
+	@if [ -d $(SUITE_RUN)/experts ]; then $(BIN)/python benchmarks/search_scaling.py configs/suite.yaml \
+		--run-dir $(SUITE_RUN) --search-run $(BENCH_RUN); else echo "search_scaling: no suite experts in $(SUITE_RUN), skipped"; fi
 
 # The complete kill-and-resume suite (the test suite runs a reduced form).
 kill-test: $(STAMP)

@@ -21,6 +21,9 @@ class CurriculumConfig(Frozen):
     pacing: str = Field("sqrt", description="competence function: linear, sqrt, or none (random order)")
     start: float = Field(0.25, gt=0, le=1, description="competence at step 0: the easiest share drawn from first")
     full_at: float = Field(0.7, gt=0, le=1, description="share of the budget after which every example is available")
+    stratify: bool = Field(True, description="open the pool easiest-first within each answer (label, or level of a "
+                                              "regression task), so that every answer is in play from the first "
+                                              "step; off: one easiest-first order over the whole pool")
     pool: int | None = Field(1000, ge=1, description="difficulty is computed on a seeded sample of this many training "
                                                       "examples, which training draws from (default all)")
     label_polarity: dict[str, float] = Field(

@@ -155,7 +155,9 @@ def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict],
     total = settings.total_steps
     sampler = CurriculumSampler(order, lengths, batch_size=settings.batch_size, total_steps=total,
                                 pacing=curriculum.pacing, start=curriculum.start, full_at=curriculum.full_at,
-                                bucket=settings.bucket, seed=seed)
+                                bucket=settings.bucket, seed=seed,
+                                strata=[task.answer_index(example["label"]) for example in pool]
+                                if curriculum.stratify and curriculum.pacing != "none" else None)
     trainable = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 

@@ -151,6 +151,23 @@ def test_sampler_draws_from_the_easiest_share_first():
     assert late["available"] == 40 and late["competence"] == 1.0
 
 
+def test_stratified_sampler_opens_the_easiest_share_of_every_answer():
+    size = 40
+    order = np.arange(size)[::-1]  # the last pool index is the easiest
+    strata = [0 if i >= 8 else 1 for i in range(size)]  # the 32 easiest are answer 0, the 8 hardest answer 1
+    lengths = [10] * size
+    plain = CurriculumSampler(order, lengths, batch_size=4, total_steps=20, pacing="sqrt", start=0.25, full_at=0.5,
+                              bucket=2, seed=0)
+    assert {strata[i] for i in plain.next_batch(0)["indices"] + plain.next_batch(0)["indices"]} == {0}
+    sampler = CurriculumSampler(order, lengths, batch_size=4, total_steps=20, pacing="sqrt", start=0.25, full_at=0.5,
+                                bucket=2, seed=0, strata=strata)
+    first = sampler.next_batch(0)
+    # 25% of each answer: the 8 easiest of answer 0 (indices 39..32) and the 2 easiest of answer 1 (7, 6)
+    assert first["available"] == 10
+    drawn = first["indices"] + sampler.next_batch(0)["indices"]
+    assert set(drawn) <= set(range(32, 40)) | {6, 7} and {strata[i] for i in drawn} == {0, 1}
+
+
 def test_random_order_draws_every_example_once_before_repeating():
     sampler = make_sampler("none")
     drawn = [i for step in range(10) for i in sampler.next_batch(step)["indices"]]

@@ -70,7 +70,7 @@ def test_expert_folder_holds_adapter_logs_and_manifest(tmp_path, cache_dir):
 
 def test_curriculum_draws_easy_examples_first(tmp_path, cache_dir):
     cfg = prepared(tmp_path, cache_dir, curriculum={"pool": 16, "start": 0.25, "full_at": 1.0, "pacing": "linear",
-                                                    "signals": {"agreement": 1.0}})
+                                                    "signals": {"agreement": 1.0}, "stratify": False})
     experts.main(cfg, tasks=["aspect3"])
     run = RunDir(cfg.resolved_run_dir)
     ranked = read_jsonl(run.expert_difficulty("aspect3"))
@@ -80,6 +80,23 @@ def test_curriculum_draws_easy_examples_first(tmp_path, cache_dir):
     rank = {row["id"]: row["rank"] for row in ranked}
     first = read_jsonl(run.expert_schedule("aspect3"))[0]
     assert first["available"] == 4 and all(rank[i] < 4 for i in first["ids"])
+
+
+def test_stratified_curriculum_puts_every_answer_in_the_first_batches(tmp_path, cache_dir):
+    cfg = prepared(tmp_path, cache_dir, curriculum={"pool": 24, "start": 0.25, "full_at": 1.0, "pacing": "linear",
+                                                    "signals": {"agreement": 1.0, "length": 1.0}})
+    experts.main(cfg, tasks=["aspect3"])
+    run = RunDir(cfg.resolved_run_dir)
+    label = {row["id"]: row["label"] for row in load_prepared(run, "aspect3", "train")}
+    ranked = read_jsonl(run.expert_difficulty("aspect3"))
+    within = {}  # rank of each example among the examples of its own label
+    for row in ranked:
+        within[row["id"]] = sum(label[other] == label[row["id"]] for other in within)
+    first = read_jsonl(run.expert_schedule("aspect3"))[0]
+    assert first["available"] == 6  # a quarter of each of the three labels (8 each)
+    assert all(within[i] < 2 for i in first["ids"])
+    drawn = {label[i] for row in read_jsonl(run.expert_schedule("aspect3"))[:2] for i in row["ids"]}
+    assert drawn == {"negative", "neutral", "positive"}
 
 
 def test_saved_adapter_loads_with_peft_and_reproduces_the_expert(tmp_path, cache_dir):
