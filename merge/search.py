@@ -8,7 +8,6 @@ interrupted-then-resumed search asks for exactly the candidates an uninterrupted
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import SentimergeError
-from pipeline.rundir import append_jsonl, write_text_atomic
+from pipeline.rundir import append_jsonl, read_jsonl
 
 log = logging.getLogger("sentimerge.search")
 
@@ -48,23 +47,8 @@ class Strategy:
 
 
 def read_log(path: Path) -> list[dict]:
-    """The logged candidates; a torn last line (a crash while writing it) is dropped from the file."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                log.warning("%s: dropping a torn last line (the previous run stopped while writing it)", path)
-                write_text_atomic(path, "".join(lines[:-1]))
-                break
-            raise SentimergeError(f"{path}:{number}: corrupted log line; remove the search folder or use --force") from None
-    return rows
+    """The logged candidates (none before the first); a torn last line (a crash while writing it) is left out."""
+    return read_jsonl(path) if path.is_file() else []
 
 
 def one_by_one(evaluate: Evaluate) -> EvaluateMany:

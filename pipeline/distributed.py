@@ -105,22 +105,15 @@ class ScoringWorker:
 
     def __init__(self, cfg: RunConfig, seed: int):
         from merge.engine import InMemoryMerge
-        from merge.genome import Genome
-        from merge.lora import read_adapter
         from merge.methods import get_method
-        from pipeline.models import load_model
-        from pipeline.prepare import prepared_model_path
         from pipeline.rundir import RunDir
         from pipeline.runtime import set_threads
-        from pipeline.search import load_weak_sets
+        from pipeline.search import load_search_inputs, load_weak_sets
 
         set_threads(cfg.threads)
         run, settings = RunDir(cfg.resolved_run_dir), cfg.search
         self.settings = settings
-        self.model, self.tokenizer = load_model(prepared_model_path(run), dtype=settings.dtype)
-        adapters = {task.name: read_adapter(run.expert_adapter(task.name)) for task in cfg.tasks}
-        genome = Genome(tuple(adapters), self.model.config.num_hidden_layers, settings.layer_group_size,
-                        settings.split_attention_mlp)
+        self.model, self.tokenizer, adapters, genome = load_search_inputs(cfg, run)
         self.merger = InMemoryMerge(self.model, adapters, genome, get_method(settings.method),
                                     density=settings.density, seed=seed)
         self.sets = load_weak_sets(run, cfg, self.tokenizer)

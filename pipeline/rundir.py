@@ -227,13 +227,28 @@ def write_csv_atomic(path: Path, table) -> None:
 
 
 def append_jsonl(path: Path, row: dict) -> None:
-    """Append one row to an append-only JSON Lines log, flushed and synced so a crash loses at most this row."""
+    """Append one row to an append-only JSON Lines log, flushed and synced so a crash loses at most this row.
+
+    A torn last line left by a crash mid-append is cut off first, so the new row never lands on its end."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_torn_tail(path)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
     faults.point(f"appended {path.name}")
+
+
+def _drop_torn_tail(path: Path) -> None:
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        handle.truncate(handle.read().rfind(b"\n") + 1)  # rare: only after a crash
+    log.warning("%s: dropped a torn last line (a crash mid-write)", path)
 
 
 def read_jsonl(path: Path) -> list[dict]:

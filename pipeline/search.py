@@ -82,10 +82,7 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
                   if (run.search / "timing.json").is_file() else None)
     with timer.phase("load"):
         base_path = prepared_model_path(run)
-        model, tokenizer = load_model(base_path, dtype=settings.dtype)
-        adapters = {task.name: read_adapter(run.expert_adapter(task.name)) for task in tasks}
-        genome = Genome(tuple(adapters), model.config.num_hidden_layers, settings.layer_group_size,
-                        settings.split_attention_mlp)
+        model, tokenizer, adapters, genome = load_search_inputs(cfg, run)
     with timer.phase("precompute"):
         mergers = {name: InMemoryMerge(model, adapters, genome, get_method(name), density=settings.density,
                                        seed=seed) for name in dict.fromkeys([*BASELINE_METHODS, settings.method])}
@@ -169,6 +166,16 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     print(f"\nsearch: gold dev ({run.search / 'final.md'}):\n")
     print(markdown_table(final))
     return run.search
+
+
+def load_search_inputs(cfg: RunConfig, run: RunDir):
+    """(resident scoring model, tokenizer, expert adapters, genome): what the driver and each Ray actor load."""
+    settings = cfg.search
+    model, tokenizer = load_model(prepared_model_path(run), dtype=settings.dtype)
+    adapters = {task.name: read_adapter(run.expert_adapter(task.name)) for task in cfg.tasks}
+    genome = Genome(tuple(adapters), model.config.num_hidden_layers, settings.layer_group_size,
+                    settings.split_attention_mlp)
+    return model, tokenizer, adapters, genome
 
 
 def _check_inputs(cfg: RunConfig, run: RunDir) -> None:
@@ -302,9 +309,6 @@ def _keep_best(run: RunDir, row: dict) -> None:
     if row["status"] != "ok":
         return
     if run.search_best.is_file():
-        if not run.search_best.is_file():
-            raise SentimergeError(f"{run.search_candidates}: every candidate failed (see their `error`); "
-                                  "check the experts and the bounds")
         best = json.loads(run.search_best.read_text(encoding="utf-8"))
         if best["fitness"] >= row["fitness"]:
             return

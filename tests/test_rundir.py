@@ -44,3 +44,15 @@ def test_a_second_writer_is_refused_naming_the_holder(tiny_config_path, tmp_path
         assert main(["prepare", str(tiny_config_path)]) == 2
     assert "in use by pid" in capsys.readouterr().err
     assert main(["prepare", str(tiny_config_path)]) == 0
+
+
+def test_an_append_after_a_crash_mid_append_cuts_the_torn_line_first(tmp_path):
+    from pipeline.rundir import append_jsonl, read_jsonl
+
+    log = tmp_path / "log.jsonl"
+    append_jsonl(log, {"step": 1})
+    with open(log, "a") as handle:
+        handle.write('{"step": 2, "lo')  # what SIGKILL mid-write leaves
+    assert read_jsonl(log) == [{"step": 1}]
+    append_jsonl(log, {"step": 2})
+    assert log.read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
