@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench kill-test env clean
+.PHONY: demo test bench report kill-test env clean
 
 env: $(STAMP)
 
@@ -36,6 +36,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/demo_report.py $(BENCH_RUN)
 	@if [ -d $(SUITE_RUN)/experts ]; then $(BIN)/python benchmarks/search_scaling.py configs/suite.yaml \
 		--run-dir $(SUITE_RUN) --search-run $(BENCH_RUN); else echo "search_scaling: no suite experts in $(SUITE_RUN), skipped"; fi
+
+# The quality report on the suite run: every merge and fine-tuning strategy compared on the dev splits (runs the
+# missing stages first). Results: $(SUITE_RUN)/report/ (benchmarks/quality_report.py copies them to results/).
+report: $(STAMP)
+	$(BIN)/sentimerge report configs/suite.yaml --run-dir $(SUITE_RUN)
 
 # The complete kill-and-resume suite (the test suite runs a reduced form).
 kill-test: $(STAMP)

@@ -91,7 +91,8 @@ def main() -> None:
         method = get_method(name)
         genome = Genome(tuple(adapters), model.config.num_hidden_layers, settings.layer_group_size,
                         settings.split_attention_mlp)
-        candidate = np.clip(settings.init + 0.2 * np.random.default_rng(0).standard_normal(genome.size), *settings.bounds)
+        start = 1.0 if settings.init == "auto" else settings.init
+        candidate = np.clip(start + 0.2 * np.random.default_rng(0).standard_normal(genome.size), *settings.bounds)
         clock = time.perf_counter()
         merger = InMemoryMerge(model, adapters, genome, method, density=settings.density, seed=cfg.seed)
         precompute = time.perf_counter() - clock

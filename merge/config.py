@@ -51,6 +51,19 @@ class GoldConfig(Frozen):
     final: int | None = Field(None, ge=1, description="dev examples per task in the final table (default: all)")
 
 
+class SelectConfig(Frozen):
+    """Which candidate becomes the evolved merge.
+
+    CMA-ES's best on the weak set is biased upward: it was picked among many candidates on the same few examples
+    (the winner's curse). The `top` best candidates and the start point are scored again on a held-out weak set of
+    `per_task` examples per task (same sampling pool and labeller, disjoint from the weak set); the best there is the
+    evolved merge (the first of equal ones, in order of weak fitness, the start point last).
+    """
+
+    top: int = Field(5, ge=0, description="candidates re-scored on the held-out set (0: the best on the weak set)")
+    per_task: int = Field(64, ge=4, description="held-out weak-labelled examples per task")
+
+
 class SearchConfig(Frozen):
     """How stage 2 searches layer-wise merge coefficients with CMA-ES."""
 
@@ -59,7 +72,11 @@ class SearchConfig(Frozen):
     layer_group_size: int = Field(6, ge=1, description="layers sharing one coefficient (1: every layer)")
     split_attention_mlp: bool = Field(False, description="separate coefficients for attention and MLP")
     bounds: tuple[float, float] = Field((0.0, 1.5), description="coefficient range; below 0 allowed if asked")
-    init: float = Field(1.0, description="start point of every coefficient (also the uniform baseline's weight)")
+    init: float | Literal["auto"] = Field(
+        1.0, description="start point of every coefficient, also the uniform baseline's weight; `auto`: the value of "
+                         "`init_grid` whose uniform merge scores best on the weak set")
+    init_grid: tuple[float, ...] = Field((0.125, 0.25, 0.5, 0.75, 1.0), min_length=1,
+                                         description="uniform coefficients tried when `init` is auto")
     sigma0: float = Field(0.2, gt=0, description="CMA-ES initial step size")
     population: int = Field(8, ge=2)
     generations: int = Field(8, ge=1)
@@ -70,6 +87,7 @@ class SearchConfig(Frozen):
     export: bool = Field(True, description="write the best merge through mergekit to <run>/search/merged")
     weak: WeakConfig = WeakConfig()
     gold: GoldConfig = GoldConfig()
+    select: SelectConfig = SelectConfig()
 
     @field_validator("method")
     @classmethod
@@ -81,8 +99,10 @@ class SearchConfig(Frozen):
         low, high = self.bounds
         if not low < high:
             raise ValueError(f"bounds must be [low, high] with low < high (got {list(self.bounds)})")
-        if not low <= self.init <= high:
-            raise ValueError(f"init {self.init} is outside bounds {list(self.bounds)}")
+        starts = self.init_grid if self.init == "auto" else (self.init,)
+        outside = [value for value in starts if not low <= value <= high]
+        if outside:
+            raise ValueError(f"init {outside[0]} is outside bounds {list(self.bounds)}")
         return self
 
 

@@ -4,7 +4,7 @@ Sampling rule: per task, `weak.per_task` rows drawn with the run's seed (salt `<
 (train by default, never dev). From the train split, the rows the task's expert trained on are excluded: the ids in
 stage 1's schedule log (`<run>/experts/<task>/schedule.jsonl`, the `ids` of every step), or, for an expert made
 elsewhere, the list in `<run>/experts/<task>/train_ids.json`. The weak set's summary records whether that check was
-possible.
+possible. The held-out selection set (`search.select`) is drawn the same way from the rows the weak set left.
 """
 
 from __future__ import annotations
@@ -110,21 +110,43 @@ def trained_ids(run: RunDir, task: str) -> set[str] | None:
     return None
 
 
-def sample_weak_set(run: RunDir, weak, task: TaskSpec, seed: int) -> tuple[list[dict], dict]:
-    """The task's weak-set examples (still with their gold labels) and a summary of how they were drawn."""
+def _pool(run: RunDir, weak, task: TaskSpec) -> tuple[list[dict], dict]:
+    """The rows a weak set may draw from (the expert's training rows excluded when known) and how they were found."""
     pool = load_prepared(run, task.name, weak.split)
     excluded, checked = 0, weak.split != "train"
     trained = trained_ids(run, task.name) if weak.split == "train" else None
     if trained is not None:
         kept = [example for example in pool if example["id"] not in trained]
         excluded, checked, pool = len(pool) - len(kept), True, kept
+    return pool, {"split": weak.split, "pool": len(pool), "excluded_expert_rows": excluded,
+                  "expert_rows_checked": checked}
+
+
+def sample_weak_set(run: RunDir, weak, task: TaskSpec, seed: int) -> tuple[list[dict], dict]:
+    """The task's weak-set examples (still with their gold labels) and a summary of how they were drawn."""
+    pool, summary = _pool(run, weak, task)
     if not pool:
         raise SentimergeError(f"task {task.name}: no {weak.split} rows left for the weak set after excluding the "
                               "expert's training rows")
-    if weak.split == "train" and not checked:
+    if weak.split == "train" and not summary["expert_rows_checked"]:
         log.warning("task %s: the expert does not list its training rows (schedule.jsonl or train_ids.json); "
                     "the weak set may overlap them", task.name)
     count = min(weak.per_task, len(pool))
     examples = sample_examples(pool, count, seed, f"{task.name}/weak") if count < len(pool) else list(pool)
-    return examples, {"split": weak.split, "pool": len(pool), "drawn": count, "excluded_expert_rows": excluded,
-                      "expert_rows_checked": checked}
+    return examples, {"split": summary["split"], "pool": len(pool), "drawn": count,
+                      "excluded_expert_rows": summary["excluded_expert_rows"],
+                      "expert_rows_checked": summary["expert_rows_checked"]}
+
+
+def sample_selection_set(run: RunDir, weak, task: TaskSpec, seed: int, per_task: int,
+                         weak_set: list[dict]) -> list[dict]:
+    """The held-out weak set that picks the evolved merge: `per_task` rows from the same pool as the weak set
+    (salt `<task>/weak-select`), none of them in it."""
+    taken = {example["id"] for example in weak_set}
+    pool = [example for example in _pool(run, weak, task)[0] if example["id"] not in taken]
+    if not pool:
+        raise SentimergeError(f"task {task.name}: no {weak.split} rows left for the held-out selection set "
+                              "(search.select.per_task) after the weak set and the expert's training rows; "
+                              "set search.select.top: 0")
+    count = min(per_task, len(pool))
+    return sample_examples(pool, count, seed, f"{task.name}/weak-select") if count < len(pool) else list(pool)

@@ -34,6 +34,8 @@ COMMANDS: dict[str, Command] = {
     "finetune": Command("stage 3: multi-task fine-tuning of the merged model with dynamic task weights"),
     "export": Command("write the single merged checkpoint, model card and recipe"),
     "run": Command("run every stage in order, skipping finished ones"),
+    "report": Command("run the pipeline, then compare every merge and fine-tuning strategy on the dev splits in one "
+                      "Markdown report"),
     "evaluate": Command("score a model on tasks and write a metrics table", config="optional"),
     "inspect": Command("print a run's story and write its plots", config="none"),
     "predict": Command("label texts with an exported model", config="none"),

@@ -17,6 +17,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -56,8 +57,10 @@ def fingerprint(cfg: RunConfig, start: str) -> str:
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], None] | None = None) -> dict:
-    run = RunDir(cfg.resolved_run_dir)
+def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], None] | None = None,
+         folder: Path | None = None) -> dict:
+    """Train (or resume, or skip when finished) stage 3 into `folder` (default: the run's `finetune/`)."""
+    run = RunDir(cfg.resolved_run_dir, finetune=folder)
     settings = cfg.finetune
     start = start_model_path(cfg, run)
     key = fingerprint(cfg, start)

@@ -29,6 +29,7 @@ def main(run_dir: str | Path) -> dict[str, Path]:
     candidates = read_jsonl(run.search_candidates)
     baselines = _read_json(run.search_baselines) or {}
     best = _read_json(run.search_best)
+    selected = _read_json(run.search_selected)  # the evolved merge, once the search has chosen it
     status = "finished" if is_done(run.search) else "unfinished (run `sentimerge search` again to resume)"
     print(f"search in {run.search}: {status}; {len(candidates)} candidates, "
           f"{sum(row['status'] != 'ok' for row in candidates)} failed\n")
@@ -40,8 +41,15 @@ def main(run_dir: str | Path) -> dict[str, Path]:
         scores = ", ".join(f"{task} {value['metric']:.3f}" for task, value in best["tasks"].items())
         print(f"best: generation {best['generation']} candidate {best['index']}, fitness {best['fitness']:.4f} "
               f"({scores})\n")
-        print("best coefficients (layer groups by experts):\n")
-        print(markdown_table(coefficient_table(genome, best["coefficients"])))
+    if run.search_selection.is_file():
+        print("held-out selection (the best candidates and the start point re-scored on a second weak set):\n")
+        print(markdown_table(pd.DataFrame([{k: row[k] for k in ("name", "fitness", "select_fitness")}
+                                           for row in read_jsonl(run.search_selection)]), digits=4))
+    shown = selected or best
+    if shown is not None:
+        which = f"evolved merge ({selected['selected_by']})" if selected else "best so far"
+        print(f"{which} coefficients (layer groups by experts):\n")
+        print(markdown_table(coefficient_table(genome, shown["coefficients"])))
     if baselines:
         rows = [{"baseline": name, "fitness": b["fitness"], **{t: v["metric"] for t, v in b.get("tasks", {}).items()}}
                 for name, b in baselines.items()]
@@ -60,8 +68,8 @@ def main(run_dir: str | Path) -> dict[str, Path]:
               f"{spearman([g['fitness'] for g in gold], [g['gold'] for g in gold]):.3f} ({len(gold)} generations)\n")
     _print_time(run, candidates)
     plots = {"fitness": plot_fitness(run, candidates, baselines), "coefficients": None}
-    if best is not None:
-        plots["coefficients"] = plot_coefficients(run, genome, best["coefficients"])
+    if shown is not None:
+        plots["coefficients"] = plot_coefficients(run, genome, shown["coefficients"])
     print("plots: " + ", ".join(str(path) for path in plots.values() if path))
     return plots
 
@@ -114,7 +122,8 @@ def plot_fitness(run: RunDir, candidates: list[dict], baselines: dict) -> Path:
     if failed:
         axes.scatter(failed, [fitness[i] for i in failed], s=18, marker="x", color="tab:red", label="failed")
     axes.plot(np.maximum.accumulate(fitness) if fitness else [], color="tab:blue", label="best so far")
-    for (name, baseline), color in zip(baselines.items(), plt.cm.tab10(np.linspace(0.1, 0.9, len(baselines)))):
+    lines = {name: b for name, b in baselines.items() if not name.startswith("uniform@")}  # the scan: in the table
+    for (name, baseline), color in zip(lines.items(), plt.cm.tab10(np.linspace(0.1, 0.9, len(lines)))):
         axes.axhline(baseline["fitness"], linestyle="--", linewidth=1, color=color, label=name)
     axes.set_xlabel("evaluation")
     axes.set_ylabel("weak-label fitness")

@@ -10,6 +10,7 @@ Layout of a run directory::
     finetune/                   stage 3
     export/                     the merged checkpoint users take away
     eval/<name>/                tables from `sentimerge evaluate`
+    report/                     `sentimerge report`: the other stage 3 variants it trains, their scores, the report
 
 Every finished folder holds a `DONE.json` manifest written last: its presence, and only that, means finished.
 """
@@ -39,10 +40,11 @@ EXPORT_TASKS = "sentimerge_tasks.yaml"  # in an export directory: the task specs
 
 
 class RunDir:
-    """Paths inside one run directory."""
+    """Paths inside one run directory; `finetune` places stage 3 elsewhere (the report's other variants)."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, finetune: str | Path | None = None):
         self.root = Path(root)
+        self._finetune = Path(finetune) if finetune is not None else None
 
     @property
     def config(self) -> Path:
@@ -137,6 +139,20 @@ class RunDir:
     def search_weak(self, task: str) -> Path:
         return self.search / "weak" / f"{task}.jsonl"
 
+    def search_select_weak(self, task: str) -> Path:
+        """The held-out weak set that picks the evolved merge among the best candidates."""
+        return self.search / "weak-select" / f"{task}.jsonl"
+
+    @property
+    def search_selection(self) -> Path:
+        """JSON Lines: each re-scored candidate's fitness on the held-out weak set (appended as scored)."""
+        return self.search / "selection.jsonl"
+
+    @property
+    def search_selected(self) -> Path:
+        """The evolved merge: the candidate the held-out weak set chose (written once the search is done)."""
+        return self.search / "selected.json"
+
     @property
     def search_report(self) -> Path:
         return self.search / "report.json"
@@ -156,7 +172,7 @@ class RunDir:
 
     @property
     def finetune(self) -> Path:
-        return self.root / "finetune"
+        return self._finetune if self._finetune is not None else self.root / "finetune"
 
     @property
     def finetune_adapter(self) -> Path:
@@ -182,6 +198,23 @@ class RunDir:
 
     def evaluation(self, name: str) -> Path:
         return self.root / "eval" / name
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    def report_finetune(self, weighting: str) -> Path:
+        """Stage 3 trained with another task-weighting strategy than the run's, for the report."""
+        return self.report / f"finetune-{weighting}"
+
+    @property
+    def report_multitask(self) -> Path:
+        """A multi-task LoRA trained directly on the base model, the report's alternative to merging."""
+        return self.report / "multitask-base"
+
+    def report_eval(self, variant: str) -> Path:
+        """One fine-tuned variant's metrics on the report's dev examples (a cache: re-scored only when stale)."""
+        return self.report / f"eval-{variant}.csv"
 
 
 def sweep_leftovers(final: Path) -> None:

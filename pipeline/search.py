@@ -2,8 +2,9 @@
 
 Reads the prepared data and base model and every task's finished expert; writes `<run>/search/`: the weak-label set,
 the baselines, an append-only log of every candidate (`candidates.jsonl`), a per-generation table, the best candidate
-so far, each generation's best scored on a gold dev sample, the final gold dev table, the mergekit recipe of the best
-candidate and (through mergekit) the merged model. Running the same command again resumes from what is on disk.
+so far, each generation's best scored on a gold dev sample, the evolved merge (the best few candidates re-scored on a
+held-out weak set pick it: `selected.json`), the final gold dev table, the mergekit recipe of the evolved
+merge and (through mergekit) the merged model. Running the same command again resumes from what is on disk.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from merge.lora import read_adapter
 from merge.methods import get_method
 from merge.recipe import build_recipe, recipe_yaml, run_mergekit
 from merge.search import Strategy, one_by_one, read_log, run_cma
-from merge.weak import check_labellers, labeller_for, sample_weak_set
+from merge.weak import check_labellers, labeller_for, sample_selection_set, sample_weak_set
 from pipeline.config import RunConfig, dump_config
 from pipeline.data import sample_examples
 from pipeline.errors import SentimergeError
@@ -77,6 +78,9 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     seed = cfg.seed if settings.seed is None else settings.seed
     started = time.perf_counter()
     weak_examples = {task.name: _weak_examples(run, settings, task, seed) for task in tasks}
+    select_examples = {task.name: sample_selection_set(run, settings.weak, task, seed, settings.select.per_task,
+                                                       weak_examples[task.name])
+                       for task in tasks} if settings.select.top else {}
 
     timer = Timer(json.loads((run.search / "timing.json").read_text())["seconds"]
                   if (run.search / "timing.json").is_file() else None)
@@ -91,6 +95,8 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
 
     with timer.phase("weak_labels"):
         weak_sets = _label_weak_sets(run, cfg, model, tokenizer, mergers["task_arithmetic"], genome, weak_examples)
+        select_sets = _label_weak_sets(run, cfg, model, tokenizer, mergers["task_arithmetic"], genome,
+                                       select_examples, run.search_select_weak) if select_examples else []
     with timer.phase("baselines"):
         baselines = _baselines(run, cfg, model, tokenizer, mergers, genome, weak_sets)
     merger = mergers[settings.method]
@@ -123,7 +129,7 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
         write_csv_atomic(run.search_generations, pd.DataFrame(generations))
         write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
 
-    strategy = Strategy(genome.filled(settings.init), settings.sigma0, settings.bounds, settings.population, seed)
+    strategy = Strategy(start_point(baselines, genome), settings.sigma0, settings.bounds, settings.population, seed)
     if (backend or cfg.backend) == "ray":
         from pipeline.distributed import RayScorerPool
 
@@ -146,7 +152,8 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     if not run.search_best.is_file():
         raise SentimergeError(f"{run.search_candidates}: every candidate failed (see their `error`); "
                               "check the experts and the bounds")
-    best = json.loads(run.search_best.read_text(encoding="utf-8"))
+    with timer.phase("selection"):
+        best = _select(run, cfg, merger, model, tokenizer, weak_sets, select_sets, start_point(baselines, genome))
     with timer.phase("final_gold"):
         final = _final_table(run, cfg, model, tokenizer, mergers, best, baselines)
     method = get_method(settings.method)
@@ -196,6 +203,7 @@ def _fingerprint(cfg: RunConfig, run: RunDir) -> str:
     """What decides the search's log: a resumed search must have the same."""
     # the number of generations, the final table and the export do not change the candidates already logged
     decisive = {"search": cfg.search.model_dump(mode="json", exclude={"export": True, "generations": True,
+                                                                       "select": True,
                                                                        "gold": {"final"}}),
                 "seed": cfg.seed,
                 "tasks": [task.name for task in cfg.tasks],
@@ -227,8 +235,9 @@ def _weak_examples(run: RunDir, settings, task, seed: int) -> list[dict]:
 
 
 def _label_weak_sets(run: RunDir, cfg: RunConfig, model, tokenizer, arithmetic: InMemoryMerge, genome: Genome,
-                     weak_examples: dict[str, list[dict]]) -> list[ScoredSet]:
-    """Label each task's weak examples (cached on disk) and tokenise them once."""
+                     weak_examples: dict[str, list[dict]], path_for=None) -> list[ScoredSet]:
+    """Label each task's weak examples (cached on disk at `path_for(task)`) and tokenise them once."""
+    path_for = path_for or run.search_weak
     settings = cfg.search
 
     def expert_predict(task, examples):
@@ -237,7 +246,7 @@ def _label_weak_sets(run: RunDir, cfg: RunConfig, model, tokenizer, arithmetic: 
                        settings.batch_size)
 
     for task in cfg.tasks:
-        path = run.search_weak(task.name)
+        path = path_for(task.name)
         if path.is_file():
             rows = read_jsonl(path)
         else:
@@ -249,15 +258,16 @@ def _label_weak_sets(run: RunDir, cfg: RunConfig, model, tokenizer, arithmetic: 
             write_jsonl_atomic(path, rows)
         if task.kind == "classification":
             agreement = np.mean([row["label"] == row["gold"] for row in rows])
-            log.info("weak labels %-12s %s: agreement with gold %.3f", task.name, rows[0]["labeller"], agreement)
-    return load_weak_sets(run, cfg, tokenizer)
+            log.info("weak labels %-12s %s: agreement with gold %.3f (%s)", task.name, rows[0]["labeller"],
+                     agreement, path.parent.name)
+    return load_weak_sets(run, cfg, tokenizer, path_for)
 
 
-def load_weak_sets(run: RunDir, cfg: RunConfig, tokenizer) -> list[ScoredSet]:
+def load_weak_sets(run: RunDir, cfg: RunConfig, tokenizer, path_for=None) -> list[ScoredSet]:
     """The labelled weak sets on disk, tokenised: what every candidate is scored on (here or on a Ray actor)."""
     sets = []
     for task in cfg.tasks:
-        rows = read_jsonl(run.search_weak(task.name))
+        rows = read_jsonl((path_for or run.search_weak)(task.name))
         sets.append(encode_set(tokenizer, task, rows, [row["label"] for row in rows],
                                cfg.search.weak.weights.get(task.name, 1.0)))
     return sets
@@ -267,9 +277,33 @@ def _baseline_candidates(cfg: RunConfig, genome: Genome) -> list[tuple[str, str,
     """(name, method, genome) of the fixed baselines every run scores."""
     candidates = [("base", "task_arithmetic", genome.filled(0.0))]
     candidates += [(f"expert:{name}", "task_arithmetic", genome.one_hot(name)) for name in genome.experts]
-    candidates += [("uniform", "task_arithmetic", genome.filled(cfg.search.init)),
-                   ("ties", "ties", genome.filled(1.0))]
+    if cfg.search.init == "auto":
+        candidates += [(f"uniform@{value:g}", "task_arithmetic", genome.filled(value))
+                       for value in cfg.search.init_grid]
+    else:
+        candidates.append(("uniform", "task_arithmetic", genome.filled(cfg.search.init)))
+    candidates.append(("ties", "ties", genome.filled(1.0)))
     return candidates
+
+
+def _choose_uniform(baselines: dict[str, dict]) -> dict[str, dict]:
+    """With `init: auto`, the uniform baseline is the scanned coefficient with the best weak fitness (the first of
+    equal ones); it is also where CMA-ES starts. Kept in the baselines file, so a resumed search starts there too."""
+    scan = [name for name in baselines if name.startswith("uniform@")]
+    if not scan:
+        return baselines
+    chosen = max(scan, key=lambda name: baselines[name]["fitness"])
+    ordered = {}
+    for name, row in baselines.items():
+        ordered[name] = row
+        if name == scan[-1]:
+            ordered["uniform"] = {**baselines[chosen], "chosen_from": scan}
+    return ordered
+
+
+def start_point(baselines: dict[str, dict], genome: Genome) -> np.ndarray:
+    """CMA-ES's start: the uniform baseline's coefficients (`init`, or the one `init: auto` chose)."""
+    return np.asarray(baselines["uniform"]["coefficients"], dtype=float).reshape(genome.size)
 
 
 def _baselines(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, genome: Genome,
@@ -282,6 +316,9 @@ def _baselines(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, genome: G
         baselines[name] = {"method": method, "coefficients": candidate.tolist(), **row}
         log.info("baseline %-20s fitness %.4f (%s)", name, row["fitness"],
                  " ".join(f"{t}={v['metric']:.3f}" for t, v in row.get("tasks", {}).items()))
+    baselines = _choose_uniform(baselines)
+    if "chosen_from" in baselines["uniform"]:
+        log.info("init auto: CMA-ES starts from the uniform coefficient %g", baselines["uniform"]["coefficients"][0])
     write_json_atomic(run.search_baselines, baselines)
     return baselines
 
@@ -313,6 +350,41 @@ def _keep_best(run: RunDir, row: dict) -> None:
         if best["fitness"] >= row["fitness"]:
             return
     write_json_atomic(run.search_best, row)
+
+
+def _select(run: RunDir, cfg: RunConfig, merger: InMemoryMerge, model, tokenizer, weak_sets: list[ScoredSet],
+            select_sets: list[ScoredSet], start: np.ndarray) -> dict:
+    """The evolved merge (merge.config.SelectConfig): the best of the top candidates and the start point on the
+    held-out weak set, or the best on the weak set when selection is off. Each re-scored candidate is logged as it is
+    scored, so a killed selection resumes; the choice is written to `selected.json`."""
+    if run.search_selected.is_file():
+        return json.loads(run.search_selected.read_text(encoding="utf-8"))
+    if not select_sets:
+        chosen = {**json.loads(run.search_best.read_text(encoding="utf-8")), "selected_by": "weak fitness"}
+        write_json_atomic(run.search_selected, chosen)
+        return chosen
+    settings = cfg.search
+    ranked = sorted((row for row in read_log(run.search_candidates) if row["status"] == "ok"),
+                    key=lambda row: -row["fitness"])[:settings.select.top]  # stable: the first of equal ones
+    entries = [(f"gen {row['generation']} cand {row['index']}", row) for row in ranked]
+    entries.append(("start", {"generation": None, "index": None, "coefficients": start.tolist()}))
+    done = {row["name"]: row for row in read_log(run.search_selection)}
+    for name, row in entries:
+        if name in done:
+            continue
+        if "fitness" not in row:  # the start point: its weak fitness too, with the searched method
+            row = {**row, **_score(merger, model, tokenizer, weak_sets, start, settings)}
+        held_out = _score(merger, model, tokenizer, select_sets, np.asarray(row["coefficients"]), settings)
+        done[name] = {"name": name, **{k: row.get(k) for k in ("generation", "index", "coefficients", "status",
+                                                                  "fitness", "tasks")},
+                      "select_fitness": held_out["fitness"], "select_tasks": held_out.get("tasks")}
+        append_jsonl(run.search_selection, done[name])
+        log.info("selection: %-16s weak %.4f held-out %.4f", name, row["fitness"], held_out["fitness"])
+    name = max((name for name, _ in entries), key=lambda name: done[name]["select_fitness"])
+    chosen = {**done[name], "selected_by": "held-out weak set"}
+    write_json_atomic(run.search_selected, chosen)
+    log.info("selection: the evolved merge is %s (held-out %.4f)", name, chosen["select_fitness"])
+    return chosen
 
 
 def _gold_sets(run: RunDir, cfg: RunConfig, tokenizer, limit: int | None, salt: str) -> list[ScoredSet]:
@@ -364,7 +436,8 @@ def _final_table(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, best: d
         return pd.read_csv(path)
     sets = _gold_sets(run, cfg, tokenizer, cfg.search.gold.final, "eval")  # the sample `evaluate` and `export` draw
     rows = []
-    entries = [(name, b["method"], b["coefficients"], b["fitness"]) for name, b in baselines.items()]
+    entries = [(name, b["method"], b["coefficients"], b["fitness"]) for name, b in baselines.items()
+               if not name.startswith("uniform@")]  # the scan of `init: auto`: its chosen one is `uniform`
     entries.append(("evolved", cfg.search.method, best["coefficients"], best["fitness"]))
     for name, method, candidate, weak_fitness in entries:
         gold = _gold_score(mergers[method], model, tokenizer, sets, candidate, cfg.search.batch_size)
@@ -433,6 +506,9 @@ def _report(run: RunDir, cfg: RunConfig, best: dict, baselines: dict, final: pd.
     gold = [row for row in generations if row.get("gold_best") is not None]
     return {
         "best": {k: best[k] for k in ("generation", "index", "fitness", "tasks")},
+        "selection": {"selected_by": best["selected_by"], "held_out_fitness": best.get("select_fitness"),
+                      "candidates": [{k: row[k] for k in ("name", "fitness", "select_fitness")}
+                                     for row in read_log(run.search_selection)]},
         "baselines": {name: b["fitness"] for name, b in baselines.items()},
         "gold_dev": final.to_dict(orient="records"),
         "weak_vs_gold_spearman": {

@@ -21,7 +21,7 @@ def test_inspect_prints_the_story_and_writes_plots(tmp_path, cache_dir, capsys):
     capsys.readouterr()
     assert cli(["inspect", str(run.root)]) == 0
     out = capsys.readouterr().out
-    for section in ("finished; 6 candidates", "generations:", "best coefficients (layer groups by experts)",
+    for section in ("finished; 6 candidates", "generations:", "coefficients (layer groups by experts)", "held-out selection",
                     "| layers | polarity | aspect3 | intensity |", "| 0-0 attention |", "baselines on the weak set",
                     "| uniform |", "| ties |", "gold dev", "| evolved |", "Spearman", "where the time went",
                     "search_scoring", "examples/s"):

@@ -175,3 +175,60 @@ def test_a_search_with_another_config_is_not_resumed(tmp_path, cache_dir):
     search.main(changed, force=True, max_evaluations=1)
     rows = read_jsonl(RunDir(cfg.resolved_run_dir).search_candidates)
     assert len(rows) == 1 and not np.allclose(rows[0]["coefficients"], 1.0)
+
+
+def test_init_auto_starts_from_the_best_scanned_uniform_merge(tmp_path, cache_dir):
+    cfg = tiny_search(tmp_path, cache_dir, init="auto", init_grid=[0.25, 0.5, 1.0], generations=1, sigma0=1e-6)
+    run = RunDir(cfg.resolved_run_dir)
+    search.main(cfg)
+    baselines = json.loads(run.search_baselines.read_text())
+    scan = {name: baselines[name]["fitness"] for name in ("uniform@0.25", "uniform@0.5", "uniform@1")}
+    chosen = max(scan, key=scan.get)
+    assert baselines["uniform"]["coefficients"] == baselines[chosen]["coefficients"]
+    assert baselines["uniform"]["fitness"] == scan[chosen]
+    start = baselines[chosen]["coefficients"][0]
+    for row in read_jsonl(run.search_candidates):  # CMA-ES samples around the chosen start (step ~ 0)
+        assert np.allclose(row["coefficients"], start, atol=1e-4)
+    final = pd.read_csv(run.search / "final.csv")
+    assert "uniform" in set(final["model"]) and not any(final["model"].str.startswith("uniform@"))
+
+
+def test_init_outside_the_bounds_is_rejected():
+    from merge.config import SearchConfig
+
+    with pytest.raises(ValueError, match="init 2.0 is outside bounds"):
+        SearchConfig(init="auto", init_grid=[0.5, 2.0], bounds=(0.0, 1.5))
+
+
+def test_the_evolved_merge_is_chosen_on_a_held_out_weak_set(tmp_path, cache_dir):
+    cfg = tiny_search(tmp_path, cache_dir, select={"top": 3, "per_task": 8})
+    run = RunDir(cfg.resolved_run_dir)
+    search.main(cfg)
+    for task in ("polarity", "aspect3", "intensity"):
+        weak = {row["id"] for row in read_jsonl(run.search_weak(task))}
+        held_out = read_jsonl(run.search_select_weak(task))
+        assert len(held_out) == 8 and not weak & {row["id"] for row in held_out}
+    rows = read_jsonl(run.search_candidates)
+    top = sorted(rows, key=lambda row: -row["fitness"])[:3]
+    selection = read_jsonl(run.search_selection)
+    assert [row["name"] for row in selection] == [f"gen {r['generation']} cand {r['index']}" for r in top] + ["start"]
+    assert [row["fitness"] for row in selection[:3]] == [row["fitness"] for row in top]
+    assert selection[-1]["coefficients"] == json.loads(run.search_baselines.read_text())["uniform"]["coefficients"]
+    chosen = max(selection, key=lambda row: row["select_fitness"])
+    selected = json.loads(run.search_selected.read_text())
+    assert selected["name"] == chosen["name"] and selected["selected_by"] == "held-out weak set"
+    final = pd.read_csv(run.search / "final.csv").set_index("model")
+    assert final.loc["evolved", "weak_fitness"] == pytest.approx(chosen["fitness"])
+    report = json.loads(run.search_report.read_text())
+    assert report["selection"]["held_out_fitness"] == chosen["select_fitness"]
+    assert len(report["selection"]["candidates"]) == 4
+
+
+def test_without_selection_the_evolved_merge_is_the_best_on_the_weak_set(tmp_path, cache_dir):
+    cfg = tiny_search(tmp_path, cache_dir, select={"top": 0}, generations=2)
+    run = RunDir(cfg.resolved_run_dir)
+    search.main(cfg)
+    assert not run.search_selection.exists() and not (run.search / "weak-select").exists()
+    selected = json.loads(run.search_selected.read_text())
+    assert selected["coefficients"] == json.loads(run.search_best.read_text())["coefficients"]
+    assert selected["selected_by"] == "weak fitness"

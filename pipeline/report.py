@@ -1,0 +1,349 @@
+"""`sentimerge report CONFIG`: run the pipeline, then compare every merge and fine-tuning strategy on the dev splits.
+
+One Markdown report answers: per task and on average, how do the zero-shot base model, each expert on its own task,
+uniform task arithmetic, TIES and the evolved merge (stage 2's final table), the final model fine-tuned with each
+task-weighting strategy, and a multi-task LoRA trained directly on the base model compare? Every fine-tuned variant
+has the run's stage 3 settings and seed; only the weighting differs (the run's own `finetune/` is reused for its
+weighting, the others train into `<run>/report/`). The multi-task LoRA trains from scratch like an expert (the
+experts' LoRA and learning rate, static weights) on as many examples as the experts and stage 3 together.
+
+Every variant is scored on exactly the dev examples of stage 2's final table, in the export's dtype. Trained variants
+and their scores are kept, so a killed report resumes and a second one only rewrites the tables. Writes
+`<run>/report/report.{md,csv,json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import shlex
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import finetune
+from pipeline.config import RunConfig, WeightingSettings
+from pipeline.data import sample_examples
+from pipeline.errors import SentimergeError
+from pipeline.evaluate import evaluate_model, markdown_table
+from pipeline.prepare import load_prepared
+from pipeline.run import main as run_pipeline
+from pipeline.rundir import RunDir, is_done, read_manifest, write_csv_atomic, write_json_atomic, write_text_atomic
+
+log = logging.getLogger("sentimerge.report")
+
+WEIGHTINGS = ("dao", "static", "uncertainty", "dwa", "famo")
+MERGES = {"base": "zero-shot base", "uniform": "uniform task arithmetic", "ties": "TIES", "evolved": "evolved merge"}
+EXPERTS = "each expert on its own task"
+MULTITASK = "multi-task LoRA on base"
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mse": "MSE", "pearson": "Pearson"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One fine-tuned model of the report: its row, its cache name, where it trains and the config it trains with."""
+
+    label: str
+    key: str
+    folder: Path
+    cfg: RunConfig
+
+
+def check_weightings(names: Sequence[str]) -> tuple[str, ...]:
+    """The strategies asked for, in order without repeats; unknown ones fail at once, naming each."""
+    from pipeline.weighting import WEIGHTINGS as REGISTRY
+
+    problems = [f"--weightings: {problem}" for problem in map(REGISTRY.problem, names) if problem]
+    if problems:
+        raise SentimergeError("\n".join(problems))
+    if not names:
+        raise SentimergeError("--weightings: give at least one strategy")
+    return tuple(dict.fromkeys(names))
+
+
+def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: bool = True, force: bool = False,
+         command: str | None = None) -> pd.DataFrame:
+    """Run every stage (finished ones are skipped), train and score the variants, write and print the report."""
+    weightings = check_weightings(weightings)
+    run_pipeline(cfg)
+    run = RunDir(cfg.resolved_run_dir)
+    budget = budgets(cfg)
+    variants = [weighting_variant(cfg, run, name) for name in weightings]
+    if multitask:
+        variants.append(multitask_variant(cfg, run, budget["multitask_steps"]))
+    data = dev_examples(cfg, run)
+    scores, trained = {}, {}
+    for variant in variants:
+        trained[variant.label] = train(variant, run)
+        scores[variant.label] = evaluate_variant(variant, run, data, force=force)
+
+    table = quality_table(cfg, run, scores)
+    strategies = strategy_table(cfg, {name: scores[f"final ({name})"] for name in weightings})
+    spearman = json.loads(run.search_report.read_text(encoding="utf-8"))["weak_vs_gold_spearman"]
+    command = command or f"pipeline.report.main({cfg.name}, weightings={list(weightings)}, multitask={multitask})"
+    facts = {"config": cfg.name, "resolved_config": str(run.config), "run_dir": str(run.root), "seed": cfg.seed,
+             "date": time.strftime("%Y-%m-%d %H:%M:%S%z"), "command": command, "budgets": budget,
+             "dev_examples": {name: len(rows) for name, rows in data.items()}}
+    write_csv_atomic(run.report / "report.csv", table)
+    write_json_atomic(run.report / "report.json", {
+        **facts, "table": _records(table), "retention": retention_by_task(cfg, table),
+        "strategies": _records(strategies), "versus_static": versus_static(cfg, strategies),
+        "weak_vs_gold_spearman": spearman,
+        "variants": {v.label: {"folder": str(v.folder), **{k: trained[v.label].get(k) for k in
+                                                           ("start", "weighting", "steps", "examples")}}
+                     for v in variants}})
+    write_text_atomic(run.report / "report.md", markdown(cfg, facts, table, strategies, spearman))
+    print(f"\nQuality of {cfg.name} (primary dev metric per task; {run.report / 'report.md'}):\n")
+    print(markdown_table(table))
+    return table
+
+
+def budgets(cfg: RunConfig) -> dict:
+    """Training examples of each part; the multi-task LoRA gets the experts' and stage 3's together, in whole steps."""
+    tasks, per_task = len(cfg.tasks), cfg.finetune.per_task
+    expert = cfg.experts.total_steps * cfg.experts.batch_size  # each expert step draws one batch of its task
+    stage3 = cfg.finetune.steps * per_task * tasks
+    pipeline_examples = expert * tasks + stage3
+    steps = math.ceil(pipeline_examples / (per_task * tasks))
+    return {"tasks": tasks, "experts_examples_per_task": expert, "experts_examples": expert * tasks,
+            "search_population": cfg.search.population, "search_generations": cfg.search.generations,
+            "search_weak_examples_per_task": cfg.search.weak.per_task,
+            "finetune_steps": cfg.finetune.steps, "finetune_per_task": per_task, "finetune_examples": stage3,
+            "pipeline_examples": pipeline_examples, "multitask_steps": steps,
+            "multitask_examples": steps * per_task * tasks}
+
+
+def weighting_variant(cfg: RunConfig, run: RunDir, name: str) -> Variant:
+    """Stage 3 with weighting `name`: the run's own `finetune/` for its weighting, else a copy under `report/`."""
+    label = f"final ({name})"
+    if name == cfg.finetune.weighting.name:
+        return Variant(label, f"finetune-{name}", run.finetune, cfg)
+    # the run's options belong to its own strategy; the others run with their defaults
+    weighting = WeightingSettings(name=name, grad_norm_every=cfg.finetune.weighting.grad_norm_every)
+    settings = cfg.finetune.model_copy(update={"weighting": weighting})
+    return Variant(label, f"finetune-{name}", run.report_finetune(name), cfg.model_copy(update={"finetune": settings}))
+
+
+def multitask_variant(cfg: RunConfig, run: RunDir, steps: int) -> Variant:
+    """A multi-task LoRA on the base model, trained like an expert (its LoRA and learning rate), equal task weights."""
+    settings = cfg.finetune.model_copy(update={
+        "start": "base", "weighting": WeightingSettings(name="static"), "lora": cfg.experts.lora,
+        "learning_rate": cfg.experts.learning_rate, "steps": steps})
+    return Variant(MULTITASK, "multitask-base", run.report_multitask, cfg.model_copy(update={"finetune": settings}))
+
+
+def train(variant: Variant, run: RunDir) -> dict:
+    """Train the variant, or skip it when finished (finetune resumes an interrupted one); its manifest."""
+    start = finetune.start_model_path(variant.cfg, run)
+    if is_done(variant.folder) and \
+            read_manifest(variant.folder).get("fingerprint") != finetune.fingerprint(variant.cfg, start):
+        raise SentimergeError(f"{variant.folder}: trained with another config; delete it to train it again")
+    log.info("report: %s in %s", variant.label, variant.folder)
+    return finetune.main(variant.cfg, folder=variant.folder)
+
+
+def dev_examples(cfg: RunConfig, run: RunDir) -> dict[str, list[dict]]:
+    """Each task's dev examples that stage 2's final table scored (search's `_gold_sets` with `gold.final`)."""
+    limit, data = cfg.search.gold.final, {}
+    for task in cfg.tasks:
+        examples = load_prepared(run, task.name, "dev")
+        if limit is not None and len(examples) > limit:
+            examples = sample_examples(examples, limit, cfg.seed, f"{task.name}/dev/eval")
+        data[task.name] = examples
+    return data
+
+
+def evaluate_variant(variant: Variant, run: RunDir, data: dict[str, list[dict]], *, force: bool = False) -> pd.DataFrame:
+    """The variant's metrics table (`evaluate_model`'s), from the cache unless it was retrained or the sample moved."""
+    cfg = variant.cfg
+    path = run.report_eval(variant.key)
+    key = _score_key(variant, data)
+    if path.is_file() and not force:
+        cached = pd.read_csv(path, dtype={"fingerprint": str})
+        if "fingerprint" in cached and cached["fingerprint"].iloc[0] == key:
+            return cached
+    model, tokenizer = load_finetuned(variant)
+    log.info("report: scoring %s on %s dev examples", variant.label, sum(map(len, data.values())))
+    table, _ = evaluate_model(model, tokenizer, list(cfg.tasks), data, batch_size=cfg.evaluate.batch_size)
+    table["fingerprint"] = key
+    write_csv_atomic(path, table)
+    return table
+
+
+def _score_key(variant: Variant, data: dict[str, list[dict]]) -> str:
+    """What decides a variant's scores: the training it finished, the examples and the dtype it is scored in."""
+    decisive = {"trained": read_manifest(variant.folder)["finished_at"], "dtype": variant.cfg.export.dtype,
+                "examples": {name: [row["id"] for row in rows] for name, rows in data.items()}}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_finetuned(variant: Variant):
+    """(model, tokenizer): the adapter merged into its start model in float32, then cast to the export's dtype,
+    as `export` writes it (in memory here)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.models import DTYPES, pick_device
+
+    cfg = variant.cfg
+    start, trust = read_manifest(variant.folder)["start"], cfg.base_model.trust_remote_code
+    adapter = RunDir(cfg.resolved_run_dir, finetune=variant.folder).finetune_adapter
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, trust_remote_code=trust)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    # peft leaves the merged weights frozen, and then CPU scoring takes another kernel path than for the freshly
+    # loaded export (last-bit differences); unfrozen like the export, the scores are the exported model's exactly
+    model.requires_grad_(True)
+    model.to(DTYPES[cfg.export.dtype]).to(pick_device(cfg.device)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=trust)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def quality_table(cfg: RunConfig, run: RunDir, scores: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Table (a): primary dev metric per task and mean, per model; `retention` vs each expert on its own task."""
+    names = [task.name for task in cfg.tasks]
+    search = pd.read_csv(run.search / "final.csv").set_index("model")
+    rows = [{"model": MERGES[key], **{n: float(search.loc[key, n]) for n in names}} for key in MERGES]
+    rows.insert(1, {"model": EXPERTS, **{n: float(search.loc[f"expert:{n}", n]) for n in names}})
+    for label, scored in scores.items():
+        primary = scored.set_index("task")["primary"]
+        rows.append({"model": label, **{n: float(primary[n]) for n in names}})
+    table = pd.DataFrame(rows)
+    table["mean"] = table[names].mean(axis=1)
+    # a ratio of means, as benchmarks/demo_report.py: per-task ratios explode where an expert scores near zero
+    experts_mean = float(table.set_index("model").loc[EXPERTS, "mean"])
+    table["retention"] = (table["mean"] / experts_mean).where(~table["model"].isin([MERGES["base"], EXPERTS]))
+    return table
+
+
+def retention_by_task(cfg: RunConfig, table: pd.DataFrame) -> dict[str, dict]:
+    """Each merged or fine-tuned row's retention: per task (row / expert) and their mean."""
+    names = [task.name for task in cfg.tasks]
+    expert = table.set_index("model").loc[EXPERTS, names]
+    return {row["model"]: {"of_means": float(row["retention"]),
+                           "tasks": {n: float(row[n] / expert[n]) for n in names}}
+            for _, row in table.iterrows() if not pd.isna(row["retention"])}
+
+
+def strategy_table(cfg: RunConfig, scores: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Table (b): per task accuracy and macro-F1 (classification) or MSE and Pearson (regression), and the mean
+    primary metric; one column per weighting."""
+    indexed = {name: scored.set_index("task") for name, scored in scores.items()}
+    rows = []
+    for task in cfg.tasks:
+        for metric in ("accuracy", "macro_f1") if task.kind == "classification" else ("mse", "pearson"):
+            rows.append({"task": task.name, "metric": metric,
+                         **{name: float(scored.loc[task.name, metric]) for name, scored in indexed.items()}})
+    rows.append({"task": "mean", "metric": "primary",
+                 **{name: float(scored.loc["mean", "primary"]) for name, scored in indexed.items()}})
+    return pd.DataFrame(rows)
+
+
+def versus_static(cfg: RunConfig, strategies: pd.DataFrame) -> dict | None:
+    """Each strategy's change relative to `static` in %: the mean primary metric, and each regression task's MSE
+    (negative is better). None when static was not trained."""
+    if "static" not in strategies:
+        return None
+    names = [column for column in strategies.columns if column not in ("task", "metric")]
+    table = strategies.set_index(["task", "metric"])
+
+    def change(row: pd.Series) -> dict[str, float | None]:
+        return {name: _percent(row[name], row["static"]) for name in names}
+
+    return {"mean_primary_pct": change(table.loc[("mean", "primary")]),
+            "mse_pct": {task.name: change(table.loc[(task.name, "mse")])
+                        for task in cfg.tasks if task.kind == "regression"}}
+
+
+def _percent(value: float, reference: float) -> float | None:
+    return None if reference == 0 or not np.isfinite(reference) else 100.0 * (value - reference) / abs(reference)
+
+
+def markdown(cfg: RunConfig, facts: dict, table: pd.DataFrame, strategies: pd.DataFrame, spearman: dict) -> str:
+    b = facts["budgets"]
+    primary = ", ".join(f"{task.name} {task.primary}" for task in cfg.tasks)
+    scored = ", ".join(f"{name} {count}" for name, count in facts["dev_examples"].items())
+    lines = [
+        f"# Quality report: {cfg.name}", "",
+        (f"- config: `{cfg.name}` (resolved: `{facts['resolved_config']}`); run dir `{facts['run_dir']}`; "
+         f"seed {facts['seed']}"),
+        f"- command: `{facts['command']}`; {facts['date']}",
+        f"- experts: {b['experts_examples_per_task']} training examples per task ({b['experts_examples']} in all)",
+        (f"- search: population {b['search_population']} x {b['search_generations']} generations, "
+         f"{b['search_weak_examples_per_task']} weak-labelled examples per task"),
+        (f"- stage 3: {b['finetune_steps']} steps x {b['finetune_per_task']} per task x {b['tasks']} tasks = "
+         f"{b['finetune_examples']} examples, the same for every weighting"),
+        (f"- multi-task LoRA on base: {b['multitask_steps']} steps x {b['finetune_per_task']} per task x "
+         f"{b['tasks']} tasks = {b['multitask_examples']} examples (experts + stage 3 = {b['pipeline_examples']}, "
+         "rounded up to whole steps); the experts' LoRA and learning rate, equal task weights"),
+        f"- dev examples scored per task: {scored}", "",
+        "## Primary dev metric per task", "",
+        (f"Primary metric: {primary}. Retention: the row's mean / the mean of each expert on its own task "
+         "(per-task ratios are in report.json)."), "",
+        markdown_table(table),
+        "## Fine-tuning strategies", "",
+        ("Same start model, steps, examples and seed; only `finetune.weighting` differs (the run's own strategy "
+         "with the config's options, the others with their defaults)."), "",
+        markdown_table(_strategy_display(cfg, strategies)),
+        "## Weak fitness vs gold dev (Spearman)", "",
+        f"- over stage 2's final table (base, experts, uniform, TIES, evolved): {_figure(spearman['final_table'])}",
+        f"- over each generation's best candidate: {_figure(spearman['generation_bests'])}", ""]
+    return "\n".join(lines)
+
+
+def _strategy_display(cfg: RunConfig, strategies: pd.DataFrame) -> pd.DataFrame:
+    """Table (b) for people: readable metric names, plus the changes relative to static as `+1.2%`."""
+    shown = strategies.astype(object).copy()
+    shown["metric"] = [METRIC_NAMES.get(metric, metric) for metric in shown["metric"]]
+    changes = versus_static(cfg, strategies)
+    if changes is not None:
+        extra = [{"task": "mean", "metric": "primary vs static", **_signed(changes["mean_primary_pct"])}]
+        extra += [{"task": task, "metric": "MSE vs static", **_signed(values)}
+                  for task, values in changes["mse_pct"].items()]
+        shown = pd.concat([shown, pd.DataFrame(extra)], ignore_index=True)
+    return shown
+
+
+def _signed(values: dict[str, float | None]) -> dict[str, str]:
+    return {name: "" if value is None else f"{value:+.1f}%" for name, value in values.items()}
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    return json.loads(table.to_json(orient="records"))  # NaN as null
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weightings", default=",".join(WEIGHTINGS),
+                        help="comma-separated stage 3 weighting strategies to compare "
+                             f"(default: {','.join(WEIGHTINGS)})")
+    parser.add_argument("--no-multitask", action="store_true",
+                        help="skip the multi-task LoRA trained on the base model")
+    parser.add_argument("--force", action="store_true",
+                        help="score every variant again and rewrite the report (finished training is kept)")
+
+
+def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
+    words = ["sentimerge", "report", args.config, *(["--run-dir", args.run_dir] if args.run_dir else []),
+             *(["--data-root", args.data_root] if args.data_root else []), "--weightings", args.weightings,
+             *(["--no-multitask"] if args.no_multitask else []), *(["--force"] if args.force else [])]
+    main(cfg, weightings=[name.strip() for name in args.weightings.split(",") if name.strip()],
+         multitask=not args.no_multitask, force=args.force, command=shlex.join(words))
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_module
+
+    run_module("report")

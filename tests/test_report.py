@@ -1,0 +1,123 @@
+"""`sentimerge report` on the tiny model: the files, the rows, the equal-budget baseline, scores that match the
+exported model, retention, resume without retraining, and a bad strategy name refused before anything runs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline import report
+from pipeline.cli import main as cli
+from pipeline.config import load_config
+from pipeline.errors import SentimergeError
+from pipeline.prepare import prepared_model_path
+from pipeline.rundir import RunDir, read_manifest
+from tests.conftest import write_tiny_config
+
+TASKS = ["polarity", "aspect3", "intensity"]
+MULTITASK = "multi-task LoRA on base"
+LORA = {"r": 4, "alpha": 8}
+SECTIONS = {  # seconds on the tiny model; gold.final unset: the whole dev split, as the export scores it
+    "experts": {"steps": 2, "batch_size": 4, "dev_examples": 4, "evaluations": 1, "lora": LORA,
+                "curriculum": {"pool": 16}},
+    "search": {"layer_group_size": 2, "population": 2, "generations": 1, "weak": {"per_task": 4},
+               "gold": {"per_generation": 4}, "dtype": "float32"},
+    "finetune": {"steps": 2, "per_task": 2, "dev_examples": 4, "evaluations": 1, "lora": LORA},
+    "export": {"dtype": "float32"},
+}
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory, cache_dir):
+    """A tiny run and its report with dao (the run's own stage 3) and static, plus the multi-task LoRA."""
+    folder = tmp_path_factory.mktemp("report")
+    cfg = load_config(write_tiny_config(folder, cache_dir=cache_dir, **SECTIONS))
+    table = report.main(cfg, weightings=("dao", "static"), multitask=True)
+    return cfg, table
+
+
+def test_report_writes_its_files_and_compares_every_model(reported):
+    cfg, table = reported
+    run = RunDir(cfg.resolved_run_dir)
+    for name in ("report.md", "report.csv", "report.json", "eval-finetune-dao.csv", "eval-finetune-static.csv",
+                 "eval-multitask-base.csv"):
+        assert (run.report / name).is_file(), name
+    assert list(table["model"]) == ["zero-shot base", "each expert on its own task", "uniform task arithmetic",
+                                    "TIES", "evolved merge", "final (dao)", "final (static)", MULTITASK]
+    assert list(table.columns) == ["model", *TASKS, "mean", "retention"]
+    pd.testing.assert_frame_equal(pd.read_csv(run.report / "report.csv"), table)
+    text = (run.report / "report.md").read_text()
+    assert "| final (static) |" in text and "MSE vs static" in text and "Spearman" in text
+    result = json.loads((run.report / "report.json").read_text())
+    assert result["dev_examples"] == {task: 12 for task in TASKS}
+    assert set(result["versus_static"]["mse_pct"]) == {"intensity"}
+    assert result["versus_static"]["mean_primary_pct"]["static"] == 0.0
+    # the run's own stage 3 is reused for its weighting; the other trains under report/
+    assert read_manifest(run.finetune)["weighting"] == "dao"
+    assert read_manifest(run.report_finetune("static"))["weighting"] == "static"
+
+
+
+def test_multitask_lora_starts_from_the_base_model_with_the_pipelines_budget(reported):
+    cfg, _ = reported
+    run = RunDir(cfg.resolved_run_dir)
+    manifest = read_manifest(run.report_multitask)
+    experts = 3 * 2 * 4  # tasks x expert steps x batch size
+    stage3 = 2 * 2 * 3  # steps x per task x tasks
+    assert manifest["start"] == prepared_model_path(run)
+    assert manifest["weighting"] == "static"
+    assert manifest["examples"] == experts + stage3 and manifest["steps"] == (experts + stage3) // (2 * 3)
+    assert json.loads((run.report / "report.json").read_text())["budgets"]["multitask_examples"] == experts + stage3
+
+
+def test_final_row_is_the_exported_models_score_and_the_right_adapter_was_scored(reported):
+    cfg, table = reported
+    run = RunDir(cfg.resolved_run_dir)
+    exported = pd.read_csv(run.export / "eval.csv")  # the export scored the whole dev split, as the report does
+    row = table.set_index("model").loc["final (dao)"]
+    for task in TASKS:
+        assert row[task] == pytest.approx(exported.set_index("task").loc[task, "primary"], rel=1e-12)
+    columns = ["task", "n", "accuracy", "macro_f1", "mse", "pearson", "primary"]
+    dao = pd.read_csv(run.report_eval("finetune-dao"))
+    pd.testing.assert_frame_equal(dao[columns], exported[columns], rtol=1e-12)
+    static = pd.read_csv(run.report_eval("finetune-static"))
+    assert (static["mse"] - dao["mse"]).abs().max() > 1e-6  # another adapter would not have passed
+
+
+def test_retention_is_each_rows_mean_ratio_to_the_experts(reported):
+    cfg, table = reported
+    rows = table.set_index("model")
+    expert = rows.loc["each expert on its own task", TASKS]
+    result = json.loads((RunDir(cfg.resolved_run_dir).report / "report.json").read_text())
+    for model in ["uniform task arithmetic", "TIES", "evolved merge", "final (dao)", "final (static)", MULTITASK]:
+        expected = sum(rows.loc[model, task] for task in TASKS) / sum(expert[task] for task in TASKS)
+        assert rows.loc[model, "retention"] == pytest.approx(expected)
+        assert result["retention"][model]["of_means"] == pytest.approx(expected)
+        assert result["retention"][model]["tasks"]["polarity"] == pytest.approx(rows.loc[model, "polarity"] /
+                                                                               expert["polarity"])
+    assert rows[["retention"]].loc[["zero-shot base", "each expert on its own task"]].isna().all().all()
+
+
+def test_a_second_report_neither_retrains_nor_rescores(reported):
+    cfg, table = reported
+    run = RunDir(cfg.resolved_run_dir)
+    folders = [run.finetune, run.report_finetune("static"), run.report_multitask]
+    finished = [read_manifest(folder)["finished_at"] for folder in folders]
+    scored = {path: path.stat().st_mtime_ns for path in run.report.glob("eval-*.csv")}
+    again = report.main(cfg, weightings=("dao", "static"), multitask=True)
+    pd.testing.assert_frame_equal(again, table)
+    assert [read_manifest(folder)["finished_at"] for folder in folders] == finished
+    assert {path: path.stat().st_mtime_ns for path in scored} == scored
+
+
+def test_an_unknown_weighting_is_one_line_before_anything_runs(tmp_path, cache_dir, capsys):
+    path = write_tiny_config(tmp_path, cache_dir=cache_dir, **SECTIONS)
+    with pytest.raises(SentimergeError, match="'stattic'") as error:
+        report.main(load_config(path), weightings=("dao", "stattic"))
+    assert "\n" not in str(error.value) and "did you mean 'static'" in str(error.value)
+    assert cli(["report", str(path), "--weightings", "dao,bogus"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "'bogus'" in errors[0]
+    assert not (tmp_path / "run").exists()  # nothing was prepared or trained
