@@ -36,6 +36,7 @@ def headline(cfg, result: dict) -> dict[str, float]:
     final = f"final ({cfg.finetune.weighting.name})"
     values = {"retention_evolved": retention["evolved merge"]["of_means"],
               "retention_final": retention[final]["of_means"] if final in retention else None,
+              "retention_multitask_lora": retention.get(report.MULTITASK, {}).get("of_means"),
               "weak_gold_spearman": result["weak_vs_gold_spearman"]["final_table"],
               "dao_vs_static_primary_pct": (result["versus_static"] or {}).get("mean_primary_pct", {}).get("dao")}
     return {f"{cfg.name}_{key}": value for key, value in values.items() if value is not None}

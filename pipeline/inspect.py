@@ -39,7 +39,8 @@ def main(run_dir: str | Path) -> dict[str, Path]:
         print(markdown_table(pd.read_csv(run.search_generations), digits=4))
     if best is not None:
         scores = ", ".join(f"{task} {value['metric']:.3f}" for task, value in best["tasks"].items())
-        print(f"best: generation {best['generation']} candidate {best['index']}, fitness {best['fitness']:.4f} "
+        print(f"best on the weak set: generation {best['generation']} candidate {best['index']}, "
+              f"fitness {best['fitness']:.4f} "
               f"({scores})\n")
     if run.search_selection.is_file():
         print("held-out selection (the best candidates and the start point re-scored on a second weak set):\n")
@@ -148,7 +149,7 @@ def plot_coefficients(run: RunDir, genome: dict, coefficients: list[float]) -> P
     for (i, j), value in np.ndenumerate(values):
         axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
     figure.colorbar(image, ax=axes, label="coefficient")
-    axes.set_title("best merge coefficients")
+    axes.set_title("evolved merge coefficients")
     return save_figure(figure, run.search_plots / "coefficients.png")
 
 

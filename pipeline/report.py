@@ -97,7 +97,8 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
         "strategies": _records(strategies), "versus_static": versus_static(cfg, strategies),
         "weak_vs_gold_spearman": spearman,
         "variants": {v.label: {"folder": str(v.folder), **{k: trained[v.label].get(k) for k in
-                                                           ("start", "weighting", "steps", "examples")}}
+                                                           ("start", "weighting", "steps", "examples",
+                                                            "train_seconds")}}
                      for v in variants}})
     write_text_atomic(run.report / "report.md", markdown(cfg, facts, table, strategies, spearman))
     print(f"\nQuality of {cfg.name} (primary dev metric per task; {run.report / 'report.md'}):\n")
