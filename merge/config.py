@@ -57,7 +57,8 @@ class SelectConfig(Frozen):
     CMA-ES's best on the weak set is biased upward: it was picked among many candidates on the same few examples
     (the winner's curse). The `top` best candidates and the start point are scored again on a held-out weak set of
     `per_task` examples per task (same sampling pool and labeller, disjoint from the weak set); the best there is the
-    evolved merge (the first of equal ones, in order of weak fitness, the start point last).
+    evolved merge (the first of equal ones, in order of weak fitness, the start point last). When the weak set took
+    every row a task has left, there is no held-out set: a warning, and the best on the weak set is chosen.
     """
 
     top: int = Field(5, ge=0, description="candidates re-scored on the held-out set (0: the best on the weak set)")

@@ -141,12 +141,10 @@ def sample_weak_set(run: RunDir, weak, task: TaskSpec, seed: int) -> tuple[list[
 def sample_selection_set(run: RunDir, weak, task: TaskSpec, seed: int, per_task: int,
                          weak_set: list[dict]) -> list[dict]:
     """The held-out weak set that picks the evolved merge: `per_task` rows from the same pool as the weak set
-    (salt `<task>/weak-select`), none of them in it."""
+    (salt `<task>/weak-select`), none of them in it; empty when the weak set took every row."""
     taken = {example["id"] for example in weak_set}
     pool = [example for example in _pool(run, weak, task)[0] if example["id"] not in taken]
     if not pool:
-        raise SentimergeError(f"task {task.name}: no {weak.split} rows left for the held-out selection set "
-                              "(search.select.per_task) after the weak set and the expert's training rows; "
-                              "set search.select.top: 0")
+        return []
     count = min(per_task, len(pool))
     return sample_examples(pool, count, seed, f"{task.name}/weak-select") if count < len(pool) else list(pool)

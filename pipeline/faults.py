@@ -210,7 +210,8 @@ class KillHarness:
                 code = _run(self._command(stage), {**self.env, "SENTIMERGE_FAULT_TRACE": str(trace)}, log=log)
             self.seconds[stage] = time.perf_counter() - started
             if code != 0:
-                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                # in process, the command's error went to this process's stderr, not to a log
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else ["see stderr"]
                 raise RuntimeError(f"reference run: `sentimerge {stage}` exited with {code}: {' | '.join(tail)}")
             self.points[stage] = len(trace.read_text().splitlines()) if trace.exists() else 0
             _restore(self.run_dir, self._after(stage))

@@ -81,6 +81,11 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     select_examples = {task.name: sample_selection_set(run, settings.weak, task, seed, settings.select.per_task,
                                                        weak_examples[task.name])
                        for task in tasks} if settings.select.top else {}
+    empty = [name for name, rows in select_examples.items() if not rows]
+    if empty:  # small data: every row left went into the weak set
+        log.warning("search.select: no %s rows left for a held-out set of %s; the evolved merge is the best on the "
+                    "weak set", settings.weak.split, ", ".join(empty))
+        select_examples = {}
 
     timer = Timer(json.loads((run.search / "timing.json").read_text())["seconds"]
                   if (run.search / "timing.json").is_file() else None)
@@ -433,7 +438,10 @@ def _final_table(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, best: d
     """Gold dev scores of the base model, each expert, uniform task arithmetic, TIES and the best candidate."""
     path = run.search / "final.csv"
     if path.is_file():
-        return pd.read_csv(path)
+        table = pd.read_csv(path)
+        if not (run.search / "final.md").is_file():  # killed between the two: the Markdown is derived from the CSV
+            write_text_atomic(run.search / "final.md", markdown_table(table))
+        return table
     sets = _gold_sets(run, cfg, tokenizer, cfg.search.gold.final, "eval")  # the sample `evaluate` and `export` draw
     rows = []
     entries = [(name, b["method"], b["coefficients"], b["fitness"]) for name, b in baselines.items()

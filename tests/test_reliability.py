@@ -80,12 +80,13 @@ def test_snapshot_comparison_ignores_wall_clock_and_sees_everything_else(tmp_pat
 
 def test_stages_killed_at_random_writes_resume_to_the_uninterrupted_artifacts(tmp_path, cache_dir):
     config = write_tiny_config(tmp_path, cache_dir=cache_dir,
-                               experts={"steps": 6, "batch_size": 4, "dev_examples": 8, "checkpoint_every": 2},
+                               experts={"steps": 4, "batch_size": 4, "dev_examples": 8, "checkpoint_every": 2},
                                search={"population": 4, "generations": 2, "weak": {"per_task": 4},
-                                       "gold": {"per_generation": 4}},
+                                       "select": {"top": 2, "per_task": 4}, "gold": {"per_generation": 4}},
                                finetune={"steps": 4, "dev_examples": 8, "checkpoint_every": 2})
     harness = KillHarness(config, tmp_path / "run", tmp_path / "work", in_process=True)
     harness.prepare_reference()
+    assert (tmp_path / "run" / "search" / "selection.jsonl").is_file()  # the held-out selection is in the trials
     assert all(harness.points[stage] > 0 for stage in harness.stages), harness.points
     trials = list(harness.trials(3, seed=0, modes=("write",), stages=("experts", "search", "finetune")))
     assert [t.stage for t in trials] == ["experts", "search", "finetune"]

@@ -224,11 +224,34 @@ def test_the_evolved_merge_is_chosen_on_a_held_out_weak_set(tmp_path, cache_dir)
     assert len(report["selection"]["candidates"]) == 4
 
 
-def test_without_selection_the_evolved_merge_is_the_best_on_the_weak_set(tmp_path, cache_dir):
-    cfg = tiny_search(tmp_path, cache_dir, select={"top": 0}, generations=2)
+def test_a_killed_selection_resumes_to_the_same_choice(tmp_path, cache_dir):
+    cfg = tiny_search(tmp_path, cache_dir, select={"top": 3, "per_task": 8}, generations=2)
     run = RunDir(cfg.resolved_run_dir)
+    search.main(cfg)
+    selection, selected = read_jsonl(run.search_selection), json.loads(run.search_selected.read_text())
+    final = pd.read_csv(run.search / "final.csv")
+    # as if killed after the second re-scored candidate: the finished stage's later files never written
+    for path in (run.search_selected, run.search / "final.csv", run.search / "DONE.json", run.search_report):
+        path.unlink()
+    write_jsonl_atomic(run.search_selection, selection[:2])
+    search.main(cfg)
+    assert without_timing(read_jsonl(run.search_selection)) == without_timing(selection)
+    assert json.loads(run.search_selected.read_text())["name"] == selected["name"]
+    pd.testing.assert_frame_equal(pd.read_csv(run.search / "final.csv"), final)
+
+
+@pytest.mark.parametrize("why", ["top 0", "no rows left"])
+def test_without_selection_the_evolved_merge_is_the_best_on_the_weak_set(tmp_path, cache_dir, why, caplog):
+    cfg = tiny_search(tmp_path, cache_dir, select={"top": 0} if why == "top 0" else {}, generations=2)
+    run = RunDir(cfg.resolved_run_dir)
+    if why == "no rows left":  # the experts trained on all but 6 rows of each task: the weak set takes those
+        for task in ("polarity", "aspect3", "intensity"):
+            write_json_atomic(run.expert(task) / "train_ids.json",
+                              [row["id"] for row in prepare.load_prepared(run, task, "train")[6:]])
     search.main(cfg)
     assert not run.search_selection.exists() and not (run.search / "weak-select").exists()
     selected = json.loads(run.search_selected.read_text())
     assert selected["coefficients"] == json.loads(run.search_best.read_text())["coefficients"]
     assert selected["selected_by"] == "weak fitness"
+    assert ("no train rows left for a held-out set of polarity, aspect3, intensity" in caplog.text) == \
+        (why == "no rows left")
