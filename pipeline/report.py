@@ -30,12 +30,11 @@ import pandas as pd
 
 from pipeline import finetune
 from pipeline.config import RunConfig, WeightingSettings
-from pipeline.data import sample_examples
 from pipeline.errors import SentimergeError
 from pipeline.evaluate import evaluate_model, markdown_table
-from pipeline.prepare import load_prepared
 from pipeline.run import main as run_pipeline
 from pipeline.rundir import RunDir, is_done, read_manifest, write_csv_atomic, write_json_atomic, write_text_atomic
+from pipeline.search import gold_examples
 
 log = logging.getLogger("sentimerge.report")
 
@@ -151,17 +150,12 @@ def train(variant: Variant, run: RunDir) -> dict:
 
 
 def dev_examples(cfg: RunConfig, run: RunDir) -> dict[str, list[dict]]:
-    """Each task's dev examples that stage 2's final table scored (search's `_gold_sets` with `gold.final`)."""
-    limit, data = cfg.search.gold.final, {}
-    for task in cfg.tasks:
-        examples = load_prepared(run, task.name, "dev")
-        if limit is not None and len(examples) > limit:
-            examples = sample_examples(examples, limit, cfg.seed, f"{task.name}/dev/eval")
-        data[task.name] = examples
-    return data
+    """Each task's dev examples that stage 2's final table scored."""
+    return gold_examples(run, cfg, cfg.search.gold.final, "eval")
 
 
-def evaluate_variant(variant: Variant, run: RunDir, data: dict[str, list[dict]], *, force: bool = False) -> pd.DataFrame:
+def evaluate_variant(variant: Variant, run: RunDir, data: dict[str, list[dict]], *,
+                     force: bool = False) -> pd.DataFrame:
     """The variant's metrics table (`evaluate_model`'s), from the cache unless it was retrained or the sample moved."""
     cfg = variant.cfg
     path = run.report_eval(variant.key)

@@ -392,17 +392,24 @@ def _select(run: RunDir, cfg: RunConfig, merger: InMemoryMerge, model, tokenizer
     return chosen
 
 
-def _gold_sets(run: RunDir, cfg: RunConfig, tokenizer, limit: int | None, salt: str) -> list[ScoredSet]:
-    """Each task's dev examples (a seeded sample of `limit` when given) with their gold labels."""
-    if limit == 0:
-        return []
-    sets = []
+def gold_examples(run: RunDir, cfg: RunConfig, limit: int | None, salt: str) -> dict[str, list[dict]]:
+    """Each task's dev examples: a seeded sample of `limit` when given (salt `eval`: the final table's, which
+    `evaluate`, `export` and `report` draw too), else all."""
+    data = {}
     for task in cfg.tasks:
         examples = load_prepared(run, task.name, "dev")
         if limit is not None and len(examples) > limit:
             examples = sample_examples(examples, limit, cfg.seed, f"{task.name}/dev/{salt}")
-        sets.append(encode_set(tokenizer, task, examples, [e["label"] for e in examples]))
-    return sets
+        data[task.name] = examples
+    return data
+
+
+def _gold_sets(run: RunDir, cfg: RunConfig, tokenizer, limit: int | None, salt: str) -> list[ScoredSet]:
+    """Each task's dev examples (`gold_examples`) with their gold labels, tokenised."""
+    if limit == 0:
+        return []
+    data = gold_examples(run, cfg, limit, salt)
+    return [encode_set(tokenizer, task, data[task.name], [e["label"] for e in data[task.name]]) for task in cfg.tasks]
 
 
 def _gold_score(merger: InMemoryMerge, model, tokenizer, sets: list[ScoredSet], candidate, batch_size: int) -> dict:
