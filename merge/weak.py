@@ -133,9 +133,7 @@ def sample_weak_set(run: RunDir, weak, task: TaskSpec, seed: int) -> tuple[list[
                     "the weak set may overlap them", task.name)
     count = min(weak.per_task, len(pool))
     examples = sample_examples(pool, count, seed, f"{task.name}/weak") if count < len(pool) else list(pool)
-    return examples, {"split": summary["split"], "pool": len(pool), "drawn": count,
-                      "excluded_expert_rows": summary["excluded_expert_rows"],
-                      "expert_rows_checked": summary["expert_rows_checked"]}
+    return examples, {**summary, "drawn": count}
 
 
 def sample_selection_set(run: RunDir, weak, task: TaskSpec, seed: int, per_task: int,

@@ -82,18 +82,25 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
     return run.export
 
 
-def _write_model(start: str, adapter: Path | None, folder: Path, cfg: RunConfig) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def merged_model(start: str, adapter: Path | None, cfg: RunConfig):
+    """The start model with the stage 3 adapter merged in float32, then cast to `export.dtype`: the exported
+    weights (also what `report` scores, in memory)."""
+    from transformers import AutoModelForCausalLM
 
-    trust = cfg.base_model.trust_remote_code
-    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32,
+                                                 trust_remote_code=cfg.base_model.trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.to(DTYPES[cfg.export.dtype])
-    model.save_pretrained(folder, safe_serialization=True)
-    AutoTokenizer.from_pretrained(start, trust_remote_code=trust).save_pretrained(folder)
+    return model.to(DTYPES[cfg.export.dtype])
+
+
+def _write_model(start: str, adapter: Path | None, folder: Path, cfg: RunConfig) -> None:
+    from transformers import AutoTokenizer
+
+    merged_model(start, adapter, cfg).save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(start, trust_remote_code=cfg.base_model.trust_remote_code).save_pretrained(folder)
 
 
 def git_revision() -> str | None:

@@ -180,24 +180,21 @@ def _score_key(variant: Variant, data: dict[str, list[dict]]) -> str:
 
 
 def load_finetuned(variant: Variant):
-    """(model, tokenizer): the adapter merged into its start model in float32, then cast to the export's dtype,
-    as `export` writes it (in memory here)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer): the adapter merged into its start model as `export` writes it (in memory here)."""
+    from transformers import AutoTokenizer
 
-    from pipeline.models import DTYPES, pick_device
+    from pipeline.export import merged_model
+    from pipeline.models import pick_device
 
     cfg = variant.cfg
-    start, trust = read_manifest(variant.folder)["start"], cfg.base_model.trust_remote_code
+    start = read_manifest(variant.folder)["start"]
     adapter = RunDir(cfg.resolved_run_dir, finetune=variant.folder).finetune_adapter
-    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, trust_remote_code=trust)
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = merged_model(start, adapter, cfg)
     # peft leaves the merged weights frozen, and then CPU scoring takes another kernel path than for the freshly
     # loaded export (last-bit differences); unfrozen like the export, the scores are the exported model's exactly
     model.requires_grad_(True)
-    model.to(DTYPES[cfg.export.dtype]).to(pick_device(cfg.device)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=trust)
+    model.to(pick_device(cfg.device)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=cfg.base_model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -134,7 +134,8 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
         write_csv_atomic(run.search_generations, pd.DataFrame(generations))
         write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
 
-    strategy = Strategy(start_point(baselines, genome), settings.sigma0, settings.bounds, settings.population, seed)
+    start = start_point(baselines, genome)
+    strategy = Strategy(start, settings.sigma0, settings.bounds, settings.population, seed)
     if (backend or cfg.backend) == "ray":
         from pipeline.distributed import RayScorerPool
 
@@ -158,7 +159,7 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
         raise SentimergeError(f"{run.search_candidates}: every candidate failed (see their `error`); "
                               "check the experts and the bounds")
     with timer.phase("selection"):
-        best = _select(run, cfg, merger, model, tokenizer, weak_sets, select_sets, start_point(baselines, genome))
+        best = _select(run, cfg, merger, model, tokenizer, weak_sets, select_sets, start)
     with timer.phase("final_gold"):
         final = _final_table(run, cfg, model, tokenizer, mergers, best, baselines)
     method = get_method(settings.method)
