@@ -56,11 +56,12 @@ def normalised(task: TaskSpec, value: float) -> float:
 
 
 def evaluate(model, tokenizer, sets: list[ScoredSet], batch_size: int) -> dict:
-    """Score every set: the weighted fitness, each task's metric and normalised metric, examples and seconds."""
+    """Score every set: the weighted fitness, each task's metric and normalised metric, examples, seconds and the
+    predictions (per task, in the sets' example order)."""
     started = time.perf_counter()
-    tasks = {}
+    tasks, predictions = {}, {}
     for scored in sets:
-        predicted = predict(model, tokenizer, scored, batch_size)
+        predicted = predictions[scored.task.name] = predict(model, tokenizer, scored, batch_size)
         metric = compute_metrics(scored.task, scored.labels, predicted)["primary"]
         if not math.isfinite(metric):
             raise ScoringFailed(f"task {scored.task.name}: metric is not finite")
@@ -68,4 +69,4 @@ def evaluate(model, tokenizer, sets: list[ScoredSet], batch_size: int) -> dict:
     total = sum(s.weight for s in sets)
     fitness = sum(s.weight * tasks[s.task.name]["normalised"] for s in sets) / total
     return {"fitness": round(fitness, 6), "tasks": tasks, "examples": sum(len(s.examples) for s in sets),
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "predictions": predictions}

@@ -60,7 +60,8 @@ def main(run_dir: str | Path) -> dict[str, Path]:
     if final.is_file():
         table = pd.read_csv(final)
         print("gold dev (primary metric per task; experts' own task is the ceiling):\n")
-        print(markdown_table(table))
+        markdown = run.search / "final.md"  # the table and the evolved merge's paired comparisons with the baselines
+        print(markdown.read_text(encoding="utf-8") if markdown.is_file() else markdown_table(table))
         print(f"weak fitness vs gold dev mean, Spearman over these models: "
               f"{spearman(table['weak_fitness'].tolist(), table['mean'].tolist()):.3f}")
     if run.search_gold.is_file():

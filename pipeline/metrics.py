@@ -35,3 +35,57 @@ def _correlation(function, a: np.ndarray, b: np.ndarray) -> float:
 
 def spearman(a: list[float], b: list[float]) -> float:
     return _correlation(spearmanr, np.asarray(a, dtype=float), np.asarray(b, dtype=float))
+
+
+def resampled_primary(task: TaskSpec, gold: list, predicted: list, indices: np.ndarray) -> np.ndarray:
+    """The primary metric on each resample of the examples: `indices` is [resamples, n] rows of example indices.
+
+    Vectorised over resamples (a bootstrap needs thousands); equals `compute_metrics(...)["primary"]` on each row.
+    """
+    if task.primary == "pearson":
+        g, p = np.asarray(gold, dtype=float)[indices], np.asarray(predicted, dtype=float)[indices]
+        g, p = g - g.mean(1, keepdims=True), p - p.mean(1, keepdims=True)
+        denominator = np.sqrt((g * g).sum(1) * (p * p).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denominator > 0, (g * p).sum(1) / np.where(denominator > 0, denominator, 1), 0.0)
+    g, p = np.asarray(gold, dtype=object), np.asarray(predicted, dtype=object)
+    if task.primary == "accuracy":
+        return (g == p)[indices].mean(1)
+    f1 = []
+    for label in task.labels:  # macro-F1 over the task's labels; a class never gold nor predicted scores 0
+        true, said = (g == label)[indices], (p == label)[indices]
+        tp = (true & said).sum(1)
+        denominator = true.sum(1) + said.sum(1)
+        f1.append(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0))
+    return np.mean(f1, axis=0)
+
+
+def paired_bootstrap(tasks: list[TaskSpec], gold: dict[str, list], a: dict[str, list], b: dict[str, list], *,
+                     resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """How sure is "model a beats model b" on the same examples? A paired bootstrap of the primary metric.
+
+    Each task's examples are resampled with replacement (the same rows for both models); the difference a - b of
+    each task's primary metric and of their mean over tasks (the tables' `mean`) is computed on every resample.
+    Returns the observed differences, their percentile interval at `level` and the share of resamples where a is
+    better (> 0), per task and for the mean.
+    """
+    rng = np.random.default_rng(seed)
+    per_task, observed = {}, {}
+    for task in tasks:
+        n = len(gold[task.name])
+        indices = rng.integers(0, n, size=(resamples, n))
+        identity = np.arange(n)[None]
+        observed[task.name] = float(resampled_primary(task, gold[task.name], a[task.name], identity)[0]
+                                    - resampled_primary(task, gold[task.name], b[task.name], identity)[0])
+        per_task[task.name] = (resampled_primary(task, gold[task.name], a[task.name], indices)
+                               - resampled_primary(task, gold[task.name], b[task.name], indices))
+    tail = (1 - level) / 2
+
+    def summary(observed_value: float, draws: np.ndarray) -> dict:
+        low, high = np.quantile(draws, [tail, 1 - tail])
+        return {"difference": round(observed_value, 6), "low": round(float(low), 6), "high": round(float(high), 6),
+                "p_better": round(float((draws > 0).mean()), 4)}
+
+    result = {"mean": summary(float(np.mean(list(observed.values()))), np.mean(list(per_task.values()), axis=0))}
+    result["tasks"] = {name: summary(observed[name], draws) for name, draws in per_task.items()}
+    return {**result, "resamples": resamples, "level": level, "seed": seed}

@@ -154,6 +154,11 @@ class RunDir:
         return self.search / "selected.json"
 
     @property
+    def search_final_predictions(self) -> Path:
+        """Every model of the final gold dev table's predictions, per task (for paired comparisons)."""
+        return self.search / "final_predictions.jsonl"
+
+    @property
     def search_report(self) -> Path:
         return self.search / "report.json"
 

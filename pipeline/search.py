@@ -35,7 +35,7 @@ from pipeline.config import RunConfig, dump_config
 from pipeline.data import sample_examples
 from pipeline.errors import SentimergeError
 from pipeline.evaluate import markdown_table
-from pipeline.metrics import spearman
+from pipeline.metrics import paired_bootstrap, spearman
 from pipeline.models import load_model
 from pipeline.prepare import load_prepared, prepared_model_path
 from pipeline.rundir import (RunDir, append_jsonl, fresh_dir, is_done, read_jsonl, read_manifest, write_csv_atomic,
@@ -177,7 +177,7 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     write_manifest(run.search, stage="search", method=settings.method, best_fitness=best["fitness"],
                    seconds=round(time.perf_counter() - started, 1))
     print(f"\nsearch: gold dev ({run.search / 'final.md'}):\n")
-    print(markdown_table(final))
+    print((run.search / "final.md").read_text(encoding="utf-8"))
     return run.search
 
 
@@ -417,7 +417,7 @@ def _gold_score(merger: InMemoryMerge, model, tokenizer, sets: list[ScoredSet], 
     merger.apply(np.asarray(candidate, dtype=float))
     result = evaluate(model, tokenizer, sets, batch_size)
     return {"mean": float(np.mean([v["metric"] for v in result["tasks"].values()])),
-            "tasks": {task: v["metric"] for task, v in result["tasks"].items()}}
+            "tasks": {task: v["metric"] for task, v in result["tasks"].items()}, "predictions": result["predictions"]}
 
 
 def _generation_row(run: RunDir, generation: int, rows: list[dict], sigma: float, previous: list[dict],
@@ -443,27 +443,68 @@ def _generation_row(run: RunDir, generation: int, rows: list[dict], sigma: float
 
 def _final_table(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, best: dict,
                  baselines: dict) -> pd.DataFrame:
-    """Gold dev scores of the base model, each expert, uniform task arithmetic, TIES and the best candidate."""
+    """Gold dev scores of the base model, each expert, uniform task arithmetic, TIES and the best candidate; each
+    model's predictions are kept (`final_predictions.jsonl`) for the paired comparisons of `compare_final`."""
     path = run.search / "final.csv"
     if path.is_file():
         table = pd.read_csv(path)
         if not (run.search / "final.md").is_file():  # killed between the two: the Markdown is derived from the CSV
-            write_text_atomic(run.search / "final.md", markdown_table(table))
+            write_text_atomic(run.search / "final.md", final_markdown(table, compare_final(run, cfg)))
         return table
     sets = _gold_sets(run, cfg, tokenizer, cfg.search.gold.final, "eval")  # the sample `evaluate` and `export` draw
-    rows = []
+    rows, predictions = [], []
     entries = [(name, b["method"], b["coefficients"], b["fitness"]) for name, b in baselines.items()
                if not name.startswith("uniform@")]  # the scan of `init: auto`: its chosen one is `uniform`
     entries.append(("evolved", cfg.search.method, best["coefficients"], best["fitness"]))
     for name, method, candidate, weak_fitness in entries:
         gold = _gold_score(mergers[method], model, tokenizer, sets, candidate, cfg.search.batch_size)
         rows.append({"model": name, **gold["tasks"], "mean": gold["mean"], "weak_fitness": weak_fitness})
+        predictions.append({"model": name, "predictions": gold["predictions"]})
         log.info("gold dev %-20s mean %.4f (%s)", name, gold["mean"],
                  " ".join(f"{t}={v:.3f}" for t, v in gold["tasks"].items()))
     table = pd.DataFrame(rows)
+    write_jsonl_atomic(run.search_final_predictions, predictions)  # before the CSV, whose presence means done
     write_csv_atomic(path, table)
-    write_text_atomic(run.search / "final.md", markdown_table(table))
+    write_text_atomic(run.search / "final.md", final_markdown(table, compare_final(run, cfg)))
     return table
+
+
+COMPARED = ("uniform", "ties")  # the baselines the evolved merge must beat
+
+
+def compare_final(run: RunDir, cfg: RunConfig) -> dict[str, dict] | None:
+    """Evolved merge minus each of `COMPARED` on the final table's gold dev examples: the difference of the primary
+    metric per task and of the mean, with a paired bootstrap interval (`pipeline.metrics.paired_bootstrap`; seeded
+    by the run's seed) and the share of resamples where the evolved merge is better. None for a run that kept no
+    predictions (made before they were kept)."""
+    if not run.search_final_predictions.is_file():
+        return None
+    predictions = {row["model"]: row["predictions"] for row in read_jsonl(run.search_final_predictions)}
+    data = gold_examples(run, cfg, cfg.search.gold.final, "eval")
+    gold = {name: [example["label"] for example in examples] for name, examples in data.items()}
+    return {name: paired_bootstrap(list(cfg.tasks), gold, predictions["evolved"], predictions[name], seed=cfg.seed)
+            for name in COMPARED if name in predictions}
+
+
+def final_markdown(table: pd.DataFrame, comparison: dict[str, dict] | None) -> str:
+    """The final table, and under it how sure the evolved merge's lead (or lag) over each baseline is."""
+    text = markdown_table(table)
+    if not comparison:
+        return text
+    first = next(iter(comparison.values()))
+    tasks = list(first["tasks"])
+    lines = ["", f"Evolved merge minus baseline (primary metric; {first['level']:.0%} paired bootstrap interval over "
+             f"the same dev examples, {first['resamples']} resamples; P = share of resamples where the evolved merge "
+             "is better):", "", "| vs | " + " | ".join(tasks) + " | mean | P(evolved better) |",
+             "|---|" + "---|" * (len(tasks) + 2)]
+    for name, result in comparison.items():
+        cells = [_interval(result["tasks"][task]) for task in tasks] + [_interval(result["mean"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['mean']['p_better']:.2f} |")
+    return text + "\n".join(lines) + "\n"
+
+
+def _interval(summary: dict) -> str:
+    return f"{summary['difference']:+.3f} [{summary['low']:+.3f}, {summary['high']:+.3f}]"
 
 
 def _export(run: RunDir, cfg: RunConfig, recipe: dict, merger: InMemoryMerge, candidate: np.ndarray, best: dict,
@@ -527,6 +568,7 @@ def _report(run: RunDir, cfg: RunConfig, best: dict, baselines: dict, final: pd.
                                      for row in read_log(run.search_selection)]},
         "baselines": {name: b["fitness"] for name, b in baselines.items()},
         "gold_dev": final.to_dict(orient="records"),
+        "gold_dev_comparison": compare_final(run, cfg),
         "weak_vs_gold_spearman": {
             "generation_bests": spearman([g["best"] for g in gold], [g["gold_best"] for g in gold]) if gold else None,
             "final_table": spearman(final["weak_fitness"].tolist(), final["mean"].tolist()),

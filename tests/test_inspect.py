@@ -24,7 +24,7 @@ def test_inspect_prints_the_story_and_writes_plots(tmp_path, cache_dir, capsys):
     for section in ("finished; 6 candidates", "generations:", "coefficients (layer groups by experts)", "held-out selection",
                     "| layers | polarity | aspect3 | intensity |", "| 0-0 attention |", "baselines on the weak set",
                     "| uniform |", "| ties |", "gold dev", "| evolved |", "Spearman", "where the time went",
-                    "search_scoring", "examples/s"):
+                    "search_scoring", "examples/s", "paired bootstrap interval", "P(evolved better)"):
         assert section in out, section
     for name in ("fitness.png", "coefficients.png"):
         assert (run.search_plots / name).read_bytes()[:8] == PNG

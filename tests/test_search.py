@@ -60,6 +60,19 @@ def test_search_writes_its_log_tables_baselines_and_a_mergekit_export(tmp_path, 
     for name in ("mergekit_config.yml", "README.md", "model.safetensors", "DONE.json", "sentimerge_search.json"):
         assert (run.search_merged / name).is_file(), name
     assert "+" in run.search_recipe.read_text()  # base+adapter references
+    # the paired comparisons are computed from the kept predictions: their observed differences are the table's
+    kept = {row["model"]: row["predictions"] for row in read_jsonl(run.search_final_predictions)}
+    assert list(kept) == list(final["model"]) and all(len(v) == 6 for v in kept["ties"].values())
+    table = final.set_index("model")
+    for name in ("uniform", "ties"):
+        comparison = report["gold_dev_comparison"][name]
+        for task in ("polarity", "aspect3", "intensity"):
+            assert comparison["tasks"][task]["difference"] == pytest.approx(
+                table.loc["evolved", task] - table.loc[name, task], abs=1e-6)
+            assert comparison["tasks"][task]["low"] <= comparison["tasks"][task]["high"]
+        assert comparison["mean"]["difference"] == pytest.approx(
+            table.loc["evolved", "mean"] - table.loc[name, "mean"], abs=1e-6)
+    assert "| ties | " in (run.search / "final.md").read_text()
     search.main(cfg)  # finished: a second run changes nothing
     assert read_jsonl(run.search_candidates) == rows
 

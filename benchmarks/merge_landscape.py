@@ -1,0 +1,179 @@
+"""Is there anything for the search to find, and which weak labels rank candidates like gold dev does?
+
+    python benchmarks/merge_landscape.py configs/demo.yaml --run-dir R
+
+On a finished search (R), scores on the gold dev sample of the final table: the baselines, every logged candidate,
+and probes of the search space around the start point (each coefficient group of each expert set to 0; each expert
+scaled by 0.75 and 1.25, the others kept); plus every candidate on the weak and held-out weak sets. Per-example answer
+log-probabilities are cached in `R/search/landscape/` (a killed run resumes; a second run only re-analyses).
+
+It reports (1) the spread of gold dev means over the logged candidates and probes against TIES and uniform task
+arithmetic: if no point of the space clears TIES by more than noise, no fitness can make the search clear it;
+(2) per task, the Spearman correlation over the logged candidates between gold dev and the candidates' metric
+against each labelling of the weak + held-out examples: the run's labeller, the VADER lexicon where it applies, and
+the rows' own gold labels (an upper bound for any labeller on that many examples).
+Writes benchmarks/results/merge_landscape_<config name>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.summary import machine  # noqa: E402
+from merge.engine import InMemoryMerge  # noqa: E402
+from merge.methods import get_method  # noqa: E402
+from merge.weak import get_labeller  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.evaluate import markdown_table  # noqa: E402
+from pipeline.metrics import compute_metrics, spearman  # noqa: E402
+from pipeline.rundir import RunDir, is_done, read_jsonl  # noqa: E402
+from pipeline.runtime import set_threads, setup_logging  # noqa: E402
+from pipeline.scoring import TaskScores, score_prompts  # noqa: E402
+from pipeline.search import _gold_sets, gold_examples, load_search_inputs, load_weak_sets  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def candidates(run: RunDir, genome) -> list[tuple[str, str, list[float]]]:
+    """(name, method, coefficients): the baselines, the logged candidates, then the probes around the start."""
+    baselines = json.loads(run.search_baselines.read_text(encoding="utf-8"))
+    found = [(name, b["method"], b["coefficients"]) for name, b in baselines.items()]
+    found += [(f"gen {row['generation']} cand {row['index']}", "task_arithmetic", row["coefficients"])
+              for row in read_jsonl(run.search_candidates) if row["status"] == "ok"]
+    start = np.asarray(baselines["uniform"]["coefficients"], dtype=float).reshape(genome.size)
+    labels = genome.labels()
+    for i, label in enumerate(labels):
+        probe = start.copy()
+        probe[i] = 0.0
+        found.append((f"probe: {label} = 0", "task_arithmetic", probe.tolist()))
+    for expert in genome.experts:
+        for scale in (0.75, 1.25):
+            probe = start.copy()
+            probe[[i for i, label in enumerate(labels) if label.split("/")[0] == expert]] *= scale
+            found.append((f"probe: {expert} x {scale:g}", "task_arithmetic", probe.tolist()))
+    return found
+
+
+def score_all(cfg, run: RunDir, cache: Path, batch_size: int) -> dict[str, dict]:
+    model, tokenizer, adapters, genome = load_search_inputs(cfg, run)
+    wanted = candidates(run, genome)
+    mergers = {method: InMemoryMerge(model, adapters, genome, get_method(method), density=cfg.search.density,
+                                     seed=cfg.seed) for method in dict.fromkeys(m for _, m, _ in wanted)}
+    sets = {"weak": load_weak_sets(run, cfg, tokenizer),
+            "held": load_weak_sets(run, cfg, tokenizer, run.search_select_weak)
+            if run.search_select_weak(cfg.tasks[0].name).is_file() else [],
+            "gold": _gold_sets(run, cfg, tokenizer, cfg.search.gold.final, "eval")}
+    cache.mkdir(parents=True, exist_ok=True)
+    scored = {}
+    for number, (name, method, coefficients) in enumerate(wanted):
+        path = cache / f"{number:04d}.pt"
+        if path.is_file():
+            kept = torch.load(path)
+            if kept["name"] == name and kept["coefficients"] == coefficients:
+                scored[name] = kept
+                continue
+        clock = time.perf_counter()
+        mergers[method].apply(np.asarray(coefficients, dtype=float))
+        kept = {"name": name, "method": method, "coefficients": coefficients}
+        for part, part_sets in sets.items():
+            kept[part] = {s.task.name: score_prompts(model, s.prompts, s.answers, pad_id=tokenizer.pad_token_id,
+                                                     batch_size=batch_size) for s in part_sets}
+        torch.save(kept, path)
+        scored[name] = kept
+        print(f"[{number + 1}/{len(wanted)}] {name}: {time.perf_counter() - clock:.1f} s", flush=True)
+    return scored
+
+
+def analyse(cfg, run: RunDir, scored: dict[str, dict]) -> dict:
+    tasks = {task.name: task for task in cfg.tasks}
+    dev = gold_examples(run, cfg, cfg.search.gold.final, "eval")
+    rows = {task: read_jsonl(run.search_weak(task)) + (read_jsonl(run.search_select_weak(task))
+                                                       if run.search_select_weak(task).is_file() else [])
+            for task in tasks}
+    labellings = {task: {"run's labeller": [row["label"] for row in rows[task]],
+                         "gold labels of these rows": [row["gold"] for row in rows[task]]} for task in tasks}
+    lexicon = get_labeller("lexicon")
+    for name, task in tasks.items():
+        if lexicon.problem(task) is None:
+            labellings[name]["lexicon (VADER)"] = lexicon.label(task, rows[name], None)
+
+    def metric(task, labels, logprobs) -> float:
+        return compute_metrics(task, labels, TaskScores(task, logprobs).predictions)["primary"]
+
+    gold = {name: {task: metric(tasks[task], [e["label"] for e in dev[task]], kept["gold"][task]) for task in tasks}
+            for name, kept in scored.items()}
+    means = {name: float(np.mean(list(values.values()))) for name, values in gold.items()}
+    logged = [name for name in scored if name.startswith("gen ")]
+    probes = [name for name in scored if name.startswith("probe: ")]
+    weak_logprobs = {name: {task: torch.cat([kept["weak"][task], *([kept["held"][task]] if kept["held"] else [])])
+                            for task in tasks} for name, kept in scored.items()}
+    trust = []
+    for task in tasks:
+        row = {"task": task, "examples": len(rows[task]),
+               "gold dev sd over candidates": float(np.std([gold[n][task] for n in logged]))}
+        for labelling, labels in labellings[task].items():
+            against = [metric(tasks[task], labels, weak_logprobs[n][task]) for n in logged]
+            row[labelling] = spearman(against, [gold[n][task] for n in logged])
+        trust.append(row)
+    spread = {"logged candidates": [means[n] for n in logged], "probes": [means[n] for n in probes]}
+    best_probe = max(probes, key=means.get) if probes else None
+    return {
+        "gold_dev": {name: {**values, "mean": means[name]} for name, values in gold.items()},
+        "spread": {part: {"n": len(values), "min": float(np.min(values)), "median": float(np.median(values)),
+                          "max": float(np.max(values))} for part, values in spread.items() if values},
+        "ties": means.get("ties"), "uniform": means.get("uniform"),
+        "best_logged": max(logged, key=means.get), "best_probe": best_probe,
+        "labeller_trust": trust,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--batch-size", type=int, default=16, help="scoring batch (bf16 scores move with it)")
+    args = parser.parse_args()
+    setup_logging()
+    cfg = load_config(args.config, run_dir=args.run_dir)
+    run = RunDir(cfg.resolved_run_dir)
+    if not is_done(run.search):
+        raise SystemExit(f"{run.search}: no finished search; run `sentimerge search {args.config}` first")
+    set_threads(cfg.threads)
+    started = time.time()
+    scored = score_all(cfg, run, run.search / "landscape", args.batch_size)
+    result = analyse(cfg, run, scored)
+    command = "python " + shlex.join(["benchmarks/merge_landscape.py", *sys.argv[1:]])
+    spread = pd.DataFrame([{"models": part, **values} for part, values in result["spread"].items()]
+                          + [{"models": "TIES", "n": 1, "max": result["ties"]},
+                             {"models": "uniform task arithmetic", "n": 1, "max": result["uniform"]}])
+    text = (f"# The merge landscape of a finished search ({cfg.name})\n\n"
+            f"{time.strftime('%Y-%m-%d')}, {machine()}, seed {cfg.seed}, bf16, scoring batch {args.batch_size}; "
+            f"`{command}` ({time.time() - started:.0f} s, cached scores reused).\n\n"
+            "## Gold dev mean (primary metric) over the search space\n\n" + markdown_table(spread) +
+            f"\nBest logged candidate: {result['best_logged']} "
+            f"({result['gold_dev'][result['best_logged']]['mean']:.4f}); best probe: {result['best_probe']} "
+            f"({result['gold_dev'][result['best_probe']]['mean']:.4f}).\n\n"
+            "## Which labels rank candidates like gold dev? (Spearman over the logged candidates, per task)\n\n"
+            + markdown_table(pd.DataFrame(result["labeller_trust"])))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"merge_landscape_{cfg.name}"
+    stem.with_suffix(".md").write_text(text, encoding="utf-8")
+    stem.with_suffix(".json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n",
+                                         encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
