@@ -39,6 +39,9 @@ def main() -> None:
     throughput = report["throughput"]
     values = {"retention_evolved": retention["evolved"], "retention_final": retention["final"],
               "weak_gold_spearman": spearman["final_table"]}
+    for name, comparison in (report.get("gold_dev_comparison") or {}).items():  # paired bootstrap, final table
+        values[f"demo_evolved_minus_{name}"] = comparison["mean"]["difference"]
+        values[f"demo_evolved_beats_{name}_share"] = comparison["mean"]["p_better"]
     if not info["skipped"]:  # the wall time means something only when this invocation ran every stage
         values |= {"demo_wall_seconds": info["total_seconds"], "demo_peak_rss_mb": info["peak_rss_mb"]}
     command = f"make demo (sentimerge run configs/demo.yaml --run-dir {run}); python benchmarks/demo_report.py {run}"
@@ -60,7 +63,9 @@ final model {retention['final']:.3f}. Weak fitness vs gold dev, Spearman over th
 Search candidates: merge {throughput['merge_ms_per_candidate']:.0f} ms, scoring
 {throughput['scoring_s_per_candidate']:.2f} s ({throughput['examples_per_s']:.1f} examples/s), medians over
 {throughput['candidates']} candidates.
-"""
+""" + "".join(f"Evolved merge minus {name} (mean; 95% paired bootstrap interval): {c['mean']['difference']:+.4f} "
+              f"[{c['mean']['low']:+.3f}, {c['mean']['high']:+.3f}], better in {c['mean']['p_better']:.0%} of "
+              "resamples.\n" for name, c in (report.get("gold_dev_comparison") or {}).items())
     (RESULTS / "demo_pipeline.md").write_text(text)
     print(text)
 

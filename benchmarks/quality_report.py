@@ -39,6 +39,9 @@ def headline(cfg, result: dict) -> dict[str, float]:
               "retention_multitask_lora": retention.get(report.MULTITASK, {}).get("of_means"),
               "weak_gold_spearman": result["weak_vs_gold_spearman"]["final_table"],
               "dao_vs_static_primary_pct": (result["versus_static"] or {}).get("mean_primary_pct", {}).get("dao")}
+    for name, comparison in (result.get("evolved_vs_baselines") or {}).items():  # from stage 2's final table
+        values[f"evolved_minus_{name}"] = comparison["mean"]["difference"]
+        values[f"evolved_beats_{name}_share"] = comparison["mean"]["p_better"]
     return {f"{cfg.name}_{key}": value for key, value in values.items() if value is not None}
 
 

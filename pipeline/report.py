@@ -34,7 +34,7 @@ from pipeline.errors import SentimergeError
 from pipeline.evaluate import evaluate_model, markdown_table
 from pipeline.run import main as run_pipeline
 from pipeline.rundir import RunDir, is_done, read_manifest, write_csv_atomic, write_json_atomic, write_text_atomic
-from pipeline.search import gold_examples
+from pipeline.search import compare_final, gold_examples
 
 log = logging.getLogger("sentimerge.report")
 
@@ -94,12 +94,13 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
     write_json_atomic(run.report / "report.json", {
         **facts, "table": _records(table), "retention": retention_by_task(cfg, table),
         "strategies": _records(strategies), "versus_static": versus_static(cfg, strategies),
-        "weak_vs_gold_spearman": spearman,
+        "weak_vs_gold_spearman": spearman, "evolved_vs_baselines": compare_final(run, cfg),
         "variants": {v.label: {"folder": str(v.folder), **{k: trained[v.label].get(k) for k in
                                                            ("start", "weighting", "steps", "examples",
                                                             "train_seconds")}}
                      for v in variants}})
-    write_text_atomic(run.report / "report.md", markdown(cfg, facts, table, strategies, spearman))
+    write_text_atomic(run.report / "report.md", markdown(cfg, facts, table, strategies, spearman,
+                                                         compare_final(run, cfg)))
     print(f"\nQuality of {cfg.name} (primary dev metric per task; {run.report / 'report.md'}):\n")
     print(markdown_table(table))
     return table
@@ -260,7 +261,8 @@ def _percent(value: float, reference: float) -> float | None:
     return None if reference == 0 or not np.isfinite(reference) else 100.0 * (value - reference) / abs(reference)
 
 
-def markdown(cfg: RunConfig, facts: dict, table: pd.DataFrame, strategies: pd.DataFrame, spearman: dict) -> str:
+def markdown(cfg: RunConfig, facts: dict, table: pd.DataFrame, strategies: pd.DataFrame, spearman: dict,
+             comparison: dict | None = None) -> str:
     b = facts["budgets"]
     primary = ", ".join(f"{task.name} {task.primary}" for task in cfg.tasks)
     scored = ", ".join(f"{name} {count}" for name, count in facts["dev_examples"].items())
@@ -289,6 +291,14 @@ def markdown(cfg: RunConfig, facts: dict, table: pd.DataFrame, strategies: pd.Da
         "## Weak fitness vs gold dev (Spearman)", "",
         f"- over stage 2's final table (base, experts, uniform, TIES, evolved): {_figure(spearman['final_table'])}",
         f"- over each generation's best candidate: {_figure(spearman['generation_bests'])}", ""]
+    if comparison:
+        lines += ["## Is the evolved merge's lead more than noise?", "",
+                  "Evolved merge minus each baseline on stage 2's final table, mean primary metric over tasks, with a "
+                  f"{next(iter(comparison.values()))['level']:.0%} paired bootstrap interval (per task in "
+                  "`search/final.md`):", ""]
+        lines += [f"- vs {name}: {c['mean']['difference']:+.3f} [{c['mean']['low']:+.3f}, {c['mean']['high']:+.3f}], "
+                  f"better in {c['mean']['p_better']:.0%} of resamples" for name, c in comparison.items()]
+        lines.append("")
     return "\n".join(lines)
 
 

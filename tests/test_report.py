@@ -54,6 +54,11 @@ def test_report_writes_its_files_and_compares_every_model(reported):
     assert result["dev_examples"] == {task: 12 for task in TASKS}
     assert set(result["versus_static"]["mse_pct"]) == {"intensity"}
     assert result["versus_static"]["mean_primary_pct"]["static"] == 0.0
+    merges = table.set_index("model")["mean"]
+    for name, row in (("uniform", "uniform task arithmetic"), ("ties", "TIES")):  # stage 2's paired comparisons
+        lead = result["evolved_vs_baselines"][name]["mean"]
+        assert lead["difference"] == pytest.approx(merges["evolved merge"] - merges[row], abs=1e-6)
+        assert lead["low"] <= lead["high"] and f"- vs {name}: {lead['difference']:+.3f}" in text
     # the run's own stage 3 is reused for its weighting; the other trains under report/
     assert read_manifest(run.finetune)["weighting"] == "dao"
     assert read_manifest(run.report_finetune("static"))["weighting"] == "static"
