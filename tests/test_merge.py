@@ -210,3 +210,17 @@ def test_mergekit_recipe_reproduces_the_in_memory_merge(tiny_experts, tmp_path, 
     assert difference < 1e-5, difference
     untouched = [name for name in merged if name not in expected]
     assert untouched and all(torch.equal(merged[name], base[name]) for name in untouched)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_recomputed_deltas_merge_exactly_like_resident_ones(tiny_experts, method):
+    cfg, _, adapters = tiny_experts
+    model = load_base(cfg)
+    genome = Genome(tuple(adapters), model.config.num_hidden_layers, 1)
+    kept = InMemoryMerge(model, adapters, genome, get_method(method), density=0.5, seed=1)
+    streamed = InMemoryMerge(model, adapters, genome, get_method(method), density=0.5, seed=1, keep_deltas=False)
+    assert all(t.deltas is not None for t in kept.targets) and all(t.deltas is None for t in streamed.targets)
+    for seed in (7, 8):
+        candidate = _coefficients(genome, seed=seed)
+        a, b = kept.merged_state(candidate), streamed.merged_state(candidate)
+        assert a.keys() == b.keys() and all(torch.equal(a[w], b[w]) for w in a)
