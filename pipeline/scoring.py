@@ -73,7 +73,7 @@ def _prefix(model, prompts: list[list[int]], device) -> _Prefix | None:
     if length < 8:  # not worth a second forward
         return None
     ids = torch.tensor([prompts[0][:length]], device=device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=_last(ids))
     return _Prefix(length, out.past_key_values)
 
 
@@ -94,13 +94,21 @@ def _score_batch(model, prompts, answers, pad_id, device, prefix: _Prefix | None
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     longer = [i for i, answer in enumerate(answers) if len(answer) > 1]
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions[:, skip:],
-                past_key_values=cache, use_cache=bool(longer) or cache is not None, logits_to_keep=1)
+                past_key_values=cache, use_cache=bool(longer) or cache is not None, logits_to_keep=_last(input_ids))
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     scores = first[:, [answer[0] for answer in answers]]
     if longer:
         scores[:, longer] += _continuations(model, out.past_key_values, attention, positions,
                                             [answers[i] for i in longer], pad_id)
     return scores.cpu()
+
+
+def _last(input_ids: torch.Tensor) -> torch.Tensor:
+    """`logits_to_keep` for the last position, as an index tensor: the kept hidden states are then a contiguous copy
+    [batch, 1, hidden]. With `logits_to_keep=1` they are a strided slice, and for a model whose weights do not require
+    grad (a peft model's frozen base, a merged-and-unloaded model) torch's matmul then multiplies it by the output
+    embedding expanded per example (a copy of [batch, hidden, vocab]): 2.4x slower scoring for SmolLM2-135M."""
+    return torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
 
 
 def _continuations(model, cache, attention, positions, answers, pad_id) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""`benchmarks/merge_landscape.py` on the tiny run: what it scores, that it agrees with the search, that it caches."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from benchmarks import merge_landscape
+from pipeline import search
+from pipeline.rundir import RunDir
+from tests.test_search import tiny_search
+
+
+def test_the_landscape_scores_the_space_and_agrees_with_the_final_table(tmp_path, cache_dir):
+    cfg = tiny_search(tmp_path, cache_dir, select={"top": 2, "per_task": 4}, generations=2)
+    run = RunDir(cfg.resolved_run_dir)
+    search.main(cfg)
+    cache = tmp_path / "landscape"
+    scored = merge_landscape.score_all(cfg, run, cache, cfg.search.batch_size)
+    genome = json.loads((run.search / "genome.json").read_text())
+    names = list(scored)
+    assert names[:6] == ["base", "expert:polarity", "expert:aspect3", "expert:intensity", "uniform", "ties"]
+    assert sum(name.startswith("gen ") for name in names) == 8  # 2 generations x 4
+    probes = [name for name in names if name.startswith("probe: ")]
+    assert len(probes) == len(genome["labels"]) + 2 * len(genome["experts"])
+    result = merge_landscape.analyse(cfg, run, scored)
+    final = pd.read_csv(run.search / "final.csv").set_index("model")
+    for model in ("base", "uniform", "ties"):  # the same merges on the same examples: the search's own scores
+        for task in ("polarity", "aspect3", "intensity"):
+            assert result["gold_dev"][model][task] == pytest.approx(final.loc[model, task], abs=1e-6)
+    trust = {row["task"]: row for row in result["labeller_trust"]}
+    assert "lexicon (VADER)" in trust["polarity"] and "lexicon (VADER)" not in trust["aspect3"]  # aspects: no VADER
+    assert trust["polarity"]["examples"] == 6 + 4  # weak + held-out
+    files = {path: path.stat().st_mtime_ns for path in cache.glob("*.pt")}
+    assert len(files) == len(names)
+    again = merge_landscape.score_all(cfg, run, cache, cfg.search.batch_size)  # cached: nothing scored again
+    assert list(again) == names and {path: path.stat().st_mtime_ns for path in cache.glob("*.pt")} == files
