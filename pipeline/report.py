@@ -190,10 +190,7 @@ def load_finetuned(variant: Variant):
     cfg = variant.cfg
     start = read_manifest(variant.folder)["start"]
     adapter = RunDir(cfg.resolved_run_dir, finetune=variant.folder).finetune_adapter
-    model = merged_model(start, adapter, cfg)
-    # peft leaves the merged weights frozen, and then CPU scoring takes another kernel path than for the freshly
-    # loaded export (last-bit differences); unfrozen like the export, the scores are the exported model's exactly
-    model.requires_grad_(True)
+    model = merged_model(start, adapter, cfg)  # frozen, unlike the reloaded export: the scorer takes one path for both
     model.to(pick_device(cfg.device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=cfg.base_model.trust_remote_code)
     if tokenizer.pad_token_id is None:
