@@ -90,3 +90,19 @@ def test_answers_that_prefix_each_other_are_rejected(tiny):
     task = cfg.task("polarity").model_copy(update={"verbalizers": {"negative": "positive", "positive": "positive positive"}})
     with pytest.raises(ModelError, match="prefix"):
         answer_tokens(tokenizer, task)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_frozen_weights_score_exactly_like_trainable_ones(prepared_tiny, dtype):
+    """A peft base or a merged-and-unloaded model is frozen; its scores must not depend on it (nor its speed: torch's
+    matmul took another path for a strided last position, an expanded copy of the output embedding)."""
+    run = RunDir(prepared_tiny.resolved_run_dir)
+    model, tokenizer = load_model(prepared_model_path(run), dtype=dtype)
+    task = prepared_tiny.task("polarity")
+    prompts = [prompt_ids(tokenizer, task, e) for e in load_prepared(run, "polarity", "dev")]
+    answers = answer_tokens(tokenizer, task).answers
+    scores = {}
+    for trainable in (True, False):
+        model.requires_grad_(trainable)
+        scores[trainable] = score_prompts(model, prompts, answers, pad_id=tokenizer.pad_token_id, batch_size=4)
+    assert torch.equal(scores[True], scores[False])
