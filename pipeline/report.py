@@ -86,6 +86,7 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
     table = quality_table(cfg, run, scores)
     strategies = strategy_table(cfg, {name: scores[f"final ({name})"] for name in weightings})
     spearman = json.loads(run.search_report.read_text(encoding="utf-8"))["weak_vs_gold_spearman"]
+    leads = compare_final(run, cfg)  # the evolved merge against uniform and TIES (stage 2's final table)
     command = command or f"pipeline.report.main({cfg.name}, weightings={list(weightings)}, multitask={multitask})"
     facts = {"config": cfg.name, "resolved_config": str(run.config), "run_dir": str(run.root), "seed": cfg.seed,
              "date": time.strftime("%Y-%m-%d %H:%M:%S%z"), "command": command, "budgets": budget,
@@ -94,13 +95,12 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
     write_json_atomic(run.report / "report.json", {
         **facts, "table": _records(table), "retention": retention_by_task(cfg, table),
         "strategies": _records(strategies), "versus_static": versus_static(cfg, strategies),
-        "weak_vs_gold_spearman": spearman, "evolved_vs_baselines": compare_final(run, cfg),
+        "weak_vs_gold_spearman": spearman, "evolved_vs_baselines": leads,
         "variants": {v.label: {"folder": str(v.folder), **{k: trained[v.label].get(k) for k in
                                                            ("start", "weighting", "steps", "examples",
                                                             "train_seconds")}}
                      for v in variants}})
-    write_text_atomic(run.report / "report.md", markdown(cfg, facts, table, strategies, spearman,
-                                                         compare_final(run, cfg)))
+    write_text_atomic(run.report / "report.md", markdown(cfg, facts, table, strategies, spearman, leads))
     print(f"\nQuality of {cfg.name} (primary dev metric per task; {run.report / 'report.md'}):\n")
     print(markdown_table(table))
     return table
