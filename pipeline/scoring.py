@@ -1,6 +1,6 @@
 """Scoring: the log-probability of each answer of a task, for many examples at once.
 
-One batched forward over the left-padded prompts keeps only the last position's logits (`logits_to_keep=1`), which
+One batched forward over the left-padded prompts keeps only the last position's logits (`logits_to_keep`), which
 gives every answer's first token. Answers longer than one token continue from the prompts' KV cache, repeated once
 per such answer, so the prompt is never computed twice. The token prefix all prompts share (system turn,
 instruction, answer list) is computed once per call and reused by every batch through its KV cache. Classification
@@ -107,7 +107,9 @@ def _last(input_ids: torch.Tensor) -> torch.Tensor:
     """`logits_to_keep` for the last position, as an index tensor: the kept hidden states are then a contiguous copy
     [batch, 1, hidden]. With `logits_to_keep=1` they are a strided slice, and for a model whose weights do not require
     grad (a peft model's frozen base, a merged-and-unloaded model) torch's matmul then multiplies it by the output
-    embedding expanded per example (a copy of [batch, hidden, vocab]): 2.4x slower scoring for SmolLM2-135M."""
+    embedding expanded per example (a copy of [batch, hidden, vocab]): 2.4x slower scoring for SmolLM2-135M. (Training
+    avoids the same copy with a hook on the model it builds, `experts.train.contiguous_head_input`; scoring takes any
+    model, so it asks for a contiguous slice instead.)"""
     return torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
 
 
