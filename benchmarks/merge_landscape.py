@@ -38,7 +38,7 @@ from merge.weak import get_labeller  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate import markdown_table  # noqa: E402
 from pipeline.metrics import compute_metrics, spearman  # noqa: E402
-from pipeline.rundir import RunDir, is_done, read_jsonl  # noqa: E402
+from pipeline.rundir import RunDir, is_done, read_jsonl, read_manifest  # noqa: E402
 from pipeline.runtime import set_threads, setup_logging  # noqa: E402
 from pipeline.scoring import TaskScores, score_prompts  # noqa: E402
 from pipeline.search import _gold_sets, gold_examples, load_search_inputs, load_weak_sets  # noqa: E402
@@ -46,29 +46,33 @@ from pipeline.search import _gold_sets, gold_examples, load_search_inputs, load_
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def candidates(run: RunDir, genome) -> list[tuple[str, str, list[float]]]:
-    """(name, method, coefficients): the baselines, the logged candidates, then the probes around the start."""
+def candidates(run: RunDir, genome, *, every: int = 1, probes: bool = True) -> list[tuple[str, str, list[float]]]:
+    """(name, method, coefficients): the baselines, the logged candidates (every `every`-th in log order), then the
+    probes around the start."""
     baselines = json.loads(run.search_baselines.read_text(encoding="utf-8"))
+    method = read_manifest(run.search)["method"]  # what the logged candidates were merged with
     found = [(name, b["method"], b["coefficients"]) for name, b in baselines.items()]
-    found += [(f"gen {row['generation']} cand {row['index']}", "task_arithmetic", row["coefficients"])
-              for row in read_jsonl(run.search_candidates) if row["status"] == "ok"]
+    logged = [row for row in read_jsonl(run.search_candidates) if row["status"] == "ok"]
+    found += [(f"gen {row['generation']} cand {row['index']}", method, row["coefficients"]) for row in logged[::every]]
+    if not probes:
+        return found
     start = np.asarray(baselines["uniform"]["coefficients"], dtype=float).reshape(genome.size)
     labels = genome.labels()
     for i, label in enumerate(labels):
         probe = start.copy()
         probe[i] = 0.0
-        found.append((f"probe: {label} = 0", "task_arithmetic", probe.tolist()))
+        found.append((f"probe: {label} = 0", method, probe.tolist()))
     for expert in genome.experts:
         for scale in (0.75, 1.25):
             probe = start.copy()
             probe[[i for i, label in enumerate(labels) if label.split("/")[0] == expert]] *= scale
-            found.append((f"probe: {expert} x {scale:g}", "task_arithmetic", probe.tolist()))
+            found.append((f"probe: {expert} x {scale:g}", method, probe.tolist()))
     return found
 
 
-def score_all(cfg, run: RunDir, cache: Path, batch_size: int) -> dict[str, dict]:
+def score_all(cfg, run: RunDir, cache: Path, batch_size: int, **which) -> dict[str, dict]:
     model, tokenizer, adapters, genome = load_search_inputs(cfg, run)
-    wanted = candidates(run, genome)
+    wanted = candidates(run, genome, **which)
     mergers = {method: InMemoryMerge(model, adapters, genome, get_method(method), density=cfg.search.density,
                                      seed=cfg.seed) for method in dict.fromkeys(m for _, m, _ in wanted)}
     sets = {"weak": load_weak_sets(run, cfg, tokenizer),
@@ -144,6 +148,9 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--batch-size", type=int, default=16, help="scoring batch (bf16 scores move with it)")
+    parser.add_argument("--every", type=int, default=1, metavar="K",
+                        help="score every K-th logged candidate (a large search: the suite's 80 take about 40 s each)")
+    parser.add_argument("--no-probes", action="store_true", help="skip the probes around the start point")
     args = parser.parse_args()
     setup_logging()
     cfg = load_config(args.config, run_dir=args.run_dir)
@@ -152,7 +159,8 @@ def main() -> None:
         raise SystemExit(f"{run.search}: no finished search; run `sentimerge search {args.config}` first")
     set_threads(cfg.threads)
     started = time.time()
-    scored = score_all(cfg, run, run.search / "landscape", args.batch_size)
+    scored = score_all(cfg, run, run.search / "landscape", args.batch_size, every=args.every,
+                       probes=not args.no_probes)
     result = analyse(cfg, run, scored)
     command = "python " + shlex.join(["benchmarks/merge_landscape.py", *sys.argv[1:]])
     spread = pd.DataFrame([{"models": part, **values} for part, values in result["spread"].items()]
@@ -163,8 +171,9 @@ def main() -> None:
             f"`{command}` ({time.time() - started:.0f} s, cached scores reused).\n\n"
             "## Gold dev mean (primary metric) over the search space\n\n" + markdown_table(spread) +
             f"\nBest logged candidate: {result['best_logged']} "
-            f"({result['gold_dev'][result['best_logged']]['mean']:.4f}); best probe: {result['best_probe']} "
-            f"({result['gold_dev'][result['best_probe']]['mean']:.4f}).\n\n"
+            f"({result['gold_dev'][result['best_logged']]['mean']:.4f})" +
+            (f"; best probe: {result['best_probe']} ({result['gold_dev'][result['best_probe']]['mean']:.4f})"
+             if result["best_probe"] else "") + ".\n\n"
             "## Which labels rank candidates like gold dev? (Spearman over the logged candidates, per task)\n\n"
             + markdown_table(pd.DataFrame(result["labeller_trust"])))
     RESULTS.mkdir(parents=True, exist_ok=True)

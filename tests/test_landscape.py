@@ -25,6 +25,11 @@ def test_the_landscape_scores_the_space_and_agrees_with_the_final_table(tmp_path
     assert sum(name.startswith("gen ") for name in names) == 8  # 2 generations x 4
     probes = [name for name in names if name.startswith("probe: ")]
     assert len(probes) == len(genome["labels"]) + 2 * len(genome["experts"])
+    from merge.genome import Genome
+
+    small = merge_landscape.candidates(run, Genome(tuple(genome["experts"]), genome["layers"], genome["group_size"],
+                                                   len(genome["parts"]) > 1), every=3, probes=False)
+    assert [name for name, _, _ in small] == names[:6] + ["gen 0 cand 0", "gen 0 cand 3", "gen 1 cand 2"]
     result = merge_landscape.analyse(cfg, run, scored)
     final = pd.read_csv(run.search / "final.csv").set_index("model")
     for model in ("base", "uniform", "ties"):  # the same merges on the same examples: the search's own scores
