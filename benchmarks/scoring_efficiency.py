@@ -69,7 +69,8 @@ class FlopCounter:
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
         attended = past + (new + 1) / 2  # causal: a token attends to the cache and the new tokens before it
-        keep = kwargs.get("logits_to_keep") or new
+        keep = kwargs.get("logits_to_keep", 0)  # positions kept: a count (0: all) or an index tensor
+        keep = keep.numel() if torch.is_tensor(keep) else keep or new
         self.executed += batch * (2 * self.linear_params * new + 4 * self.hidden * attended * new * self.layers
                                   + 2 * self.hidden * self.vocab * keep)
         self.tokens += batch * new

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from experts.train import autocast
+from pipeline.scoring import last_positions
 from pipeline.tasks import TaskSpec
 from pipeline.weighting import TaskStats, imbalance
 
@@ -83,7 +84,7 @@ def per_example_losses(model, batch: dict, device: torch.device, *, use_autocast
     try:
         with autocast(device, use_autocast):
             logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                           logits_to_keep=keep + 1, use_cache=False).logits
+                           logits_to_keep=last_positions(input_ids, keep + 1), use_cache=False).logits
     finally:
         if hook is not None:
             hook.remove()

@@ -15,7 +15,7 @@ from experts.config import ExpertsConfig, LoraSettings
 from pipeline.metrics import compute_metrics
 from pipeline.models import DTYPES
 from pipeline.prompts import training_example
-from pipeline.scoring import score_task
+from pipeline.scoring import last_positions, score_task
 from pipeline.tasks import TaskSpec
 
 
@@ -36,18 +36,7 @@ def load_lora_model(base_path: str, lora: LoraSettings, *, dtype: str, device: t
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(base, config)
     model.to(device)
-    contiguous_head_input(model)
     return model, tokenizer
-
-
-def contiguous_head_input(model) -> None:
-    """Make the output layer's input contiguous before its matmul.
-
-    With `logits_to_keep > 1` transformers hands the LM head a strided slice of the hidden states; torch's matmul
-    then cannot fold the batch into one GEMM and materialises the head's weight once per sequence (for SmolLM2:
-    8 x 576 x 49152 copies forward and backward, 40% of a training step, measured). One small copy avoids it.
-    """
-    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -84,7 +73,7 @@ def answer_loss(model, batch: dict, device: torch.device, *, use_autocast: bool)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     with autocast(device, use_autocast):
         logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                       logits_to_keep=keep + 1, use_cache=False).logits
+                       logits_to_keep=last_positions(input_ids, keep + 1), use_cache=False).logits
     targets = batch["labels"][:, -keep:].to(device)
     return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                              targets.reshape(-1), ignore_index=-100)

@@ -52,7 +52,7 @@ class InMemoryMerge:
     def __init__(self, model, experts: dict[str, dict[str, LoraFactors]], genome: Genome, method: MergeMethod, *,
                  density: float = 1.0, seed: int = 0, keep_deltas: bool = True):
         self.model, self.genome, self.method, self.density, self.seed = model, genome, method, density, seed
-        self.experts = len(genome.experts)
+        self.expert_count = len(genome.experts)
         names = list(genome.experts)
         if list(experts) != names:
             raise ValueError(f"experts {list(experts)} do not match the genome's {names}")
@@ -89,7 +89,7 @@ class InMemoryMerge:
     def _dense_deltas(self, target: _Target) -> torch.Tensor:
         """[experts, out, in] float32: each expert's (sparsified) delta of the target weight."""
         base = target.base.float()
-        deltas = torch.zeros((self.experts, *base.shape))
+        deltas = torch.zeros((self.expert_count, *base.shape))
         seed = int(np.random.SeedSequence([self.seed, target.index]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
         for i, factors in target.factors:
