@@ -1,6 +1,8 @@
 """Candidate turnover: one candidate evaluated in memory vs the alternatives a user would otherwise pick.
 
-1. in memory (sentimerge): write the candidate's merged weights into the resident bf16 scoring copy, score;
+1. in memory (sentimerge): write the candidate's merged weights into the resident bf16 scoring copy, score; for a
+   dense method (ties, dare) the merge is timed with its compiled combine (what the search runs, `search.compile`)
+   and with the eager one, side by side; the one-time compile is reported apart;
 2. mergekit to disk: `run_merge` writes the merged model, it is loaded and scored (how mergekit-evolve evaluates a
    candidate); mergekit gets a warm LoRA-merge cache (one untimed merge first), as a long search would have;
 3. peft: load the base, load the adapters, `add_weighted_adapter` (`cat` for task arithmetic, `ties` for TIES) and
@@ -94,8 +96,15 @@ def main() -> None:
         start = 1.0 if settings.init == "auto" else settings.init
         candidate = np.clip(start + 0.2 * np.random.default_rng(0).standard_normal(genome.size), *settings.bounds)
         clock = time.perf_counter()
-        merger = InMemoryMerge(model, adapters, genome, method, density=settings.density, seed=cfg.seed)
+        merger = InMemoryMerge(model, adapters, genome, method, density=settings.density, seed=cfg.seed,
+                               compile=settings.compile)
         precompute = time.perf_counter() - clock
+        eager, compile_once = None, None
+        if merger.compiled is None:  # a dense method: compile now (timed apart), and keep an eager merger beside it
+            eager = InMemoryMerge(model, adapters, genome, method, density=settings.density, seed=cfg.seed)
+            clock = time.perf_counter()
+            merger.apply(candidate)
+            compile_once = time.perf_counter() - clock
 
         recipe = build_recipe(base_path, {t: str(run.expert_adapter(t).resolve()) for t in adapters}, genome, candidate,
                               method, density=settings.density, out_dtype=settings.dtype)
@@ -106,11 +115,17 @@ def main() -> None:
             run_mergekit(recipe, work / "warmup", cache=work / "cache")  # merges each base+LoRA once into the cache
             warmup = time.perf_counter() - clock
             for repeat in range(args.repeats):  # interleaved, so a busy machine slows both paths alike
+                eager_merge = None
+                if eager is not None:
+                    clock = time.perf_counter()
+                    eager.apply(candidate)
+                    eager_merge = time.perf_counter() - clock
                 clock = time.perf_counter()
                 merger.apply(candidate)
                 merged = time.perf_counter() - clock
                 result = evaluate(model, tokenizer, sets, settings.batch_size)
-                in_memory.append({"merge": merged, "score": result["seconds"], "fitness": result["fitness"]})
+                in_memory.append({"merge": merged, "eager_merge": eager_merge, "score": result["seconds"],
+                                  "fitness": result["fitness"]})
 
                 out = work / f"candidate-{repeat}"
                 clock = time.perf_counter()
@@ -146,7 +161,7 @@ def main() -> None:
             "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
             "in_memory": {"precompute_once_s": precompute, "merge_s": median(in_memory, "merge"),
                           "score_s": median(in_memory, "score"), "total_s": memory_total,
-                          "fitness": in_memory[0]["fitness"]},
+                          "fitness": in_memory[0]["fitness"], "compiled": bool(merger.compiled)},
             "mergekit": {"lora_cache_warmup_once_s": warmup, "merge_to_disk_s": median(on_disk, "merge_to_disk"),
                          "load_s": median(on_disk, "load"), "score_s": median(on_disk, "score"), "total_s": disk_total,
                          "fitness": on_disk[0]["fitness"]},
@@ -158,6 +173,9 @@ def main() -> None:
             "ratio_excluding_scoring": (median(on_disk, "merge_to_disk") + median(on_disk, "load"))
                                        / median(in_memory, "merge"),
         }
+        if eager is not None:
+            report["in_memory"].update(compile_once_s=compile_once, eager_merge_s=median(in_memory, "eager_merge"))
+            report["ratio_eager_over_compiled_merge"] = median(in_memory, "eager_merge") / median(in_memory, "merge")
         RESULTS.mkdir(exist_ok=True)
         write_json_atomic(RESULTS / f"candidate_turnover-{method.name}.json", report)
         lines = [f"# Candidate turnover ({method.name}, {report['weak_examples']} weak examples, "
@@ -165,6 +183,10 @@ def main() -> None:
                  "| path | merge | load | scoring | total |", "|---|---|---|---|---|",
                  f"| in memory | {report['in_memory']['merge_s'] * 1000:.0f} ms | - | {report['in_memory']['score_s']:.2f} s "
                  f"| {memory_total:.2f} s |",
+                 *([f"| in memory, eager combine (`search.compile: false`) | "
+                    f"{report['in_memory']['eager_merge_s'] * 1000:.0f} ms | - | (same weights) | "
+                    f"{report['in_memory']['eager_merge_s'] + report['in_memory']['score_s']:.2f} s |"]
+                   if eager is not None else []),
                  f"| mergekit to disk + reload | {report['mergekit']['merge_to_disk_s']:.2f} s | "
                  f"{report['mergekit']['load_s']:.2f} s | {report['mergekit']['score_s']:.2f} s | {disk_total:.2f} s |",
                  f"| peft add_weighted_adapter + merge_and_unload (one weight per expert) | "
@@ -175,6 +197,9 @@ def main() -> None:
                  f"Whole candidate vs in memory: mergekit {report['ratio_mergekit_over_in_memory']:.2f}x, peft "
                  f"{report['ratio_peft_over_in_memory']:.2f}x slower. The merge is "
                  f"{report['merge_share_in_memory']:.1%} of an in-memory candidate's time.",
+                 *([f"Compiled combine: merge {report['ratio_eager_over_compiled_merge']:.1f}x faster than eager "
+                    f"(compiled: {report['in_memory']['compiled']}; compiling once took {compile_once:.1f} s)."]
+                   if eager is not None else []),
                  "", f"Ratio (mergekit / in memory), whole candidate: {report['ratio_mergekit_over_in_memory']:.2f}x; "
                  f"merge only (merge+write+load vs in-memory merge): {report['ratio_excluding_scoring']:.0f}x.",
                  f"One-time costs: in-memory precompute {precompute:.2f} s; mergekit LoRA-merge cache warm-up "

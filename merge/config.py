@@ -85,6 +85,8 @@ class SearchConfig(Frozen):
     failure_penalty: float = Field(-2.0, description="fitness of a candidate whose merge or scoring fails")
     batch_size: int = Field(32, ge=1)
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="the resident scoring copy")
+    compile: bool = Field(True, description="torch.compile the searched dense method's combine (ties, dare): one "
+                                            "fused pass per weight; eager, with a warning, where compiling fails")
     export: bool = Field(True, description="write the best merge through mergekit to <run>/search/merged")
     weak: WeakConfig = WeakConfig()
     gold: GoldConfig = GoldConfig()

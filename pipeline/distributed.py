@@ -115,7 +115,7 @@ class ScoringWorker:
         self.settings = settings
         self.model, self.tokenizer, adapters, genome = load_search_inputs(cfg, run)
         self.merger = InMemoryMerge(self.model, adapters, genome, get_method(settings.method),
-                                    density=settings.density, seed=seed)
+                                    density=settings.density, seed=seed, compile=settings.compile)
         self.sets = load_weak_sets(run, cfg, self.tokenizer)
 
     def score(self, generation: int, index: int, candidate: list[float]) -> dict:

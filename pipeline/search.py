@@ -95,7 +95,8 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     with timer.phase("precompute"):
         # a baseline's method is merged only a few times: its dense deltas are recomputed then, not kept resident
         mergers = {name: InMemoryMerge(model, adapters, genome, get_method(name), density=settings.density,
-                                       seed=seed, keep_deltas=name == settings.method)
+                                       seed=seed, keep_deltas=name == settings.method,
+                                       compile=settings.compile and name == settings.method)
                    for name in dict.fromkeys([*BASELINE_METHODS, settings.method])}
     log.info("search: %d experts, %d layers in groups of %d -> genome of %d coefficients (%s)", len(adapters),
              genome.num_layers, genome.group_size, genome.size, settings.method)

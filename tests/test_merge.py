@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from merge.engine import InMemoryMerge
+from merge.engine import InMemoryMerge, MergeFailed
 from merge.genome import Genome
 from merge.lora import read_adapter
 from merge.methods import METHODS, get_method
@@ -174,8 +176,6 @@ def test_dare_masks_are_drawn_once_and_seeded(tiny_experts):
 
 
 def test_apply_writes_the_resident_model_and_rejects_non_finite(tiny_experts):
-    from merge.engine import MergeFailed
-
     cfg, _, adapters = tiny_experts
     model = load_base(cfg).to(torch.bfloat16)
     genome = Genome(tuple(adapters), model.config.num_hidden_layers, 1)
@@ -224,3 +224,51 @@ def test_recomputed_deltas_merge_exactly_like_resident_ones(tiny_experts, method
         candidate = _coefficients(genome, seed=seed)
         a, b = kept.merged_state(candidate), streamed.merged_state(candidate)
         assert a.keys() == b.keys() and all(torch.equal(a[w], b[w]) for w in a)
+
+
+def _applied(merger: InMemoryMerge, candidate: np.ndarray) -> dict[str, torch.Tensor]:
+    merger.apply(candidate)
+    return {t.weight: t.param.detach().clone() for t in merger.targets}
+
+
+def test_compiled_merge_writes_exactly_what_eager_does(tiny_experts):
+    cfg, _, adapters = tiny_experts
+    model = load_base(cfg).to(torch.bfloat16)  # the search's resident copy: the kernel also casts to bf16
+    genome = Genome(tuple(adapters), model.config.num_hidden_layers, 1)
+    eager = InMemoryMerge(model, adapters, genome, get_method("ties"), density=0.5, seed=1)
+    compiled = InMemoryMerge(model, adapters, genome, get_method("ties"), density=0.5, seed=1, compile=True)
+    assert eager.compiled is False and compiled.compiled is None
+    for seed in (7, 8):
+        candidate = _coefficients(genome, seed=seed)
+        a, b = _applied(eager, candidate), _applied(compiled, candidate)
+        reference = eager.merged_state(candidate)
+        assert all(torch.equal(a[w], reference[w].to(torch.bfloat16)) for w in a)
+        assert a.keys() == b.keys() and all(torch.equal(a[w], b[w]) for w in a)
+    if shutil.which("g++") or shutil.which("clang++"):  # inductor's CPU backend needs a C++ compiler
+        assert compiled.compiled is True
+    with pytest.raises(MergeFailed, match="not finite"):  # the fused finiteness check still guards the candidate
+        compiled.apply(np.full(genome.size, np.inf))
+    low_rank = InMemoryMerge(model, adapters, genome, get_method("task_arithmetic"), compile=True)
+    assert low_rank.compiled is False  # a weighted sum on the LoRA factors: one matmul, nothing to fuse
+
+
+def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny_experts, monkeypatch, caplog):
+    cfg, _, adapters = tiny_experts
+    model = load_base(cfg)
+    genome = Genome(tuple(adapters), model.config.num_hidden_layers, 1)
+    candidate = _coefficients(genome, seed=7)
+    eager = InMemoryMerge(model, adapters, genome, get_method("ties"), density=0.5, seed=1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    merger = InMemoryMerge(model, adapters, genome, get_method("ties"), density=0.5, seed=1, compile=True)
+    expected = _applied(eager, candidate)  # after both took the base weights: apply overwrites the model
+    with caplog.at_level("WARNING", logger="sentimerge.merge"):
+        merged, again = _applied(merger, candidate), _applied(merger, candidate)
+    assert merger.compiled is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "merge: torch.compile of ties failed, merging in eager mode (slower): "
+        "InvalidCxxCompiler: No working C++ compiler found"]
+    assert all(torch.equal(merged[w], expected[w]) and torch.equal(again[w], expected[w]) for w in expected)
