@@ -34,7 +34,7 @@ from pipeline.errors import SentimergeError
 from pipeline.evaluate import evaluate_model, markdown_table
 from pipeline.run import main as run_pipeline
 from pipeline.rundir import RunDir, is_done, read_manifest, write_csv_atomic, write_json_atomic, write_text_atomic
-from pipeline.search import compare_final, gold_examples
+from pipeline.search import gold_examples
 
 log = logging.getLogger("sentimerge.report")
 
@@ -85,8 +85,9 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
 
     table = quality_table(cfg, run, scores)
     strategies = strategy_table(cfg, {name: scores[f"final ({name})"] for name in weightings})
-    spearman = json.loads(run.search_report.read_text(encoding="utf-8"))["weak_vs_gold_spearman"]
-    leads = compare_final(run, cfg)  # the evolved merge against uniform and TIES (stage 2's final table)
+    searched = json.loads(run.search_report.read_text(encoding="utf-8"))
+    spearman = searched["weak_vs_gold_spearman"]
+    leads = searched.get("gold_dev_comparison")  # stage 2's evolved merge against uniform and TIES, as it wrote them
     command = command or f"pipeline.report.main({cfg.name}, weightings={list(weightings)}, multitask={multitask})"
     facts = {"config": cfg.name, "resolved_config": str(run.config), "run_dir": str(run.root), "seed": cfg.seed,
              "date": time.strftime("%Y-%m-%d %H:%M:%S%z"), "command": command, "budgets": budget,
