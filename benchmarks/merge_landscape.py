@@ -4,8 +4,9 @@
 
 On a finished search (R), scores on the gold dev sample of the final table: the baselines, every logged candidate,
 and probes of the search space around the start point (each coefficient group of each expert set to 0; each expert
-scaled by 0.75 and 1.25, the others kept); plus every candidate on the weak and held-out weak sets. Per-example answer
-log-probabilities are cached in `R/search/landscape/` (a killed run resumes; a second run only re-analyses).
+scaled by 0.75 and 1.25, the others kept; all experts scaled together by 1/3, 1/2, 2/3 and 4/5) and of TIES's
+density (0.2 and 0.8 at TIES's coefficients); plus every candidate on the weak and held-out weak sets. Per-example
+answer log-probabilities are cached in `R/search/landscape/` (a killed run resumes; a second run only re-analyses).
 
 It reports (1) the spread of gold dev means over the logged candidates and probes against TIES and uniform task
 arithmetic: if no point of the space clears TIES by more than noise, no fitness can make the search clear it;
@@ -46,14 +47,20 @@ from pipeline.search import _gold_sets, gold_examples, load_search_inputs, load_
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def candidates(run: RunDir, genome, *, every: int = 1, probes: bool = True) -> list[tuple[str, str, list[float]]]:
-    """(name, method, coefficients): the baselines, the logged candidates (every `every`-th in log order), then the
-    probes around the start."""
+SCALES = (1 / 3, 1 / 2, 2 / 3, 4 / 5)  # all experts together, around the start point
+DENSITIES = (0.2, 0.8)  # TIES's trimming, at TIES's coefficients
+
+
+def candidates(run: RunDir, genome, density: float, *, every: int = 1,
+               probes: bool = True) -> list[tuple[str, str, float, list[float]]]:
+    """(name, method, density, coefficients): the baselines, the logged candidates (every `every`-th in log order),
+    then the probes around the start. `density` is the run's (ties and dare)."""
     baselines = json.loads(run.search_baselines.read_text(encoding="utf-8"))
     method = read_manifest(run.search)["method"]  # what the logged candidates were merged with
-    found = [(name, b["method"], b["coefficients"]) for name, b in baselines.items()]
+    found = [(name, b["method"], density, b["coefficients"]) for name, b in baselines.items()]
     logged = [row for row in read_jsonl(run.search_candidates) if row["status"] == "ok"]
-    found += [(f"gen {row['generation']} cand {row['index']}", method, row["coefficients"]) for row in logged[::every]]
+    found += [(f"gen {row['generation']} cand {row['index']}", method, density, row["coefficients"])
+              for row in logged[::every]]
     if not probes:
         return found
     start = np.asarray(baselines["uniform"]["coefficients"], dtype=float).reshape(genome.size)
@@ -61,43 +68,55 @@ def candidates(run: RunDir, genome, *, every: int = 1, probes: bool = True) -> l
     for i, label in enumerate(labels):
         probe = start.copy()
         probe[i] = 0.0
-        found.append((f"probe: {label} = 0", method, probe.tolist()))
+        found.append((f"probe: {label} = 0", method, density, probe.tolist()))
     for expert in genome.experts:
         for scale in (0.75, 1.25):
             probe = start.copy()
             probe[[i for i, label in enumerate(labels) if label.split("/")[0] == expert]] *= scale
-            found.append((f"probe: {expert} x {scale:g}", method, probe.tolist()))
+            found.append((f"probe: {expert} x {scale:g}", method, density, probe.tolist()))
+    found += [(f"probe: all x {scale:.2g}", method, density, (start * scale).tolist()) for scale in SCALES]
+    if "ties" in baselines:
+        found += [(f"probe: ties density {value:g}", "ties", value, baselines["ties"]["coefficients"])
+                  for value in DENSITIES]
     return found
 
 
 def score_all(cfg, run: RunDir, cache: Path, batch_size: int, **which) -> dict[str, dict]:
     model, tokenizer, adapters, genome = load_search_inputs(cfg, run)
-    wanted = candidates(run, genome, **which)
-    mergers = {method: InMemoryMerge(model, adapters, genome, get_method(method), density=cfg.search.density,
-                                     seed=cfg.seed) for method in dict.fromkeys(m for _, m, _ in wanted)}
+    wanted = candidates(run, genome, cfg.search.density, **which)
     sets = {"weak": load_weak_sets(run, cfg, tokenizer),
             "held": load_weak_sets(run, cfg, tokenizer, run.search_select_weak)
             if run.search_select_weak(cfg.tasks[0].name).is_file() else [],
             "gold": _gold_sets(run, cfg, tokenizer, cfg.search.gold.final, "eval")}
     cache.mkdir(parents=True, exist_ok=True)
-    scored = {}
-    for number, (name, method, coefficients) in enumerate(wanted):
+
+    def cached(number: int, name: str, coefficients: list[float]) -> dict | None:
         path = cache / f"{number:04d}.pt"
-        if path.is_file():
-            kept = torch.load(path)
-            if kept["name"] == name and kept["coefficients"] == coefficients:
-                scored[name] = kept
+        kept = torch.load(path) if path.is_file() else None
+        return kept if kept and kept["name"] == name and kept["coefficients"] == coefficients else None
+
+    scored = {name: kept for number, (name, _, _, coefficients) in enumerate(wanted)
+              if (kept := cached(number, name, coefficients)) is not None}
+    # one merger at a time (a dense one holds experts x the adapted weights), each built on the restored base
+    merger = None
+    for key in dict.fromkeys((method, density) for name, method, density, _ in wanted if name not in scored):
+        if merger is not None:
+            merger.restore()
+            del merger  # frees its deltas before the next one is built
+        merger = InMemoryMerge(model, adapters, genome, get_method(key[0]), density=key[1], seed=cfg.seed)
+        for number, (name, method, density, coefficients) in enumerate(wanted):
+            if (method, density) != key or name in scored:
                 continue
-        clock = time.perf_counter()
-        mergers[method].apply(np.asarray(coefficients, dtype=float))
-        kept = {"name": name, "method": method, "coefficients": coefficients}
-        for part, part_sets in sets.items():
-            kept[part] = {s.task.name: score_prompts(model, s.prompts, s.answers, pad_id=tokenizer.pad_token_id,
-                                                     batch_size=batch_size) for s in part_sets}
-        torch.save(kept, path)
-        scored[name] = kept
-        print(f"[{number + 1}/{len(wanted)}] {name}: {time.perf_counter() - clock:.1f} s", flush=True)
-    return scored
+            clock = time.perf_counter()
+            merger.apply(np.asarray(coefficients, dtype=float))
+            kept = {"name": name, "method": method, "density": density, "coefficients": coefficients}
+            for part, part_sets in sets.items():
+                kept[part] = {s.task.name: score_prompts(model, s.prompts, s.answers, pad_id=tokenizer.pad_token_id,
+                                                         batch_size=batch_size) for s in part_sets}
+            torch.save(kept, cache / f"{number:04d}.pt")
+            scored[name] = kept
+            print(f"[{number + 1}/{len(wanted)}] {name}: {time.perf_counter() - clock:.1f} s", flush=True)
+    return {name: scored[name] for name, _, _, _ in wanted}
 
 
 def analyse(cfg, run: RunDir, scored: dict[str, dict]) -> dict:
@@ -166,6 +185,9 @@ def main() -> None:
     spread = pd.DataFrame([{"models": part, **values} for part, values in result["spread"].items()]
                           + [{"models": "TIES", "n": 1, "max": result["ties"]},
                              {"models": "uniform task arithmetic", "n": 1, "max": result["uniform"]}])
+    global_probes = pd.DataFrame([{"model": name, **result["gold_dev"][name]} for name in
+                                  ["uniform", "ties", *(n for n in result["gold_dev"]
+                                                        if n.startswith(("probe: all", "probe: ties")))]])
     text = (f"# The merge landscape of a finished search ({cfg.name})\n\n"
             f"{time.strftime('%Y-%m-%d')}, {machine()}, seed {cfg.seed}, bf16, scoring batch {args.batch_size}; "
             f"`{command}` ({time.time() - started:.0f} s, cached scores reused).\n\n"
@@ -174,6 +196,8 @@ def main() -> None:
             f"({result['gold_dev'][result['best_logged']]['mean']:.4f})" +
             (f"; best probe: {result['best_probe']} ({result['gold_dev'][result['best_probe']]['mean']:.4f})"
              if result["best_probe"] else "") + ".\n\n"
+            + (f"## Scaling every expert together, and TIES's density\n\n{markdown_table(global_probes)}\n"
+               if len(global_probes) > 2 else "") +
             "## Which labels rank candidates like gold dev? (Spearman over the logged candidates, per task)\n\n"
             + markdown_table(pd.DataFrame(result["labeller_trust"])))
     RESULTS.mkdir(parents=True, exist_ok=True)

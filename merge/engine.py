@@ -167,6 +167,12 @@ class InMemoryMerge:
             target.param.copy_(merged)
 
     @torch.no_grad()
+    def restore(self) -> None:
+        """Write the base weights back into the resident model (as before the first candidate)."""
+        for target in self.targets:
+            target.param.copy_(target.base)
+
+    @torch.no_grad()
     def merged_state(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
         """The candidate's merged adapted weights in float32 (for checks and exports; the model is untouched)."""
         coefficients = self.genome.layer_coefficients(genome)

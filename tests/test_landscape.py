@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from benchmarks import merge_landscape
 from pipeline import search
@@ -24,15 +25,20 @@ def test_the_landscape_scores_the_space_and_agrees_with_the_final_table(tmp_path
     assert names[:6] == ["base", "expert:polarity", "expert:aspect3", "expert:intensity", "uniform", "ties"]
     assert sum(name.startswith("gen ") for name in names) == 8  # 2 generations x 4
     probes = [name for name in names if name.startswith("probe: ")]
-    assert len(probes) == len(genome["labels"]) + 2 * len(genome["experts"])
+    assert len(probes) == len(genome["labels"]) + 2 * len(genome["experts"]) + len(merge_landscape.SCALES) + 2
+    # the density probes are TIES at another density: the same coefficients, other weights
+    assert scored["probe: ties density 0.2"]["coefficients"] == scored["ties"]["coefficients"]
+    assert not torch.equal(scored["probe: ties density 0.2"]["gold"]["polarity"], scored["ties"]["gold"]["polarity"])
     from merge.genome import Genome
 
     small = merge_landscape.candidates(run, Genome(tuple(genome["experts"]), genome["layers"], genome["group_size"],
-                                                   len(genome["parts"]) > 1), every=3, probes=False)
-    assert [name for name, _, _ in small] == names[:6] + ["gen 0 cand 0", "gen 0 cand 3", "gen 1 cand 2"]
+                                                   len(genome["parts"]) > 1), cfg.search.density, every=3, probes=False)
+    assert [name for name, _, _, _ in small] == names[:6] + ["gen 0 cand 0", "gen 0 cand 3", "gen 1 cand 2"]
     result = merge_landscape.analyse(cfg, run, scored)
     final = pd.read_csv(run.search / "final.csv").set_index("model")
-    for model in ("base", "uniform", "ties"):  # the same merges on the same examples: the search's own scores
+    # the same merges on the same examples: the search's own scores (TIES's merger is built after task arithmetic
+    # scored every candidate: on the restored base)
+    for model in ("base", "uniform", "ties"):
         for task in ("polarity", "aspect3", "intensity"):
             assert result["gold_dev"][model][task] == pytest.approx(final.loc[model, task], abs=1e-6)
     trust = {row["task"]: row for row in result["labeller_trust"]}

@@ -190,6 +190,18 @@ def test_apply_writes_the_resident_model_and_rejects_non_finite(tiny_experts):
         merger.apply(np.full(genome.size, np.inf))
 
 
+def test_restore_writes_the_base_back(tiny_experts):
+    cfg, _, adapters = tiny_experts
+    model = load_base(cfg).to(torch.bfloat16)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    genome = Genome(tuple(adapters), model.config.num_hidden_layers, 1)
+    merger = InMemoryMerge(model, adapters, genome, get_method("ties"))
+    merger.apply(_coefficients(genome, seed=5))
+    assert any(not torch.equal(before[name], value) for name, value in model.state_dict().items())
+    merger.restore()
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
 @pytest.mark.parametrize("method,split", [("task_arithmetic", True), ("ties", False)])
 def test_mergekit_recipe_reproduces_the_in_memory_merge(tiny_experts, tmp_path, method, split):
     from safetensors.torch import load_file
