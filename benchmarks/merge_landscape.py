@@ -129,8 +129,8 @@ def analyse(cfg, run: RunDir, scored: dict[str, dict]) -> dict:
                          "gold labels of these rows": [row["gold"] for row in rows[task]]} for task in tasks}
     lexicon = get_labeller("lexicon")
     for name, task in tasks.items():
-        if lexicon.problem(task) is None:
-            labellings[name]["lexicon (VADER)"] = lexicon.label(task, rows[name], None)
+        if lexicon.problem(task, cfg.search.weak.label_polarity) is None:
+            labellings[name]["lexicon (VADER)"] = lexicon.label(task, rows[name], None, cfg.search.weak.label_polarity)
 
     def metric(task, labels, logprobs) -> float:
         return compute_metrics(task, labels, TaskScores(task, logprobs).predictions)["primary"]

@@ -50,10 +50,15 @@ class CurriculumConfig(Frozen):
     @field_validator("label_polarity")
     @classmethod
     def _polarity_range(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = [label for label, polarity in value.items() if not -1.0 <= polarity <= 1.0]
-        if bad:
-            raise ValueError(f"polarities must lie in [-1, 1]: {', '.join(bad)}")
-        return value
+        return check_polarities(value)
+
+
+def check_polarities(value: dict[str, float]) -> dict[str, float]:
+    """A `label_polarity` map: every polarity in [-1, 1]."""
+    bad = [label for label, polarity in value.items() if not -1.0 <= polarity <= 1.0]
+    if bad:
+        raise ValueError(f"polarities must lie in [-1, 1]: {', '.join(bad)}")
+    return value
 
 
 def _check(registry, weights: dict[str, float]) -> dict[str, float]:

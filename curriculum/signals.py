@@ -66,7 +66,7 @@ def lexicon(inputs: SignalInputs) -> np.ndarray | None:
     gold = gold_polarities(inputs.task, inputs.examples, inputs.label_polarity)
     if np.all(np.isnan(gold)):
         return None
-    analyzer = _vader()
+    analyzer = vader()
     compound = np.array([analyzer.polarity_scores(example["text"])["compound"] for example in inputs.examples])
     return np.abs(compound - gold) / 2.0
 
@@ -92,7 +92,7 @@ def label_polarities(task: TaskSpec, overrides: dict[str, float]) -> dict[str, f
     A label VADER scores about zero is neutral (0) when the task has both a positive and a negative label, and has no
     polarity (NaN) otherwise: `objective`, `ironic` say nothing about sentiment.
     """
-    analyzer = _vader()
+    analyzer = vader()
     scores = {label: analyzer.polarity_scores(task.verbalizers.get(label, label))["compound"] for label in task.labels}
     signs = {label: (math.copysign(1.0, score) if abs(score) >= 0.3 else 0.0) for label, score in scores.items()}
     both = {1.0, -1.0} <= set(signs.values())
@@ -108,7 +108,8 @@ def label_polarities(task: TaskSpec, overrides: dict[str, float]) -> dict[str, f
 
 
 @lru_cache(maxsize=1)
-def _vader():
+def vader():
+    """The VADER analyser (its lexicon loads once)."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     return SentimentIntensityAnalyzer()

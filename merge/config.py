@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from curriculum.config import check_polarities
 from pipeline.tasks import Frozen
 
 
@@ -22,6 +23,10 @@ class WeakConfig(Frozen):
     labeller: str = Field("expert", description="weak labeller for every task: expert, lexicon or gold")
     labellers: dict[str, str] = Field(default_factory=dict, description="task -> labeller, overriding `labeller`")
     weights: dict[str, float] = Field(default_factory=dict, description="task -> fitness weight (default 1)")
+    label_polarity: dict[str, float] = Field(
+        default_factory=dict, description="label -> polarity in [-1, 1] for the lexicon labeller, where VADER's own "
+                                          "score of the label word is no guide (bearish: -1, bullish: 1) or gives two "
+                                          "labels the same sign (very negative: -1, negative: -0.5)")
 
     @field_validator("labeller")
     @classmethod
@@ -34,6 +39,11 @@ class WeakConfig(Frozen):
         for name in value.values():
             _registered("labeller", name)
         return value
+
+    @field_validator("label_polarity")
+    @classmethod
+    def _polarity_range(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_polarities(value)
 
     @field_validator("weights")
     @classmethod

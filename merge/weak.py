@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,16 +25,16 @@ from pipeline.tasks import TaskSpec
 log = logging.getLogger("sentimerge.search")
 
 ExpertPredict = Callable[[TaskSpec, list[dict]], list]
-POLARITY = ("negative", "neutral", "positive")
 
 
 @dataclass(frozen=True)
 class Labeller:
-    """`label(task, examples, expert_predict)` gives one weak label per example; `problem(task)` says if it cannot."""
+    """`label(task, examples, expert_predict, polarity)` gives one weak label per example; `problem(task, polarity)`
+    says if it cannot. `polarity` is `search.weak.label_polarity` (label -> polarity in [-1, 1], for the lexicon)."""
 
     name: str
-    label: Callable[[TaskSpec, list[dict], ExpertPredict], list]
-    problem: Callable[[TaskSpec], str | None] = lambda task: None
+    label: Callable[[TaskSpec, list[dict], ExpertPredict, dict[str, float]], list]
+    problem: Callable[[TaskSpec, dict[str, float]], str | None] = lambda task, polarity: None
     needs_experts: bool = False
 
 
@@ -44,38 +45,54 @@ def get_labeller(name: str) -> Labeller:
     return LABELLERS.get(name)
 
 
-def _expert_labels(task: TaskSpec, examples: list[dict], expert_predict: ExpertPredict) -> list:
+def _expert_labels(task: TaskSpec, examples: list[dict], expert_predict: ExpertPredict, polarity) -> list:
     return expert_predict(task, examples)
 
 
-def _gold_labels(task: TaskSpec, examples: list[dict], expert_predict: ExpertPredict) -> list:
+def _gold_labels(task: TaskSpec, examples: list[dict], expert_predict: ExpertPredict, polarity) -> list:
     return [example["label"] for example in examples]
 
 
-def _lexicon_problem(task: TaskSpec) -> str | None:
+def _lexicon_problem(task: TaskSpec, polarity: dict[str, float]) -> str | None:
     if "aspect" in task.input_fields:
         return "lexicon cannot label aspect-based tasks (VADER ignores the aspect)"
-    if task.kind == "classification":
-        labels = {label.lower() for label in task.labels}
-        if not labels <= set(POLARITY) or not {"negative", "positive"} <= labels:
-            return f"lexicon labels only negative/neutral/positive tasks (labels: {task.labels})"
+    if task.kind == "regression":
+        return None
+    from curriculum.signals import label_polarities
+
+    polarities = {label: value for label, value in label_polarities(task, polarity).items() if not math.isnan(value)}
+    if not (any(value > 0 for value in polarities.values()) and any(value < 0 for value in polarities.values())):
+        return (f"lexicon needs a positive and a negative label (labels: {task.labels}; polarities: {polarities}); "
+                "give them in search.weak.label_polarity")
+    shared = [label for label, value in polarities.items() if list(polarities.values()).count(value) > 1]
+    if shared:
+        return (f"lexicon cannot tell apart labels of equal polarity ({', '.join(shared)}: "
+                f"{polarities[shared[0]]:g}); give them distinct ones in search.weak.label_polarity")
     return None
 
 
-def _lexicon_labels(task: TaskSpec, examples: list[dict], expert_predict: ExpertPredict) -> list:
-    """VADER's compound score: its sign (|c| < 0.05 is neutral) for polarity, linearly onto the range for intensity."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+def _lexicon_labels(task: TaskSpec, examples: list[dict], expert_predict: ExpertPredict,
+                    polarity: dict[str, float]) -> list:
+    """VADER's compound score c: for classification, |c| < 0.05 is the neutral label (polarity 0) where the task has
+    one, otherwise the label of c's sign whose polarity is nearest to c (labels' polarities: `polarity`, else VADER's
+    score of the label words, as the curriculum's lexicon signal reads them); for regression, c linearly onto the
+    range."""
+    from curriculum.signals import label_polarities, vader
 
-    analyser = SentimentIntensityAnalyzer()
+    analyser = vader()
     compounds = [analyser.polarity_scores(example["text"])["compound"] for example in examples]
     if task.kind == "regression":
         low, high = task.range
         return [low + (high - low) * (c + 1) / 2 for c in compounds]
-    by_name = {label.lower(): label for label in task.labels}
+    polarities = {label: value for label, value in label_polarities(task, polarity).items() if not math.isnan(value)}
+    neutral = next((label for label, value in polarities.items() if value == 0), None)
     labels = []
     for c in compounds:
-        name = "neutral" if abs(c) < 0.05 and "neutral" in by_name else ("positive" if c >= 0 else "negative")
-        labels.append(by_name[name])
+        if neutral is not None and abs(c) < 0.05:
+            labels.append(neutral)
+            continue
+        side = [label for label, value in polarities.items() if (value > 0 if c >= 0 else value < 0)]
+        labels.append(min(side, key=lambda label: abs(polarities[label] - c)))
     return labels
 
 
@@ -94,7 +111,7 @@ def check_labellers(weak, tasks: list[TaskSpec]) -> list[str]:
     issues = [f"search.weak.labellers: no task named {name!r}" for name in weak.labellers if name not in names]
     issues += [f"search.weak.weights: no task named {name!r}" for name in weak.weights if name not in names]
     for task in tasks:
-        problem = labeller_for(weak, task).problem(task)
+        problem = labeller_for(weak, task).problem(task, weak.label_polarity)
         if problem:
             issues.append(f"task {task.name}: {problem}")
     return issues

@@ -261,7 +261,7 @@ def _label_weak_sets(run: RunDir, cfg: RunConfig, model, tokenizer, arithmetic: 
         else:
             examples = weak_examples[task.name]
             labeller = labeller_for(settings.weak, task)
-            labels = labeller.label(task, examples, expert_predict)
+            labels = labeller.label(task, examples, expert_predict, settings.weak.label_polarity)
             rows = [{**example, "gold": example["label"], "label": label, "labeller": labeller.name}
                     for example, label in zip(examples, labels)]
             write_jsonl_atomic(path, rows)

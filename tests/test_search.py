@@ -156,12 +156,30 @@ def test_lexicon_and_gold_labellers():
                 {"text": "this is awful and terrible", "label": "negative"},
                 {"text": "the meeting is on monday", "label": "neutral"}]
     lexicon = get_labeller("lexicon")
-    assert lexicon.label(polarity, examples, None) == ["positive", "negative", "neutral"]
-    values = lexicon.label(intensity, examples, None)
+    assert lexicon.problem(polarity, {}) is None
+    assert lexicon.label(polarity, examples, None, {}) == ["positive", "negative", "neutral"]
+    values = lexicon.label(intensity, examples, None, {})
     assert values[0] > 2 and values[1] < -2 and values[2] == 0
-    assert get_labeller("gold").label(polarity, examples, None) == ["positive", "negative", "neutral"]
+    assert get_labeller("gold").label(polarity, examples, None, {}) == ["positive", "negative", "neutral"]
     aspect = polarity.model_copy(update={"input_fields": ["text", "aspect"]})
-    assert "aspect" in lexicon.problem(aspect)
+    assert "aspect" in lexicon.problem(aspect, {})
+    # labels VADER cannot place need polarities: financial tweets, five levels
+    markets = polarity.model_copy(update={"labels": ["bearish", "bullish", "neutral"]})
+    assert "give them in search.weak.label_polarity" in lexicon.problem(markets, {})
+    given = {"bearish": -1.0, "bullish": 1.0, "neutral": 0.0}
+    assert lexicon.problem(markets, given) is None
+    assert lexicon.label(markets, examples, None, given) == ["bullish", "bearish", "neutral"]
+    levels = polarity.model_copy(update={"labels": ["very negative", "negative", "neutral", "positive",
+                                                    "very positive"]})
+    assert "very negative, negative" in lexicon.problem(levels, {})  # both -1 by VADER's score of the words
+    spread = {"very negative": -1.0, "negative": -0.5, "positive": 0.5, "very positive": 1.0}
+    assert lexicon.problem(levels, spread) is None
+    mild = [{"text": "the food was good", "label": "positive"}, {"text": "it was a bit bad", "label": "negative"}]
+    strong = [examples[0], {"text": "this is awful, horrible and terrible", "label": "very negative"}]
+    assert lexicon.label(levels, mild + strong, None, spread) == ["positive", "negative", "very positive",
+                                                                  "very negative"]
+    irony = polarity.model_copy(update={"labels": ["irony", "non_irony"]})
+    assert "needs a positive and a negative label" in lexicon.problem(irony, {})
 
 
 def test_input_errors_are_reported_before_models_load(tmp_path, cache_dir, capsys):
