@@ -98,10 +98,16 @@ class FinetuneConfig(Frozen):
     keep: Literal["last", "best"] = "last"
     checkpoint_every: int = Field(20, ge=1)
     eval_batch_size: int = Field(16, ge=1)
+    seed: int | None = Field(None, description="training seed (LoRA init, batch order, dropout); default the run's. "
+                                               "The dev sample stays the run's")
 
     @property
     def total_steps(self) -> int:
         return self.steps
+
+    def decisive(self) -> dict:
+        """The settings as fingerprints hash them; `seed` only when set, so runs made before it existed still match."""
+        return self.model_dump(mode="json", exclude={"seed"} if self.seed is None else None)
 
 
 class ExportConfig(Frozen):

@@ -52,7 +52,7 @@ def start_model_path(cfg: RunConfig, run: RunDir) -> str:
 
 
 def fingerprint(cfg: RunConfig, start: str) -> str:
-    decisive = {"finetune": cfg.finetune.model_dump(mode="json"), "seed": cfg.seed, "start": start,
+    decisive = {"finetune": cfg.finetune.decisive(), "seed": cfg.seed, "start": start,
                 "tasks": [task.model_dump(mode="json") for task in cfg.tasks]}
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -62,6 +62,7 @@ def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], No
     """Train (or resume, or skip when finished) stage 3 into `folder` (default: the run's `finetune/`)."""
     run = RunDir(cfg.resolved_run_dir, finetune=folder)
     settings = cfg.finetune
+    seed = cfg.seed if settings.seed is None else settings.seed  # training; the dev sample stays the run's
     start = start_model_path(cfg, run)
     key = fingerprint(cfg, start)
     if is_done(run.finetune) and not force:
@@ -81,10 +82,10 @@ def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], No
 
     run.finetune.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run.finetune_config, yaml.safe_dump(
-        {"finetune": settings.model_dump(mode="json"), "start": start, "seed": cfg.seed, "fingerprint": key},
+        {"finetune": settings.model_dump(mode="json"), "start": start, "seed": seed, "fingerprint": key},
         sort_keys=False))
     device = pick_device(cfg.device)
-    model, tokenizer = load_lora_model(start, settings.lora, dtype=cfg.base_model.dtype, device=device, seed=cfg.seed,
+    model, tokenizer = load_lora_model(start, settings.lora, dtype=cfg.base_model.dtype, device=device, seed=seed,
                                        trust_remote_code=cfg.base_model.trust_remote_code)
     encoded: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
 
@@ -96,7 +97,7 @@ def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], No
 
     balance = [torch.tensor(class_balance_weights(task, train[task.name]), dtype=torch.float32)
                if weighting.class_balance else torch.ones(len(train[task.name])) for task in tasks]
-    sampler = TaskBalancedSampler([len(train[name]) for name in names], settings.per_task, cfg.seed)
+    sampler = TaskBalancedSampler([len(train[name]) for name in names], settings.per_task, seed)
     pending: dict = {}
 
     def step(step_index: int) -> dict:

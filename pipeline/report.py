@@ -68,40 +68,52 @@ def check_weightings(names: Sequence[str]) -> tuple[str, ...]:
 
 
 def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: bool = True, force: bool = False,
-         command: str | None = None) -> pd.DataFrame:
-    """Run every stage (finished ones are skipped), train and score the variants, write and print the report."""
+         seeds: int = 1, command: str | None = None) -> pd.DataFrame:
+    """Run every stage (finished ones are skipped), train and score the variants, write and print the report.
+
+    `seeds` > 1 trains every fine-tuned variant again with stage 3 seeds run seed + 1, ... (`finetune.seed`: LoRA
+    init, batch order, dropout; same start model and dev examples) and adds a table across seeds: one seed does not
+    rank weightings whose means lie a few points apart."""
     weightings = check_weightings(weightings)
+    if seeds < 1:
+        raise SentimergeError(f"--seeds must be at least 1 (got {seeds})")
     run_pipeline(cfg)
     run = RunDir(cfg.resolved_run_dir)
     budget = budgets(cfg)
-    variants = [weighting_variant(cfg, run, name) for name in weightings]
-    if multitask:
-        variants.append(multitask_variant(cfg, run, budget["multitask_steps"]))
+    variants = []
+    for offset in range(seeds):
+        variants += [weighting_variant(cfg, run, name, offset) for name in weightings]
+        if multitask:
+            variants.append(multitask_variant(cfg, run, budget["multitask_steps"], offset))
     data = dev_examples(cfg, run)
     scores, trained = {}, {}
     for variant in variants:
         trained[variant.label] = train(variant, run)
         scores[variant.label] = evaluate_variant(variant, run, data, force=force)
 
-    table = quality_table(cfg, run, scores)
+    table = quality_table(cfg, run, {label: scored for label, scored in scores.items() if " seed " not in label})
     strategies = strategy_table(cfg, {name: scores[f"final ({name})"] for name in weightings})
+    across = seed_table(cfg, scores, [*(f"final ({name})" for name in weightings), *([MULTITASK] if multitask else [])],
+                        seeds) if seeds > 1 else None
     searched = json.loads(run.search_report.read_text(encoding="utf-8"))
     spearman = searched["weak_vs_gold_spearman"]
     leads = searched.get("gold_dev_comparison")  # stage 2's evolved merge against uniform and TIES, as it wrote them
-    command = command or f"pipeline.report.main({cfg.name}, weightings={list(weightings)}, multitask={multitask})"
+    command = command or (f"pipeline.report.main({cfg.name}, weightings={list(weightings)}, multitask={multitask}, "
+                          f"seeds={seeds})")
     facts = {"config": cfg.name, "resolved_config": str(run.config), "run_dir": str(run.root), "seed": cfg.seed,
              "date": time.strftime("%Y-%m-%d %H:%M:%S%z"), "command": command, "budgets": budget,
-             "dev_examples": {name: len(rows) for name, rows in data.items()}}
+             "dev_examples": {name: len(rows) for name, rows in data.items()}, "stage3_seeds": seeds}
     write_csv_atomic(run.report / "report.csv", table)
     write_json_atomic(run.report / "report.json", {
         **facts, "table": _records(table), "retention": retention_by_task(cfg, table),
         "strategies": _records(strategies), "versus_static": versus_static(cfg, strategies),
+        "seeds": {"count": seeds, "table": _records(across)} if across is not None else {"count": 1},
         "weak_vs_gold_spearman": spearman, "evolved_vs_baselines": leads,
         "variants": {v.label: {"folder": str(v.folder), **{k: trained[v.label].get(k) for k in
                                                            ("start", "weighting", "steps", "examples",
                                                             "train_seconds")}}
                      for v in variants}})
-    write_text_atomic(run.report / "report.md", markdown(cfg, facts, table, strategies, spearman, leads))
+    write_text_atomic(run.report / "report.md", markdown(cfg, facts, table, strategies, spearman, leads, across))
     print(f"\nQuality of {cfg.name} (primary dev metric per task; {run.report / 'report.md'}):\n")
     print(markdown_table(table))
     return table
@@ -122,23 +134,36 @@ def budgets(cfg: RunConfig) -> dict:
             "multitask_examples": steps * per_task * tasks}
 
 
-def weighting_variant(cfg: RunConfig, run: RunDir, name: str) -> Variant:
-    """Stage 3 with weighting `name`: the run's own `finetune/` for its weighting, else a copy under `report/`."""
+def _seeded(run: RunDir, label: str, key: str, folder: Path, cfg: RunConfig, offset: int) -> Variant:
+    """The variant as is (offset 0), or trained with stage 3 seed `run seed + offset` into `report/<key>-seed<s>`."""
+    if offset == 0:
+        return Variant(label, key, folder, cfg)
+    seed = cfg.seed + offset
+    settings = cfg.finetune.model_copy(update={"seed": seed})
+    return Variant(f"{label} seed {seed}", f"{key}-seed{seed}", run.report / f"{key}-seed{seed}",
+                   cfg.model_copy(update={"finetune": settings}))
+
+
+def weighting_variant(cfg: RunConfig, run: RunDir, name: str, offset: int = 0) -> Variant:
+    """Stage 3 with weighting `name`: the run's own `finetune/` for its weighting, else a copy under `report/`;
+    with `offset` > 0, under `report/` with stage 3 seed run seed + offset."""
     label = f"final ({name})"
     if name == cfg.finetune.weighting.name:
-        return Variant(label, f"finetune-{name}", run.finetune, cfg)
+        return _seeded(run, label, f"finetune-{name}", run.finetune, cfg, offset)
     # the run's options belong to its own strategy; the others run with their defaults
     weighting = WeightingSettings(name=name, grad_norm_every=cfg.finetune.weighting.grad_norm_every)
     settings = cfg.finetune.model_copy(update={"weighting": weighting})
-    return Variant(label, f"finetune-{name}", run.report_finetune(name), cfg.model_copy(update={"finetune": settings}))
+    return _seeded(run, label, f"finetune-{name}", run.report_finetune(name),
+                   cfg.model_copy(update={"finetune": settings}), offset)
 
 
-def multitask_variant(cfg: RunConfig, run: RunDir, steps: int) -> Variant:
+def multitask_variant(cfg: RunConfig, run: RunDir, steps: int, offset: int = 0) -> Variant:
     """A multi-task LoRA on the base model, trained like an expert (its LoRA and learning rate), equal task weights."""
     settings = cfg.finetune.model_copy(update={
         "start": "base", "weighting": WeightingSettings(name="static"), "lora": cfg.experts.lora,
         "learning_rate": cfg.experts.learning_rate, "steps": steps})
-    return Variant(MULTITASK, "multitask-base", run.report_multitask, cfg.model_copy(update={"finetune": settings}))
+    return _seeded(run, MULTITASK, "multitask-base", run.report_multitask,
+                   cfg.model_copy(update={"finetune": settings}), offset)
 
 
 def train(variant: Variant, run: RunDir) -> dict:
@@ -255,12 +280,35 @@ def versus_static(cfg: RunConfig, strategies: pd.DataFrame) -> dict | None:
                         for task in cfg.tasks if task.kind == "regression"}}
 
 
+def seed_table(cfg: RunConfig, scores: dict[str, pd.DataFrame], labels: Sequence[str], seeds: int) -> pd.DataFrame:
+    """Table (c): each fine-tuned variant's mean primary metric per stage 3 seed, their mean and standard deviation,
+    and against `final (static)` seed by seed: the mean difference and in how many seeds it is ahead."""
+    names = [f"seed {cfg.seed + offset}" for offset in range(seeds)]
+
+    def label_at(label: str, offset: int) -> str:
+        return label if offset == 0 else f"{label} seed {cfg.seed + offset}"
+
+    means = {label: [float(scores[label_at(label, offset)].set_index("task").loc["mean", "primary"])
+                     for offset in range(seeds)] for label in labels}
+    static = means.get("final (static)")
+    rows = []
+    for label, values in means.items():
+        row = {"model": label, **dict(zip(names, values)), "mean": float(np.mean(values)),
+               "sd": float(np.std(values, ddof=1))}
+        if static is not None:
+            gaps = np.subtract(values, static)
+            row["minus static"] = float(gaps.mean())
+            row["ahead of static"] = f"{int((gaps > 0).sum())} of {seeds}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _percent(value: float, reference: float) -> float | None:
     return None if reference == 0 or not np.isfinite(reference) else 100.0 * (value - reference) / abs(reference)
 
 
 def markdown(cfg: RunConfig, facts: dict, table: pd.DataFrame, strategies: pd.DataFrame, spearman: dict,
-             comparison: dict | None = None) -> str:
+             comparison: dict | None = None, across: pd.DataFrame | None = None) -> str:
     b = facts["budgets"]
     primary = ", ".join(f"{task.name} {task.primary}" for task in cfg.tasks)
     scored = ", ".join(f"{name} {count}" for name, count in facts["dev_examples"].items())
@@ -286,6 +334,11 @@ def markdown(cfg: RunConfig, facts: dict, table: pd.DataFrame, strategies: pd.Da
         ("Same start model, steps, examples and seed; only `finetune.weighting` differs (the run's own strategy "
          "with the config's options, the others with their defaults)."), "",
         markdown_table(_strategy_display(cfg, strategies)),
+        *(["## Across stage 3 seeds", "",
+           (f"Mean primary dev metric of each fine-tuned variant trained with {facts['stage3_seeds']} "
+            "stage 3 seeds (LoRA init, batch order, dropout; same start model and dev examples); sd over seeds; "
+            "`minus static`: the mean of the seed-by-seed differences to static."), "",
+           markdown_table(across)] if across is not None else []),
         "## Weak fitness vs gold dev (Spearman)", "",
         f"- over stage 2's final table (base, experts, uniform, TIES, evolved): {_figure(spearman['final_table'])}",
         f"- over each generation's best candidate: {_figure(spearman['generation_bests'])}", ""]
@@ -333,14 +386,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the multi-task LoRA trained on the base model")
     parser.add_argument("--force", action="store_true",
                         help="score every variant again and rewrite the report (finished training is kept)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train every fine-tuned variant with this many stage 3 seeds (run seed, +1, ...) and "
+                             "add a table across them (default 1)")
 
 
 def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
     words = ["sentimerge", "report", args.config, *(["--run-dir", args.run_dir] if args.run_dir else []),
              *(["--data-root", args.data_root] if args.data_root else []), "--weightings", args.weightings,
-             *(["--no-multitask"] if args.no_multitask else []), *(["--force"] if args.force else [])]
+             *(["--no-multitask"] if args.no_multitask else []), *(["--force"] if args.force else []),
+             *(["--seeds", str(args.seeds)] if args.seeds != 1 else [])]
     main(cfg, weightings=[name.strip() for name in args.weightings.split(",") if name.strip()],
-         multitask=not args.no_multitask, force=args.force, command=shlex.join(words))
+         multitask=not args.no_multitask, force=args.force, seeds=args.seeds, command=shlex.join(words))
 
 
 if __name__ == "__main__":

@@ -211,9 +211,15 @@ def _check_inputs(cfg: RunConfig, run: RunDir) -> None:
 def _fingerprint(cfg: RunConfig, run: RunDir) -> str:
     """What decides the search's log: a resumed search must have the same."""
     # the number of generations, the final table and the export do not change the candidates already logged
+    # left out too: `compile` (the same weights bit for bit) and the lexicon's label polarities unless a task is
+    # labelled by the lexicon, so that settings which do not change a candidate's score never block a resume
+    weak = cfg.search.weak
+    lexicon = "lexicon" in {weak.labeller, *weak.labellers.values()}
     decisive = {"search": cfg.search.model_dump(mode="json", exclude={"export": True, "generations": True,
-                                                                       "select": True,
-                                                                       "gold": {"final"}}),
+                                                                       "select": True, "gold": {"final"},
+                                                                       "compile": True,
+                                                                       **({} if lexicon else
+                                                                          {"weak": {"label_polarity"}})}),
                 "seed": cfg.seed,
                 "tasks": [task.name for task in cfg.tasks],
                 "experts": {task.name: read_manifest(run.expert(task.name)).get("finished_at") for task in cfg.tasks},

@@ -87,6 +87,22 @@ def test_a_killed_finetune_resumes_to_the_same_adapter_and_log(tmp_path, cache_d
     assert strip(read_jsonl(run.finetune_metrics)) == strip(read_jsonl(RunDir(whole.resolved_run_dir).finetune_metrics))
 
 
+def test_the_training_seed_moves_training_and_defaults_to_the_runs(tmp_path, cache_dir):
+    adapters = {}
+    for name, seed in (("default", None), ("same", 0), ("other", 1)):
+        cfg = _config(tmp_path / name, cache_dir, steps=3, seed=seed)
+        assert cfg.seed == 0
+        finetune.main(cfg)
+        run = RunDir(cfg.resolved_run_dir)
+        adapters[name] = load_file(run.finetune_adapter / "adapter_model.safetensors")
+    for weight in adapters["default"]:
+        assert torch.equal(adapters["default"][weight], adapters["same"][weight])
+    assert any(not torch.equal(adapters["default"][w], adapters["other"][w]) for w in adapters["default"])
+    # runs trained before the setting existed keep their fingerprint: it is hashed only when set
+    assert "seed" not in _config(tmp_path / "x", cache_dir).finetune.decisive()
+    assert _config(tmp_path / "y", cache_dir, seed=1).finetune.decisive()["seed"] == 1
+
+
 def test_finetune_from_the_merge_needs_stage_2(tmp_path, cache_dir):
     cfg = _config(tmp_path, cache_dir, start="merged")
     with pytest.raises(SentimergeError, match="stage 2 has not finished"):

@@ -7,6 +7,7 @@ import json
 
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline import report
 from pipeline.cli import main as cli
@@ -126,3 +127,28 @@ def test_an_unknown_weighting_is_one_line_before_anything_runs(tmp_path, cache_d
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "'bogus'" in errors[0]
     assert not (tmp_path / "run").exists()  # nothing was prepared or trained
+
+
+def test_more_stage3_seeds_add_a_table_across_them(reported):
+    cfg, table = reported
+    run = RunDir(cfg.resolved_run_dir)
+    again = report.main(cfg, weightings=("dao", "static"), multitask=False, seeds=2)
+    # table (a) keeps the run's seed; the seed-1 variants train under report/ with finetune.seed 1
+    pd.testing.assert_frame_equal(again, table[table["model"] != MULTITASK].reset_index(drop=True))
+    for name in ("dao", "static"):
+        folder = run.report / f"finetune-{name}-seed1"
+        assert read_manifest(folder)["weighting"] == name
+        assert yaml.safe_load((folder / "config.yaml").read_text())["seed"] == 1
+    result = json.loads((run.report / "report.json").read_text())
+    assert result["seeds"]["count"] == 2
+    across = pd.DataFrame(result["seeds"]["table"]).set_index("model")
+    means = table.set_index("model")["mean"]
+    for label in ("final (dao)", "final (static)"):
+        assert across.loc[label, "seed 0"] == pytest.approx(means[label])
+        assert across.loc[label, "mean"] == pytest.approx((across.loc[label, "seed 0"] + across.loc[label, "seed 1"]) / 2)
+    assert across.loc["final (static)", "minus static"] == 0 and across.loc["final (static)", "ahead of static"] == "0 of 2"
+    gaps = across.loc["final (dao)", ["seed 0", "seed 1"]].to_numpy() - across.loc["final (static)", ["seed 0", "seed 1"]].to_numpy()
+    assert across.loc["final (dao)", "minus static"] == pytest.approx(gaps.mean())
+    assert "## Across stage 3 seeds" in (run.report / "report.md").read_text()
+    with pytest.raises(SentimergeError, match="--seeds must be at least 1"):
+        report.main(cfg, seeds=0)

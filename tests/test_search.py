@@ -208,6 +208,24 @@ def test_a_search_with_another_config_is_not_resumed(tmp_path, cache_dir):
     assert len(rows) == 1 and not np.allclose(rows[0]["coefficients"], 1.0)
 
 
+def test_settings_that_do_not_change_scores_do_not_block_a_resume(tmp_path, cache_dir):
+    cfg = tiny_search(tmp_path, cache_dir)
+    search.main(cfg, max_evaluations=2)
+
+    def edited(**update):
+        weak = cfg.search.weak.model_copy(update=update.pop("weak", {}))
+        return cfg.model_copy(update={"search": cfg.search.model_copy(update={"weak": weak, **update})})
+
+    polarities = {"very negative": -1.0, "negative": -0.5}
+    # compiling writes the same weights; polarities matter only to the lexicon labeller, which no task uses here
+    search.main(edited(compile=not cfg.search.compile, weak={"label_polarity": polarities}), max_evaluations=1)
+    assert len(read_jsonl(RunDir(cfg.resolved_run_dir).search_candidates)) == 3
+    lexicon = {"labellers": {"polarity": "lexicon"}}
+    search.main(edited(weak=lexicon), force=True, max_evaluations=1)
+    with pytest.raises(SentimergeError, match="another config"):  # now they may change the weak labels
+        search.main(edited(weak={**lexicon, "label_polarity": polarities}))
+
+
 def test_init_auto_starts_from_the_best_scanned_uniform_merge(tmp_path, cache_dir):
     cfg = tiny_search(tmp_path, cache_dir, init="auto", init_grid=[0.25, 0.5, 1.0], generations=1, sigma0=1e-6)
     run = RunDir(cfg.resolved_run_dir)
