@@ -6,8 +6,8 @@ Runs the missing stages and the report's variants (finished ones are skipped: pi
 `<run>/report/report.{md,json}` to benchmarks/results/quality_report_<name>.{md,json} and records the headline
 figures in summary.json: retention of the evolved merge and of the run's final model, the weak-vs-gold Spearman over
 stage 2's final table, and dao's mean primary metric relative to static (in %); with `--seeds K`, the run's
-weighting over K stage 3 seeds (mean, sd, mean difference to static) and the multi-task LoRA's mean. Keys are `suite_...` for the suite
-config, `<name>_...` for any other.
+weighting over K stage 3 seeds (mean, sd, mean difference to static) and the multi-task LoRA's mean. Keys are
+`suite_...` for the suite config, `<name>_...` for any other.
 """
 
 from __future__ import annotations
