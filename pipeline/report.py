@@ -7,6 +7,9 @@ has the run's stage 3 settings and seed; only the weighting differs (the run's o
 weighting, the others train into `<run>/report/`). The multi-task LoRA trains from scratch like an expert (the
 experts' LoRA and learning rate, static weights) on as many examples as the experts and stage 3 together.
 
+With `--seeds K` every fine-tuned variant is trained K times, with stage 3 seeds run seed, +1, ... (the start model
+and dev examples stay), and a table across seeds gives each one's mean, sd and seed-by-seed difference to static.
+
 Every variant is scored on exactly the dev examples of stage 2's final table, in the export's dtype. Trained variants
 and their scores are kept, so a killed report resumes and a second one only rewrites the tables. Writes
 `<run>/report/report.{md,csv,json}`.
