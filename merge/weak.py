@@ -64,10 +64,13 @@ def _lexicon_problem(task: TaskSpec, polarity: dict[str, float]) -> str | None:
     if not (any(value > 0 for value in polarities.values()) and any(value < 0 for value in polarities.values())):
         return (f"lexicon needs a positive and a negative label (labels: {task.labels}; polarities: {polarities}); "
                 "give them in search.weak.label_polarity")
-    shared = [label for label, value in polarities.items() if list(polarities.values()).count(value) > 1]
+    groups: dict[float, list[str]] = {}
+    for label, value in polarities.items():
+        groups.setdefault(value, []).append(label)
+    shared = "; ".join(f"{', '.join(labels)}: {value:g}" for value, labels in groups.items() if len(labels) > 1)
     if shared:
-        return (f"lexicon cannot tell apart labels of equal polarity ({', '.join(shared)}: "
-                f"{polarities[shared[0]]:g}); give them distinct ones in search.weak.label_polarity")
+        return (f"lexicon cannot tell apart labels of equal polarity ({shared}); give them distinct ones in "
+                "search.weak.label_polarity")
     return None
 
 

@@ -171,7 +171,7 @@ def test_lexicon_and_gold_labellers():
     assert lexicon.label(markets, examples, None, given) == ["bullish", "bearish", "neutral"]
     levels = polarity.model_copy(update={"labels": ["very negative", "negative", "neutral", "positive",
                                                     "very positive"]})
-    assert "very negative, negative" in lexicon.problem(levels, {})  # both -1 by VADER's score of the words
+    assert "(very negative, negative: -1; positive, very positive: 1)" in lexicon.problem(levels, {})  # by VADER
     spread = {"very negative": -1.0, "negative": -0.5, "positive": 0.5, "very positive": 1.0}
     assert lexicon.problem(levels, spread) is None
     mild = [{"text": "the food was good", "label": "positive"}, {"text": "it was a bit bad", "label": "negative"}]
