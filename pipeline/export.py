@@ -26,7 +26,7 @@ from pipeline.config import RunConfig, dump_config
 from pipeline.data import sample_examples
 from pipeline.errors import SentimergeError
 from pipeline.evaluate import evaluate_model, markdown_table
-from pipeline.models import DTYPES, load_model, pick_device
+from pipeline.models import DTYPES, cast_weights, load_model, pick_device
 from pipeline.prepare import load_prepared, prepared_model_path
 from pipeline.rundir import (EXPORT_TASKS, RunDir, fresh_dir, is_done, read_manifest, write_csv_atomic,
                              write_json_atomic, write_manifest, write_text_atomic)
@@ -93,7 +93,7 @@ def merged_model(start: str, adapter: Path | None, cfg: RunConfig):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model.to(DTYPES[cfg.export.dtype])
+    return cast_weights(model, DTYPES[cfg.export.dtype])  # not .to(dtype): RoPE's inv_freq stays float32
 
 
 def _write_model(start: str, adapter: Path | None, folder: Path, cfg: RunConfig) -> None:

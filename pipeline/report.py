@@ -45,6 +45,9 @@ WEIGHTINGS = ("dao", "static", "uncertainty", "dwa", "famo")
 MERGES = {"base": "zero-shot base", "uniform": "uniform task arithmetic", "ties": "TIES", "evolved": "evolved merge"}
 EXPERTS = "each expert on its own task"
 MULTITASK = "multi-task LoRA on base"
+# bumped when the way a variant is scored changes, so that cached scores are scored again (2: the in-memory model
+# keeps RoPE's inv_freq in float32, as the reloaded export does)
+SCORING = 2
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mse": "MSE", "pearson": "Pearson"}
 
 
@@ -204,7 +207,8 @@ def evaluate_variant(variant: Variant, run: RunDir, data: dict[str, list[dict]],
 
 def _score_key(variant: Variant, data: dict[str, list[dict]]) -> str:
     """What decides a variant's scores: the training it finished, the examples and the dtype it is scored in."""
-    decisive = {"trained": read_manifest(variant.folder)["finished_at"], "dtype": variant.cfg.export.dtype,
+    decisive = {"scoring": SCORING, "trained": read_manifest(variant.folder)["finished_at"],
+                "dtype": variant.cfg.export.dtype,
                 "examples": {name: [row["id"] for row in rows] for name, rows in data.items()}}
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 

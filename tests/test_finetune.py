@@ -146,6 +146,32 @@ def test_export_loads_with_transformers_alone_and_predicts_like_the_pipeline(tmp
     assert [t["name"] for t in tasks_file["tasks"]] == ["polarity", "aspect3", "intensity"]
 
 
+def test_the_in_memory_bf16_merge_scores_exactly_like_the_reloaded_export(tmp_path, cache_dir):
+    """What `report` scores in memory is what users load: RoPE's inv_freq must stay float32 as from_pretrained keeps
+    it (a plain `.to(bfloat16)` rounds it and moves the scores)."""
+    from pipeline.models import load_model
+    from pipeline.scoring import score_task
+
+    path = write_tiny_config(tmp_path, cache_dir=cache_dir, finetune={**FINETUNE, "steps": 2},
+                             export={"dtype": "bfloat16"})
+    cfg = load_config(path)
+    from pipeline import prepare
+
+    prepare.main(cfg)
+    finetune.main(cfg)
+    folder = export.main(cfg)
+    run = RunDir(cfg.resolved_run_dir)
+    in_memory = export.merged_model(read_manifest(run.finetune)["start"], run.finetune_adapter, cfg).eval()
+    reloaded, tokenizer = load_model(str(folder), dtype="bfloat16")
+    assert in_memory.dtype == reloaded.dtype == torch.bfloat16
+    assert in_memory.model.rotary_emb.inv_freq.dtype == reloaded.model.rotary_emb.inv_freq.dtype == torch.float32
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(in_memory.state_dict()[name], value), name
+    examples = load_prepared(run, "polarity", "dev")
+    assert torch.equal(score_task(in_memory, tokenizer, cfg.task("polarity"), examples).logprobs,
+                       score_task(reloaded, tokenizer, cfg.task("polarity"), examples).logprobs)
+
+
 def test_predict_rejects_an_unknown_task_and_a_missing_aspect(tmp_path, cache_dir, capsys):
     cfg = _config(tmp_path, cache_dir, steps=2)
     finetune.main(cfg)
