@@ -53,14 +53,19 @@ def _gold_labels(task: TaskSpec, examples: list[dict], expert_predict: ExpertPre
     return [example["label"] for example in examples]
 
 
+def _placed(task: TaskSpec, polarity: dict[str, float]) -> dict[str, float]:
+    """The task's labels that have a polarity (`polarity`, else VADER's score of the label word), with it."""
+    from curriculum.signals import label_polarities
+
+    return {label: value for label, value in label_polarities(task, polarity).items() if not math.isnan(value)}
+
+
 def _lexicon_problem(task: TaskSpec, polarity: dict[str, float]) -> str | None:
     if "aspect" in task.input_fields:
         return "lexicon cannot label aspect-based tasks (VADER ignores the aspect)"
     if task.kind == "regression":
         return None
-    from curriculum.signals import label_polarities
-
-    polarities = {label: value for label, value in label_polarities(task, polarity).items() if not math.isnan(value)}
+    polarities = _placed(task, polarity)
     if not (any(value > 0 for value in polarities.values()) and any(value < 0 for value in polarities.values())):
         return (f"lexicon needs a positive and a negative label (labels: {task.labels}; polarities: {polarities}); "
                 "give them in search.weak.label_polarity")
@@ -80,14 +85,14 @@ def _lexicon_labels(task: TaskSpec, examples: list[dict], expert_predict: Expert
     one, otherwise the label of c's sign whose polarity is nearest to c (labels' polarities: `polarity`, else VADER's
     score of the label words, as the curriculum's lexicon signal reads them); for regression, c linearly onto the
     range."""
-    from curriculum.signals import label_polarities, vader
+    from curriculum.signals import vader
 
     analyser = vader()
     compounds = [analyser.polarity_scores(example["text"])["compound"] for example in examples]
     if task.kind == "regression":
         low, high = task.range
         return [low + (high - low) * (c + 1) / 2 for c in compounds]
-    polarities = {label: value for label, value in label_polarities(task, polarity).items() if not math.isnan(value)}
+    polarities = _placed(task, polarity)
     neutral = next((label for label, value in polarities.items() if value == 0), None)
     labels = []
     for c in compounds:

@@ -86,21 +86,21 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
     run_pipeline(cfg)
     run = RunDir(cfg.resolved_run_dir)
     budget = budgets(cfg)
-    variants = []
+    rounds = []  # the fine-tuned variants once per stage 3 seed, the run's own seed first
     for offset in range(seeds):
-        variants += [weighting_variant(cfg, run, name, offset) for name in weightings]
-        if multitask:
-            variants.append(multitask_variant(cfg, run, budget["multitask_steps"], offset))
+        rounds.append([weighting_variant(cfg, run, name, offset) for name in weightings]
+                      + ([multitask_variant(cfg, run, budget["multitask_steps"], offset)] if multitask else []))
+    variants = [variant for round_ in rounds for variant in round_]
     data = dev_examples(cfg, run)
     scores, trained = {}, {}
     for variant in variants:
         trained[variant.label] = train(variant, run)
         scores[variant.label] = evaluate_variant(variant, run, data, force=force)
 
-    table = quality_table(cfg, run, {label: scored for label, scored in scores.items() if " seed " not in label})
+    table = quality_table(cfg, run, {variant.label: scores[variant.label] for variant in rounds[0]})
     strategies = strategy_table(cfg, {name: scores[f"final ({name})"] for name in weightings})
-    across = seed_table(cfg, scores, [*(f"final ({name})" for name in weightings), *([MULTITASK] if multitask else [])],
-                        seeds) if seeds > 1 else None
+    across = seed_table(cfg, {same[0].label: [scores[variant.label] for variant in same] for same in zip(*rounds)}
+                        ) if seeds > 1 else None
     searched = json.loads(run.search_report.read_text(encoding="utf-8"))
     spearman = searched["weak_vs_gold_spearman"]
     leads = searched.get("gold_dev_comparison")  # stage 2's evolved merge against uniform and TIES, as it wrote them
@@ -287,16 +287,14 @@ def versus_static(cfg: RunConfig, strategies: pd.DataFrame) -> dict | None:
                         for task in cfg.tasks if task.kind == "regression"}}
 
 
-def seed_table(cfg: RunConfig, scores: dict[str, pd.DataFrame], labels: Sequence[str], seeds: int) -> pd.DataFrame:
-    """Table (c): each fine-tuned variant's mean primary metric per stage 3 seed, their mean and standard deviation,
-    and against `final (static)` seed by seed: the mean difference and in how many seeds it is ahead."""
+def seed_table(cfg: RunConfig, by_seed: dict[str, list[pd.DataFrame]]) -> pd.DataFrame:
+    """Table (c): each fine-tuned variant's mean primary metric per stage 3 seed (`by_seed`: its scores for seeds run
+    seed, + 1, ...), their mean and standard deviation, and against `final (static)` seed by seed: the mean difference
+    and in how many seeds it is ahead."""
+    means = {label: [float(scored.set_index("task").loc["mean", "primary"]) for scored in frames]
+             for label, frames in by_seed.items()}
+    seeds = len(next(iter(means.values())))
     names = [f"seed {cfg.seed + offset}" for offset in range(seeds)]
-
-    def label_at(label: str, offset: int) -> str:
-        return label if offset == 0 else f"{label} seed {cfg.seed + offset}"
-
-    means = {label: [float(scores[label_at(label, offset)].set_index("task").loc["mean", "primary"])
-                     for offset in range(seeds)] for label in labels}
     static = means.get("final (static)")
     rows = []
     for label, values in means.items():
