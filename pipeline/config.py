@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from experts.config import ExpertsConfig, LoraSettings
 from merge.config import SearchConfig
 from pipeline.errors import ConfigError
-from pipeline.tasks import Frozen, PypiFile, TaskList, TaskSpec, check_unique_names
+from pipeline.tasks import WHEN_SET, Frozen, PypiFile, TaskList, TaskSpec, check_unique_names
 
 
 class TinyModel(Frozen):
@@ -99,15 +99,11 @@ class FinetuneConfig(Frozen):
     checkpoint_every: int = Field(20, ge=1)
     eval_batch_size: int = Field(16, ge=1)
     seed: int | None = Field(None, description="training seed (LoRA init, batch order, dropout); default the run's. "
-                                               "The dev sample stays the run's")
+                                               "The dev sample stays the run's", json_schema_extra=WHEN_SET)
 
     @property
     def total_steps(self) -> int:
         return self.steps
-
-    def decisive(self) -> dict:
-        """The settings as fingerprints hash them; `seed` only when set, so runs made before it existed still match."""
-        return self.model_dump(mode="json", exclude={"seed"} if self.seed is None else None)
 
 
 class ExportConfig(Frozen):

@@ -39,7 +39,7 @@ from pipeline.data import sample_examples
 from pipeline.errors import ConfigError, SentimergeError
 from pipeline.models import pick_device
 from pipeline.prepare import load_prepared, prepared_model_path
-from pipeline.rundir import (RunDir, append_jsonl, is_done, read_manifest, sweep_leftovers, write_json_atomic,
+from pipeline.rundir import (RunDir, append_jsonl, digest, is_done, read_manifest, sweep_leftovers, write_json_atomic,
                              write_jsonl_atomic, write_manifest, write_text_atomic)
 from pipeline.tasks import TaskSpec
 
@@ -113,9 +113,9 @@ def task_seed(seed: int, task: str) -> int:
 
 def expert_fingerprint(cfg: RunConfig, task: TaskSpec, prepared: str | None) -> str:
     """Hash of what decides an expert: a checkpoint or expert made with another one is not silently reused."""
-    decisive = {"experts": cfg.experts.model_dump(mode="json"), "task": task.model_dump(mode="json"),
+    decisive = {"experts": cfg.experts.decisive(), "task": task.decisive(),
                 "seed": cfg.seed, "prepared": prepared}
-    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(decisive)
 
 
 def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict], dev: list[dict], base_path: str, *,

@@ -11,8 +11,6 @@ manifest written last. An interrupted run resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -34,8 +32,8 @@ from pipeline.errors import SentimergeError
 from pipeline.models import pick_device
 from pipeline.prepare import load_prepared, prepared_model_path
 from pipeline.prompts import training_example
-from pipeline.rundir import (RunDir, is_done, read_jsonl, read_manifest, save_figure, write_csv_atomic, write_manifest,
-                             write_text_atomic)
+from pipeline.rundir import (RunDir, digest, is_done, read_jsonl, read_manifest, save_figure, write_csv_atomic,
+                             write_manifest, write_text_atomic)
 from pipeline.weighting import make_weighting
 
 log = logging.getLogger("sentimerge.finetune")
@@ -53,8 +51,8 @@ def start_model_path(cfg: RunConfig, run: RunDir) -> str:
 
 def fingerprint(cfg: RunConfig, start: str) -> str:
     decisive = {"finetune": cfg.finetune.decisive(), "seed": cfg.seed, "start": start,
-                "tasks": [task.model_dump(mode="json") for task in cfg.tasks]}
-    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+                "tasks": [task.decisive() for task in cfg.tasks]}
+    return digest(decisive)
 
 
 def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], None] | None = None,

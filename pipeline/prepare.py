@@ -20,7 +20,7 @@ from pipeline.data import find_leaks, load_task_splits, source_location
 from pipeline.errors import SentimergeError
 from pipeline.models import check_model_dir, provision_base_model
 from pipeline.prompts import answer_tokens, user_message
-from pipeline.rundir import (RunDir, fresh_dir, is_done, read_jsonl, read_manifest, write_json_atomic,
+from pipeline.rundir import (RunDir, digest, fresh_dir, is_done, read_jsonl, read_manifest, write_json_atomic,
                              write_jsonl_atomic, write_manifest, write_text_atomic)
 
 log = logging.getLogger("sentimerge.prepare")
@@ -28,9 +28,9 @@ log = logging.getLogger("sentimerge.prepare")
 
 def fingerprint(cfg: RunConfig) -> str:
     """Hash of what decides the prepared data and model: a run dir prepared with another one is not reused."""
-    decisive = {"seed": cfg.seed, "base_model": cfg.base_model.model_dump(mode="json"), "data_root": cfg.data_root,
-                "tasks": [task.model_dump(mode="json") for task in cfg.tasks]}
-    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+    decisive = {"seed": cfg.seed, "base_model": cfg.base_model.decisive(), "data_root": cfg.data_root,
+                "tasks": [task.decisive() for task in cfg.tasks]}
+    return digest(decisive)
 
 
 def main(cfg: RunConfig, *, force: bool = False) -> Path:

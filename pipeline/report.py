@@ -18,7 +18,6 @@ and their scores are kept, so a killed report resumes and a second one only rewr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -36,7 +35,8 @@ from pipeline.config import RunConfig, WeightingSettings
 from pipeline.errors import SentimergeError
 from pipeline.evaluate import evaluate_model, markdown_table
 from pipeline.run import main as run_pipeline
-from pipeline.rundir import RunDir, is_done, read_manifest, write_csv_atomic, write_json_atomic, write_text_atomic
+from pipeline.rundir import (RunDir, digest, is_done, read_manifest, write_csv_atomic, write_json_atomic,
+                             write_text_atomic)
 from pipeline.search import gold_examples
 
 log = logging.getLogger("sentimerge.report")
@@ -210,7 +210,7 @@ def _score_key(variant: Variant, data: dict[str, list[dict]]) -> str:
     decisive = {"scoring": SCORING, "trained": read_manifest(variant.folder)["finished_at"],
                 "dtype": variant.cfg.export.dtype,
                 "examples": {name: [row["id"] for row in rows] for name, rows in data.items()}}
-    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(decisive)
 
 
 def load_finetuned(variant: Variant):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -220,6 +221,11 @@ class RunDir:
     def report_eval(self, variant: str) -> Path:
         """One fine-tuned variant's metrics on the report's dev examples (a cache: re-scored only when stale)."""
         return self.report / f"eval-{variant}.csv"
+
+
+def digest(decisive: Any) -> str:
+    """A stage's fingerprint: a short hash of what decides its output (JSON, keys sorted)."""
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def sweep_leftovers(final: Path) -> None:

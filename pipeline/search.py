@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import shutil
@@ -38,8 +37,8 @@ from pipeline.evaluate import markdown_table
 from pipeline.metrics import paired_bootstrap, spearman
 from pipeline.models import load_model
 from pipeline.prepare import load_prepared, prepared_model_path
-from pipeline.rundir import (RunDir, append_jsonl, fresh_dir, is_done, read_jsonl, read_manifest, write_csv_atomic,
-                             write_json_atomic, write_jsonl_atomic, write_manifest, write_text_atomic)
+from pipeline.rundir import (RunDir, append_jsonl, digest, fresh_dir, is_done, read_jsonl, read_manifest,
+                             write_csv_atomic, write_json_atomic, write_jsonl_atomic, write_manifest, write_text_atomic)
 
 log = logging.getLogger("sentimerge.search")
 BASELINE_METHODS = ("task_arithmetic", "ties")
@@ -214,17 +213,18 @@ def _fingerprint(cfg: RunConfig, run: RunDir) -> str:
     # left out too: `compile` (the same weights bit for bit) and the lexicon's label polarities unless a task is
     # labelled by the lexicon, so that settings which do not change a candidate's score never block a resume
     weak = cfg.search.weak
-    lexicon = "lexicon" in {weak.labeller, *weak.labellers.values()}
-    decisive = {"search": cfg.search.model_dump(mode="json", exclude={"export": True, "generations": True,
-                                                                       "select": True, "gold": {"final"},
-                                                                       "compile": True,
-                                                                       **({} if lexicon else
-                                                                          {"weak": {"label_polarity"}})}),
+    search = cfg.search.decisive()
+    for name in ("export", "generations", "select", "compile"):
+        del search[name]
+    del search["gold"]["final"]
+    if "lexicon" not in {weak.labeller, *weak.labellers.values()}:
+        del search["weak"]["label_polarity"]
+    decisive = {"search": search,
                 "seed": cfg.seed,
                 "tasks": [task.name for task in cfg.tasks],
                 "experts": {task.name: read_manifest(run.expert(task.name)).get("finished_at") for task in cfg.tasks},
                 "prepare": read_manifest(run.prepare).get("fingerprint")}
-    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(decisive)
 
 
 def _check_state(cfg: RunConfig, run: RunDir) -> None:

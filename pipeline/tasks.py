@@ -14,10 +14,29 @@ DEFAULT_SYSTEM_PROMPT = "You are a sentiment analysis assistant."
 REGRESSION_METRICS = ("mse", "pearson")
 
 
+# Field(..., json_schema_extra=WHEN_SET): a setting added after runs were made, hashed by stage fingerprints only when
+# it differs from its default, so those runs keep their fingerprints and still resume
+WHEN_SET = {"fingerprint": "when set"}
+
+
 class Frozen(BaseModel):
     """Base for every config section: frozen, and unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def decisive(self) -> dict:
+        """The section as stage fingerprints hash it: `model_dump(mode="json")` less the `WHEN_SET` fields that hold
+        their default (in nested sections too)."""
+        dumped = self.model_dump(mode="json")
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if isinstance(value, Frozen):
+                dumped[name] = value.decisive()
+            elif isinstance(value, (list, tuple)) and value and all(isinstance(item, Frozen) for item in value):
+                dumped[name] = [item.decisive() for item in value]
+            elif field.json_schema_extra == WHEN_SET and value == field.get_default(call_default_factory=True):
+                del dumped[name]
+        return dumped
 
 
 class PypiFile(Frozen):

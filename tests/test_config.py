@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import Field
 
 from pipeline.config import RunConfig, load_config, load_tasks_file
 from pipeline.errors import ConfigError
+from pipeline.rundir import digest
+from pipeline.tasks import WHEN_SET, Frozen
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
@@ -98,3 +101,35 @@ def test_config_is_frozen(tiny_config_path):
     cfg = load_config(tiny_config_path)
     with pytest.raises(Exception):
         cfg.seed = 3
+
+
+# What stage fingerprints hash of the tiny config's sections (defaults included). A field added to a section changes
+# its value here, and every unfinished run made before the field existed would then refuse to resume ("another
+# config"): declare the new field with `json_schema_extra=WHEN_SET` (hashed only when set). Change a value here only
+# for a change meant to make earlier runs train again.
+FINGERPRINTS = {"base_model": "d4aee3965abe2538", "experts": "ad75bbf63e99d28c", "search": "c5c26bfcf2a1775f",
+                "finetune": "a333bee5563b02ab", "tasks": "1ac9684f2a71e4b5"}
+
+
+def test_fields_added_to_a_config_keep_the_fingerprints_of_earlier_runs(tiny_config_path):
+    cfg = load_config(tiny_config_path)
+    found = {name: digest(getattr(cfg, name).decisive()) for name in FINGERPRINTS if name != "tasks"}
+    found["tasks"] = digest([task.decisive() for task in cfg.tasks])
+    changed = sorted(name for name in FINGERPRINTS if found[name] != FINGERPRINTS[name])
+    assert not changed, (f"fingerprints of {changed} changed: a new field? give it json_schema_extra=WHEN_SET; "
+                         f"if meant, update FINGERPRINTS to {found}")
+
+
+def test_a_when_set_field_is_hashed_only_when_it_differs_from_its_default():
+    class Inner(Frozen):
+        size: int = 1
+        later: float = Field(0.5, json_schema_extra=WHEN_SET)
+
+    class Outer(Frozen):
+        inner: Inner = Inner()
+        parts: list[Inner] = [Inner()]
+        added: str | None = Field(None, json_schema_extra=WHEN_SET)
+
+    assert Outer().decisive() == {"inner": {"size": 1}, "parts": [{"size": 1}]}
+    changed = Outer(inner=Inner(later=2.0), parts=[Inner(size=3, later=1.0)], added="x").decisive()
+    assert changed == {"inner": {"size": 1, "later": 2.0}, "parts": [{"size": 3, "later": 1.0}], "added": "x"}
