@@ -6,6 +6,7 @@ the evolved merge, and the final model, each task's primary dev metric and their
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 
@@ -38,17 +39,22 @@ def main(cfg: RunConfig) -> pd.DataFrame:
         started = time.time()
         stage(cfg)
         seconds[name] = round(time.time() - started, 1)
-    # this invocation's wall time per stage and peak memory (stages finished earlier were skipped: say which)
-    write_json_atomic(run.root / "run.json", {
+    # wall time per stage of the invocation that ran it, and the peak memory of those invocations: a stage finished
+    # earlier (skipped now: say which) keeps what the earlier run.json recorded, so a second `run` loses nothing
+    earlier = json.loads(run.run_info.read_text(encoding="utf-8")) if run.run_info.is_file() else {}
+    seconds.update({name: earlier["seconds"][name] for name in skipped if name in earlier.get("seconds", {})})
+    peak = max(peak_rss_mb(), earlier.get("peak_rss_mb", 0.0) if skipped else 0.0)
+    write_json_atomic(run.run_info, {
         "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1), "skipped": skipped,
-        "peak_rss_mb": round(peak_rss_mb(), 1)})
+        "peak_rss_mb": round(peak, 1)})
     table = results_table(cfg, run)
     write_csv_atomic(run.root / "results.csv", table)
     text = markdown_table(table)
     write_text_atomic(run.root / "results.md", text)
     print(f"\nResults of {cfg.name} (primary dev metric per task; {run.root / 'results.md'}):\n")
     print(text)
-    print("seconds per stage: " + ", ".join(f"{name} {value}" for name, value in seconds.items()))
+    print("seconds per stage: " + ", ".join(f"{name} {value}" for name, value in seconds.items())
+          + (f" (finished earlier: {', '.join(skipped)})" if skipped else ""))
     return table
 
 

@@ -52,6 +52,11 @@ class RunDir:
         return self.root / "config.yaml"
 
     @property
+    def run_info(self) -> Path:
+        """`sentimerge run`'s wall time per stage and peak memory."""
+        return self.root / "run.json"
+
+    @property
     def lock(self) -> Path:
         return self.root / ".lock"
 

@@ -45,3 +45,6 @@ def test_run_does_every_stage_and_ends_with_the_results_table(tmp_path, cache_di
     pd.testing.assert_frame_equal(pd.read_csv(run.root / "results.csv"), table)
     assert json.loads((run.root / "run.json").read_text())["skipped"] == ["prepare", "experts", "search", "finetune",
                                                                           "export"]
+    # and keeps what the first one recorded of the stages it skipped
+    again = json.loads((run.root / "run.json").read_text())
+    assert again["seconds"] == info["seconds"] and again["peak_rss_mb"] >= info["peak_rss_mb"]
