@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ray_overhead.py configs/demo.yaml --run-dir $(BENCH_RUN)
 	$(BIN)/python benchmarks/kill_resume.py --trials 20
 	$(BIN)/python benchmarks/merge_landscape.py configs/demo.yaml --run-dir $(BENCH_RUN)
+	$(BIN)/python benchmarks/test_split.py configs/demo.yaml --run-dir $(BENCH_RUN)
 	$(BIN)/python benchmarks/demo_report.py $(BENCH_RUN)
 	@if [ -d $(SUITE_RUN)/experts ]; then $(BIN)/python benchmarks/search_scaling.py configs/suite.yaml \
 		--run-dir $(SUITE_RUN) --search-run $(BENCH_RUN); else echo "search_scaling: no suite experts in $(SUITE_RUN), skipped"; fi

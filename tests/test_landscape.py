@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -48,3 +49,30 @@ def test_the_landscape_scores_the_space_and_agrees_with_the_final_table(tmp_path
     assert len(files) == len(names)
     again = merge_landscape.score_all(cfg, run, cache, cfg.search.batch_size)  # cached: nothing scored again
     assert list(again) == names and {path: path.stat().st_mtime_ns for path in cache.glob("*.pt")} == files
+
+
+def test_the_test_split_benchmark_scores_every_test_example_and_its_leads_add_up(tmp_path, cache_dir):
+    from benchmarks import test_split
+    from pipeline.prepare import load_prepared
+
+    cfg = tiny_search(tmp_path, cache_dir, select={"top": 2, "per_task": 4}, generations=2)
+    run = RunDir(cfg.resolved_run_dir)
+    search.main(cfg)
+    with pytest.raises(SystemExit, match="no prepared test split"):  # the tiny tasks have none: said before loading
+        test_split.score_test(cfg, run, cfg.search.batch_size)
+    for task in cfg.tasks:  # a test split as `prepare` writes it (the dev rows will do here)
+        shutil.copyfile(run.data(task.name, "dev"), run.data(task.name, "test"))
+    result = test_split.score_test(cfg, run, cfg.search.batch_size)
+    tasks = [task.name for task in cfg.tasks]
+    assert result["examples"] == {name: len(load_prepared(run, name, "test")) for name in tasks}
+    assert all(count > 0 for count in result["examples"].values())
+    scores = result["scores"]
+    assert list(scores) == ["uniform", "ties", "evolved"]
+    for name in ("uniform", "ties"):
+        lead = result["evolved_minus"][name]
+        for task in tasks:
+            assert lead["tasks"][task]["difference"] == pytest.approx(scores["evolved"][task] - scores[name][task],
+                                                                      abs=1e-6)
+        assert lead["mean"]["difference"] == pytest.approx(scores["evolved"]["mean"] - scores[name]["mean"], abs=1e-6)
+    # each merge starts from the restored base: scoring again, in the same order, gives the same numbers
+    assert test_split.score_test(cfg, run, cfg.search.batch_size)["scores"] == scores
