@@ -32,15 +32,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.summary import machine  # noqa: E402
+from benchmarks.summary import finished_search, machine  # noqa: E402
 from merge.engine import InMemoryMerge  # noqa: E402
 from merge.methods import get_method  # noqa: E402
 from merge.weak import get_labeller  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate import markdown_table  # noqa: E402
 from pipeline.metrics import compute_metrics, spearman  # noqa: E402
-from pipeline.rundir import RunDir, is_done, read_jsonl, read_manifest  # noqa: E402
-from pipeline.runtime import set_threads, setup_logging  # noqa: E402
+from pipeline.rundir import RunDir, read_jsonl, read_manifest  # noqa: E402
 from pipeline.scoring import TaskScores, score_prompts  # noqa: E402
 from pipeline.search import _gold_sets, gold_examples, load_search_inputs, load_weak_sets  # noqa: E402
 
@@ -171,12 +169,7 @@ def main() -> None:
                         help="score every K-th logged candidate (a large search: the suite's 80 take about 40 s each)")
     parser.add_argument("--no-probes", action="store_true", help="skip the probes around the start point")
     args = parser.parse_args()
-    setup_logging()
-    cfg = load_config(args.config, run_dir=args.run_dir)
-    run = RunDir(cfg.resolved_run_dir)
-    if not is_done(run.search):
-        raise SystemExit(f"{run.search}: no finished search; run `sentimerge search {args.config}` first")
-    set_threads(cfg.threads)
+    cfg, run = finished_search(args.config, args.run_dir)
     started = time.time()
     scored = score_all(cfg, run, run.search / "landscape", args.batch_size, every=args.every,
                        probes=not args.no_probes)

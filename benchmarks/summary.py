@@ -37,3 +37,19 @@ def record(values: dict[str, float], *, command: str | None = None, notes: str |
     ordered = {key: summary[key] for key in [*KEYS, *sorted(set(summary) - set(KEYS))] if key in summary}
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY.write_text(json.dumps(ordered, indent=2) + "\n")
+
+
+def finished_search(config: str, run_dir: str):
+    """(config, run) of a benchmark that reads a finished search: a one-line exit when the search is not finished;
+    logging and the config's torch threads set up as the stages do."""
+    from pipeline.config import load_config
+    from pipeline.rundir import RunDir, is_done
+    from pipeline.runtime import set_threads, setup_logging
+
+    setup_logging()
+    cfg = load_config(config, run_dir=run_dir)
+    run = RunDir(cfg.resolved_run_dir)
+    if not is_done(run.search):
+        raise SystemExit(f"{run.search}: no finished search; run `sentimerge search {config}` first")
+    set_threads(cfg.threads)
+    return cfg, run

@@ -24,17 +24,14 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.summary import machine  # noqa: E402
+from benchmarks.summary import finished_search, machine  # noqa: E402
 from merge.engine import InMemoryMerge  # noqa: E402
 from merge.fitness import encode_set, evaluate  # noqa: E402
 from merge.methods import get_method  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluate import markdown_table  # noqa: E402
 from pipeline.metrics import paired_bootstrap  # noqa: E402
 from pipeline.prepare import load_prepared  # noqa: E402
-from pipeline.rundir import RunDir, is_done, write_json_atomic, write_text_atomic  # noqa: E402
-from pipeline.runtime import set_threads, setup_logging  # noqa: E402
-from pipeline.search import COMPARED, load_search_inputs  # noqa: E402
+from pipeline.rundir import RunDir, write_json_atomic, write_text_atomic  # noqa: E402
+from pipeline.search import COMPARED, final_markdown, load_search_inputs  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -73,29 +70,16 @@ def main() -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--batch-size", type=int, default=16, help="scoring batch (bf16 scores move with it)")
     args = parser.parse_args()
-    setup_logging()
-    cfg = load_config(args.config, run_dir=args.run_dir)
-    run = RunDir(cfg.resolved_run_dir)
-    if not is_done(run.search):
-        raise SystemExit(f"{run.search}: no finished search; run `sentimerge search {args.config}` first")
-    set_threads(cfg.threads)
+    cfg, run = finished_search(args.config, args.run_dir)
     started = time.time()
     result = score_test(cfg, run, args.batch_size)
     command = "python " + shlex.join(["benchmarks/test_split.py", *sys.argv[1:]])
     table = pd.DataFrame([{"model": name, **values} for name, values in result["scores"].items()])
-
-    def interval(summary: dict) -> str:
-        return f"{summary['difference']:+.3f} [{summary['low']:+.3f}, {summary['high']:+.3f}]"
-
-    leads = pd.DataFrame([{"vs": name, **{task: interval(c["tasks"][task]) for task in c["tasks"]},
-                           "mean": interval(c["mean"]), "P(evolved better)": f"{c['mean']['p_better']:.2f}"}
-                          for name, c in result["evolved_minus"].items()])
     examples = ", ".join(f"{name} {count}" for name, count in result["examples"].items())
     text = (f"# The evolved merge on the test split ({cfg.name})\n\n"
             f"{time.strftime('%Y-%m-%d')}, {machine()}, seed {cfg.seed}, bf16, scoring batch {args.batch_size}; "
             f"`{command}` ({time.time() - started:.0f} s). Every test example ({examples}); primary metric per "
-            "task.\n\n" + markdown_table(table) + "\nEvolved merge minus baseline (95% paired bootstrap interval, "
-            "2000 resamples):\n\n" + markdown_table(leads))
+            "task.\n\n" + final_markdown(table, result["evolved_minus"], "test"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS / f"test_split_{cfg.name}.json", {"command": command, **result})
     write_text_atomic(RESULTS / f"test_split_{cfg.name}.md", text)

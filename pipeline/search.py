@@ -495,15 +495,16 @@ def compare_final(run: RunDir, cfg: RunConfig) -> dict[str, dict] | None:
             for name in COMPARED if name in predictions}
 
 
-def final_markdown(table: pd.DataFrame, comparison: dict[str, dict] | None) -> str:
-    """The final table, and under it how sure the evolved merge's lead (or lag) over each baseline is."""
+def final_markdown(table: pd.DataFrame, comparison: dict[str, dict] | None, examples: str = "dev") -> str:
+    """The final table, and under it how sure the evolved merge's lead (or lag) over each baseline is (`examples`:
+    which split's examples both were scored on)."""
     text = markdown_table(table)
     if not comparison:
         return text
     first = next(iter(comparison.values()))
     tasks = list(first["tasks"])
     lines = ["", f"Evolved merge minus baseline (primary metric; {first['level']:.0%} paired bootstrap interval over "
-             f"the same dev examples, {first['resamples']} resamples; P = share of resamples where the evolved merge "
+             f"the same {examples} examples, {first['resamples']} resamples; P = share of resamples where the evolved merge "
              "is better):", "", "| vs | " + " | ".join(tasks) + " | mean | P(evolved better) |",
              "|---|" + "---|" * (len(tasks) + 2)]
     for name, result in comparison.items():
