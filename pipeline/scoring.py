@@ -8,17 +8,27 @@ predicts the answer with the highest total log-probability. Regression answers a
 over the task's range; the prediction is the probability-weighted mean of the level values (softmax over the levels'
 log-probabilities). That yields a real number from the same single forward, uses the model's whole distribution
 rather than its top level, and is the quantity a level-wise cross-entropy teaches in training.
+
+The model's math runs in its own dtype (bf16 by default), but the LM head of the kept positions runs in float32
+(`float32_head`): bf16 logits keep 8 significant bits, so at logit magnitudes of 16-32 every log-probability is a
+multiple of 1/8 nat or coarser, two answers often tie exactly, and `argmax` would then pick the first label of the
+task's list. A tie that remains in float32 is counted and logged (`TaskScores.ties`), never resolved silently.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.prompts import answer_tokens, prompt_ids
 from pipeline.tasks import TaskSpec
+
+log = logging.getLogger("sentimerge.scoring")
 
 
 @dataclass
@@ -34,28 +44,77 @@ class TaskScores:
         return torch.softmax(self.logprobs, dim=-1)
 
     @property
+    def ties(self) -> torch.Tensor:
+        """[N] bool: classification examples whose two best answers have exactly the same log-probability.
+
+        There `argmax` picks the answer listed first; always False for regression (its prediction is a mean)."""
+        if self.task.kind != "classification" or self.logprobs.shape[-1] < 2:
+            return torch.zeros(self.logprobs.shape[0], dtype=torch.bool)
+        top = self.logprobs.topk(2, dim=-1).values
+        return top[:, 0] == top[:, 1]
+
+    @property
     def predictions(self) -> list[str | float]:
+        """The label (classification) or the probability-weighted level value (regression) per example."""
         if self.task.kind == "classification":
+            tied = int(self.ties.sum())
+            if tied:
+                log.warning("task %s: %d of %d examples have two answers with equal float32 log-probabilities; "
+                            "the answer listed first is taken", self.task.name, tied, len(self.logprobs))
             return [self.task.labels[i] for i in self.logprobs.argmax(-1).tolist()]
         values = torch.tensor(self.task.level_values, dtype=self.probs.dtype)
         return (self.probs @ values).tolist()
 
 
+@contextlib.contextmanager
+def float32_head(model) -> Iterator[None]:
+    """Within the block, the model's output embedding (LM head) computes its logits in float32.
+
+    The rest of the model keeps its dtype. The head's weight is cast once per block ([vocab, hidden] float32: 113 MB
+    for SmolLM2-135M) and applied to the kept positions only, so the cost is one small matmul per forward. Whatever
+    the model does after its head (softcapping, scaling) then runs in float32 too. A head that is not a plain
+    `torch.nn.Linear` (a peft LoRA layer on `lm_head`) keeps its own dtype, with a warning.
+    """
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        log.warning("scoring: the LM head is a %s, not a Linear layer; its logits keep the model's dtype",
+                    type(head).__name__)
+        yield
+        return
+    weight = head.weight.detach().float()
+    bias = None if head.bias is None else head.bias.detach().float()
+
+    def forward_in_float32(module, inputs, output):
+        with torch.autocast(weight.device.type, enabled=False):
+            return torch.nn.functional.linear(inputs[0].float(), weight, bias)
+
+    handle = head.register_forward_hook(forward_in_float32)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.inference_mode()
 def score_prompts(model, prompts: list[list[int]], answers: tuple[tuple[int, ...], ...], *, pad_id: int,
                   batch_size: int = 16, reuse_prefix: bool = True) -> torch.Tensor:
-    """log P(answer | prompt) for every prompt and answer: a float32 tensor [len(prompts), len(answers)].
+    """log P(answer | prompt) for every prompt and answer: a float32 tensor [len(prompts), len(answers)], in nats.
+
+    The LM head runs in float32 (`float32_head`) whatever the model's dtype. Raises ValueError for `batch_size` < 1.
 
     With `reuse_prefix`, the prompts' longest common token prefix (system turn, instruction, answer list: about
     half of a short prompt) is computed once, and each batch only computes the rest on top of its KV cache.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = next(model.parameters()).device
     result = torch.empty(len(prompts), len(answers), dtype=torch.float32)
-    prefix = _prefix(model, prompts, device) if reuse_prefix and len(prompts) > 1 else None
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        result[batch] = _score_batch(model, [prompts[i] for i in batch], answers, pad_id, device, prefix)
+    with float32_head(model):
+        prefix = _prefix(model, prompts, device) if reuse_prefix and len(prompts) > 1 else None
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            result[batch] = _score_batch(model, [prompts[i] for i in batch], answers, pad_id, device, prefix)
     return result
 
 

@@ -106,3 +106,53 @@ def test_frozen_weights_score_exactly_like_trainable_ones(prepared_tiny, dtype):
         model.requires_grad_(trainable)
         scores[trainable] = score_prompts(model, prompts, answers, pad_id=tokenizer.pad_token_id, batch_size=4)
     assert torch.equal(scores[True], scores[False])
+
+
+def test_bf16_model_keeps_the_order_of_answers_closer_than_bf16_resolution(prepared_tiny):
+    """bf16 logits of magnitude 16-32 come in steps of 1/8 nat: two answers closer than that tied or swapped, and
+    argmax picked the first label. The scorer's LM head runs in float32, so its order is the float32 head's."""
+    run = RunDir(prepared_tiny.resolved_run_dir)
+    model, tokenizer = load_model(prepared_model_path(run), dtype="bfloat16")
+    task = prepared_tiny.task("polarity")
+    prompts = [prompt_ids(tokenizer, task, e) for e in load_prepared(run, "polarity", "dev")]
+    first, second = 100, 101  # two answer tokens whose output embeddings differ by a small, seeded direction
+    with torch.no_grad():
+        model.model.norm.weight.mul_(20.0)  # logits spread over tens of nats, as in a trained model
+        hidden = torch.stack([model.model(torch.tensor([p])).last_hidden_state[0, -1] for p in prompts]).float()
+        centre = hidden.mean(0)
+        direction = torch.randn(hidden.shape[1], generator=torch.Generator().manual_seed(0))
+        direction -= (direction @ centre) / (centre @ centre) * centre  # the gap varies in sign across prompts
+        direction *= 0.05 / ((hidden - centre) @ direction).abs().mean()
+        head = model.lm_head.weight
+        head[second] = (head[first].float() + direction).to(head.dtype)
+        logits = hidden @ head.float().T
+        expected = torch.log_softmax(logits, -1)[:, [first, second]]
+        bf16_logprobs = torch.log_softmax(logits.bfloat16().float(), -1)[:, [first, second]]
+    gap = expected[:, 1] - expected[:, 0]
+    assert logits.max() - logits.min() > 16 and gap.abs().max() < 1 / 8, "the case the test is about"
+    assert (bf16_logprobs[:, 1] == bf16_logprobs[:, 0]).any(), "bf16 logits tie on some of these prompts"
+
+    scores = score_prompts(model, prompts, ((first,), (second,)), pad_id=tokenizer.pad_token_id, batch_size=4)
+    torch.testing.assert_close(scores, expected, atol=5e-3, rtol=0)  # bf16 batching noise
+    decided = gap.abs() > 1e-2
+    assert decided.sum() >= len(prompts) // 2
+    assert torch.equal((scores[:, 1] > scores[:, 0])[decided], (gap > 0)[decided])
+
+
+def test_ties_are_counted_and_logged_not_hidden(tiny, caplog):
+    cfg, _, _, _ = tiny
+    task = cfg.task("aspect3")
+    scores = TaskScores(task, torch.tensor([[-1.0, -1.0, -3.0], [-0.5, -2.0, -0.25], [-2.0, -0.7, -0.7]]))
+    assert scores.ties.tolist() == [True, False, True]
+    with caplog.at_level("WARNING", logger="sentimerge.scoring"):
+        assert scores.predictions == ["negative", "positive", "neutral"]
+    assert "aspect3: 2 of 3 examples have two answers with equal" in caplog.text
+    regression = TaskScores(cfg.task("intensity"), torch.zeros(2, 5))
+    assert not regression.ties.any()
+
+
+def test_batch_size_below_one_is_refused(tiny):
+    cfg, run, model, tokenizer = tiny
+    task = cfg.task("polarity")
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        score_task(model, tokenizer, task, load_prepared(run, "polarity", "dev"), batch_size=0)
