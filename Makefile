@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
-# Each creates .venv from nothing when it is missing (CPU torch pinned by TORCH; override for CUDA builds).
+# Each creates .venv from nothing when it is missing (CPU torch pinned by TORCH; override for CUDA builds), with the
+# exact versions of constraints.txt, the ones the README's numbers were measured with.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,10 +12,12 @@ STAMP := $(VENV)/.installed
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+CONSTRAINTS ?= constraints.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,ray]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,5 +1,6 @@
 """Scoring efficiency: achieved bf16 FLOP/s of the scoring forward against the machine's measured matmul peak, and
-examples/s with and without reuse of the prompts' shared prefix, measured side by side in one run.
+examples/s with and without reuse of the prompts' shared prefix, and with the LM head in float32 (what the scorer
+does) or in bf16 (what it did), measured side by side in one run.
 
     python benchmarks/scoring_efficiency.py configs/demo.yaml --run-dir RUN [--examples 96] [--batch-size 16]
 
@@ -14,10 +15,12 @@ Writes benchmarks/results/scoring_efficiency.{md,json}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -31,6 +34,7 @@ from pipeline.prepare import load_prepared, prepared_model_path  # noqa: E402
 from pipeline.prompts import answer_tokens, prompt_ids  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.runtime import set_threads  # noqa: E402
+from pipeline import scoring  # noqa: E402
 from pipeline.scoring import score_prompts  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -100,15 +104,18 @@ def main() -> None:
     hidden, inter = model.config.hidden_size, getattr(model.config, "intermediate_size", 4 * model.config.hidden_size)
     peak_shapes = [(1024, hidden, inter), (1024, inter, hidden), (2048, 2048, 2048)]
     rows = {}
-    for reuse in (False, True, False, True):  # interleaved, so drift in the machine's speed hits both
+    variants = [("full prompts", False, True), ("shared prefix computed once", True, True),
+                ("shared prefix, LM head in bf16 (before float32 scores)", True, False)]
+    for name, reuse, float32 in variants * 2:  # interleaved, so drift in the machine's speed hits every variant
         counter.executed, counter.tokens = 0.0, 0
+        head = scoring.float32_head if float32 else (lambda model: contextlib.nullcontext())
         started = time.perf_counter()
-        for _ in range(args.repeats):
-            for prompts, answers in work:
-                score_prompts(model, prompts, answers, pad_id=tokenizer.pad_token_id, batch_size=args.batch_size,
-                              reuse_prefix=reuse)
+        with mock.patch.object(scoring, "float32_head", head):
+            for _ in range(args.repeats):
+                for prompts, answers in work:
+                    score_prompts(model, prompts, answers, pad_id=tokenizer.pad_token_id,
+                                  batch_size=args.batch_size, reuse_prefix=reuse)
         seconds = time.perf_counter() - started
-        name = "shared prefix computed once" if reuse else "full prompts"
         row = {"seconds": seconds / args.repeats, "examples_per_s": examples * args.repeats / seconds,
                "executed_tflops": counter.executed / seconds / 1e12, "tokens_computed": counter.tokens // args.repeats,
                "useful_tflops": useful * args.repeats / seconds / 1e12}
@@ -119,6 +126,8 @@ def main() -> None:
     for row in rows.values():
         row["executed_utilization"] = row["executed_tflops"] * 1e12 / peak
     speedup = rows["shared prefix computed once"]["examples_per_s"] / rows["full prompts"]["examples_per_s"]
+    float32_cost = (rows["shared prefix, LM head in bf16 (before float32 scores)"]["examples_per_s"]
+                    / rows["shared prefix computed once"]["examples_per_s"])
     lines = ["| scoring | examples/s | tokens computed | executed TFLOP/s | share of matmul peak | useful TFLOP/s |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {r['examples_per_s']:.1f} | {r['tokens_computed']} | {r['executed_tflops']:.3f} | "
@@ -129,11 +138,13 @@ def main() -> None:
             f"bf16.\n\nbf16 matmul peak measured in the same run: "
             + ", ".join(f"{s} {v / 1e12:.2f} TFLOP/s" for s, v in peaks.items())
             + f" (peak used: {peak / 1e12:.2f}).\n\n" + "\n".join(lines)
-            + f"\n\nPrefix reuse: {speedup:.2f}x examples/s.\n")
+            + f"\n\nPrefix reuse: {speedup:.2f}x examples/s. The float32 LM head (scores that do not tie) costs "
+            f"{float32_cost:.3f}x the time of a bf16 head.\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scoring_efficiency.md").write_text(text)
     (RESULTS / "scoring_efficiency.json").write_text(json.dumps(
-        {"peak_flops": peaks, "rows": rows, "prefix_speedup": speedup, "examples": examples}, indent=2) + "\n")
+        {"peak_flops": peaks, "rows": rows, "prefix_speedup": speedup, "float32_head_time_ratio": float32_cost,
+         "examples": examples}, indent=2) + "\n")
     record({"scoring_flop_utilization": rows["shared prefix computed once"]["executed_utilization"]},
            notes="executed FLOP/s of the scoring forwards (prefix reuse on) / best bf16 matmul FLOP/s, same run")
     print(text)

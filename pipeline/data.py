@@ -39,7 +39,7 @@ def load_task_splits(task: TaskSpec, *, data_root: str | None, cache_dir: Path, 
         result = _carve(task, examples, seed)
     else:
         result = {}
-        for split in source.split_names:
+        for split in available_splits(task, data_root):
             if splits is not None and split not in splits:
                 continue
             frame, origin = _load_frame(task, split, data_root, cache_dir)
@@ -56,6 +56,18 @@ def load_task_splits(task: TaskSpec, *, data_root: str | None, cache_dir: Path, 
         if limit is not None and len(examples) > limit:
             result[split] = sample_examples(examples, limit, seed, f"{task.name}/{split}")
     return result
+
+
+def available_splits(task: TaskSpec, data_root: str | None) -> list[str]:
+    """The splits a (not carved) source has: those of `split_names`, and `test` where a local `{split}` path has a
+    test file beside the others although `split_names` does not list it."""
+    splits = list(task.source.split_names)
+    template = task.source.path
+    if (template is not None and "{split}" in template and "test" not in splits
+            and ("{data_root}" not in template or data_root is not None)
+            and _local_path(task, "test", data_root).is_file()):
+        splits.append("test")
+    return splits
 
 
 def source_location(task: TaskSpec, split: str | None, data_root: str | None) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import EvaluateConfig, RunConfig, load_tasks_file
+from pipeline.config import EvaluateConfig, RunConfig, load_tasks_file, positive_int
 from pipeline.data import load_task_splits, sample_examples
 from pipeline.errors import SentimergeError
 from pipeline.metrics import compute_metrics
@@ -31,7 +31,10 @@ METRIC_COLUMNS = ["accuracy", "macro_f1", "mse", "pearson"]
 
 def evaluate_model(model, tokenizer, tasks: list[TaskSpec], data: dict[str, list[dict]], *,
                    batch_size: int = 16) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
-    """Metrics per task (one row each, plus a `mean` row of the primary metrics) and per-example predictions."""
+    """Metrics per task (one row each, plus a `mean` row of the primary metrics) and per-example predictions.
+
+    `ties` counts the classification examples whose two best answers scored exactly the same (the first listed was
+    taken; see `pipeline.scoring.TaskScores.ties`)."""
     rows, predictions = [], {}
     for task in tasks:
         examples = data[task.name]
@@ -41,7 +44,7 @@ def evaluate_model(model, tokenizer, tasks: list[TaskSpec], data: dict[str, list
         predicted = scores.predictions
         metrics = compute_metrics(task, [e["label"] for e in examples], predicted)
         rows.append({"task": task.name, "kind": task.kind, "n": len(examples), **metrics,
-                     "examples_per_s": len(examples) / max(seconds, 1e-9)})
+                     "ties": int(scores.ties.sum()), "examples_per_s": len(examples) / max(seconds, 1e-9)})
         probs = scores.probs.tolist()
         predictions[task.name] = [{"id": e["id"], "label": e["label"], "prediction": p,
                                    "probs": dict(zip(task.answers, map(lambda x: round(x, 5), q)))}
@@ -49,8 +52,10 @@ def evaluate_model(model, tokenizer, tasks: list[TaskSpec], data: dict[str, list
         log.info("%-14s n=%-5d %s (%.0f ex/s)", task.name, len(examples),
                  " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), len(examples) / max(seconds, 1e-9))
     table = pd.DataFrame(rows)
-    table = table[["task", "kind", "n", *[c for c in METRIC_COLUMNS if c in table], "primary", "examples_per_s"]]
+    table = table[["task", "kind", "n", *[c for c in METRIC_COLUMNS if c in table], "primary", "ties",
+                   "examples_per_s"]]
     mean = {"task": "mean", "kind": "", "n": int(table["n"].sum()), "primary": float(table["primary"].mean()),
+            "ties": int(table["ties"].sum()),
             "examples_per_s": float(table["n"].sum() / (table["n"] / table["examples_per_s"]).sum())}
     return pd.concat([table, pd.DataFrame([mean])], ignore_index=True), predictions
 
@@ -127,8 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", dest="tasks_file", help="a tasks file (default: the config's tasks)")
     parser.add_argument("--split", choices=["train", "dev", "test"], help="default: evaluate.split of the config")
     parser.add_argument("--name", help="name of the evaluation folder under <run>/eval/")
-    parser.add_argument("--limit", type=int, help="at most this many examples per task (seeded sample)")
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--limit", type=positive_int, help="at most this many examples per task (seeded sample)")
+    parser.add_argument("--batch-size", type=positive_int)
     parser.add_argument("--force", action="store_true", help="replace an evaluation of the same name")
 
 

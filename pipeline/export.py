@@ -4,8 +4,8 @@ The stage 3 adapter is merged into stage 2's merged model (in float32, then cast
 plain `transformers` checkpoint (safetensors, tokenizer, chat template). Next to it: `sentimerge_tasks.yaml` (how each
 task is prompted and answered; `sentimerge predict` needs nothing else), `mergekit_config.yml` (stage 2's recipe),
 `sentimerge_config.yaml` (the resolved run config), `provenance.json` (package version, git revision, base model,
-data sources with hashes), `eval.md` (the exported model scored on every task's dev split after reloading it with
-`transformers` alone) and a `README.md` model card.
+data sources with hashes), `eval.md` (the exported model scored after reloading it with `transformers` alone, on the
+examples of stage 2's final tables: dev, and test where every task has one) and a `README.md` model card.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import yaml
 
 from pipeline import __version__
 from pipeline.config import RunConfig, dump_config
-from pipeline.data import sample_examples
 from pipeline.errors import SentimergeError
 from pipeline.evaluate import evaluate_model, markdown_table
 from pipeline.models import DTYPES, cast_weights, load_model, pick_device
-from pipeline.prepare import load_prepared, prepared_model_path
+from pipeline.prepare import prepared_model_path
 from pipeline.rundir import (EXPORT_TASKS, RunDir, fresh_dir, is_done, read_manifest, write_csv_atomic,
                              write_json_atomic, write_manifest, write_text_atomic)
+from pipeline.search import evaluation_splits, final_examples, split_heading
 
 log = logging.getLogger("sentimerge.export")
 
@@ -50,12 +50,11 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
     run = RunDir(cfg.resolved_run_dir)
     if is_done(run.export) and not force:
         log.info("export: already done in %s", run.export)
+        _complete_evaluations(cfg, run)
         return run.export
     start, adapter = sources(cfg, run)
-    dev = {task.name: load_prepared(run, task.name, "dev") for task in cfg.tasks}
-    if cfg.evaluate.limit:
-        dev = {name: rows if len(rows) <= cfg.evaluate.limit else
-               sample_examples(rows, cfg.evaluate.limit, cfg.seed, f"{name}/dev/eval") for name, rows in dev.items()}
+    # the examples of stage 2's final tables, so that the run's results table compares every row on the same ones
+    splits = {split: final_examples(run, cfg, split) for split in evaluation_splits(run, cfg)}
     started = time.time()
     with fresh_dir(run.export, overwrite=True) as folder:
         _write_model(start, adapter, folder, cfg)
@@ -71,15 +70,36 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
         write_json_atomic(folder / "provenance.json", _provenance(cfg, run, start, adapter))
 
         model, tokenizer = load_model(str(folder), dtype=cfg.export.dtype, device=pick_device(cfg.device))
-        table, _ = evaluate_model(model, tokenizer, list(cfg.tasks), dev, batch_size=cfg.evaluate.batch_size)
-        write_csv_atomic(folder / "eval.csv", table)
-        write_text_atomic(folder / "eval.md", markdown_table(table.drop(columns="examples_per_s")))
-        write_text_atomic(folder / "README.md", model_card(cfg, run, table, folder))
+        tables = {}
+        for split, data in splits.items():
+            log.info("export: scoring the reloaded model on %s", split)
+            tables[split], _ = evaluate_model(model, tokenizer, list(cfg.tasks), data,
+                                              batch_size=cfg.evaluate.batch_size)
+            write_csv_atomic(folder / run.export_eval(split).name, tables[split])
+        table = tables["dev"]
+        write_text_atomic(folder / "eval.md", "\n".join(
+            f"{split_heading(split, splits[split])}\n\n{markdown_table(t.drop(columns='examples_per_s'))}"
+            for split, t in tables.items()))
+        write_text_atomic(folder / "README.md", model_card(cfg, run, tables, splits, folder))
         write_manifest(folder, stage="export", start=start, adapter=str(adapter) if adapter else None,
                        dtype=cfg.export.dtype, mean_primary=float(table["primary"].iloc[-1]),
                        seconds=round(time.time() - started, 1))
     log.info("export: %s (mean dev primary %.3f)", run.export, table["primary"].iloc[-1])
     return run.export
+
+
+def _complete_evaluations(cfg: RunConfig, run: RunDir) -> None:
+    """An export finished before a split's evaluation existed (a test split prepared since, or an export of an
+    earlier version): score the exported model on it, beside the others. The model itself does not change."""
+    missing = [split for split in evaluation_splits(run, cfg) if not run.export_eval(split).is_file()]
+    if not missing:
+        return
+    model, tokenizer = load_model(str(run.export), dtype=cfg.export.dtype, device=pick_device(cfg.device))
+    for split in missing:
+        log.info("export: scoring the exported model on %s", split)
+        table, _ = evaluate_model(model, tokenizer, list(cfg.tasks), final_examples(run, cfg, split),
+                                  batch_size=cfg.evaluate.batch_size)
+        write_csv_atomic(run.export_eval(split), table)
 
 
 def merged_model(start: str, adapter: Path | None, cfg: RunConfig):
@@ -126,7 +146,7 @@ def _provenance(cfg: RunConfig, run: RunDir, start: str, adapter: Path | None) -
     }
 
 
-def model_card(cfg: RunConfig, run: RunDir, table, folder: Path) -> str:
+def model_card(cfg: RunConfig, run: RunDir, tables: dict, splits: dict[str, dict[str, list]], folder: Path) -> str:
     """The export's README.md: what the model is, how to prompt each task, how well it does, how it was made."""
     base = cfg.base_model.hub or (f"{cfg.base_model.gguf.package}=={cfg.base_model.gguf.version}"
                                   if cfg.base_model.gguf else "a local model")
@@ -147,7 +167,11 @@ def model_card(cfg: RunConfig, run: RunDir, table, folder: Path) -> str:
     for task in cfg.tasks:
         kind = "classification" if task.kind == "classification" else f"regression in {list(task.range)}"
         lines.append(f"| {task.name} | {kind} | {', '.join(task.answers)} | {task.instruction.strip()} |")
-    lines += ["", "## Evaluation (dev splits)", "", markdown_table(table.drop(columns="examples_per_s")), ""]
+    lines += ["", "## Evaluation", "", "Primary metric per task (`primary`) and their unweighted mean. The run's "
+              "settings were chosen on dev; a test split, where the tasks have one, chose nothing: its numbers are the "
+              "ones to expect on new data.", ""]
+    for split, table in tables.items():
+        lines += ["#" + split_heading(split, splits[split]), "", markdown_table(table.drop(columns="examples_per_s")), ""]
     if (folder / "coefficients.png").is_file():
         lines += ["## Merge coefficients", "", "![layer-wise merge coefficients](coefficients.png)", "",
                   "The stage 2 recipe is `mergekit_config.yml`: `mergekit-yaml mergekit_config.yml OUT` rebuilds the "

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.config import positive_int
 from pipeline.errors import SentimergeError
 from pipeline.rundir import EXPORT_TASKS
 from pipeline.tasks import TaskSpec
@@ -33,7 +34,7 @@ def read_inputs(texts: list[str], file: str | None, aspect: str | None) -> list[
         path = Path(file)
         if not path.is_file():
             raise SentimergeError(f"{path}: file not found")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):  # BOM or not
             if not line.strip():
                 continue
             if line.lstrip().startswith("{"):
@@ -56,12 +57,14 @@ def predict(model, tokenizer, task: TaskSpec, inputs: list[dict], *, batch_size:
     from pipeline.scoring import score_task
 
     scores = score_task(model, tokenizer, task, inputs, batch_size=batch_size)
-    probs = scores.probs
+    probs, ties = scores.probs, scores.ties.tolist()
     results = []
     for row, (item, prediction) in enumerate(zip(inputs, scores.predictions)):
         result = {"text": item["text"], **({"aspect": item["aspect"]} if item.get("aspect") else {})}
         if task.kind == "classification":
             result.update(label=prediction, probability=round(float(probs[row].max()), 4))
+            if ties[row]:  # two answers equally likely: the label is the first of them in the task's list
+                result["tie"] = True
         else:
             result.update(score=round(float(prediction), 4),
                           levels={answer: round(float(p), 4) for answer, p in zip(task.answers, probs[row])})
@@ -97,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--file", help="texts, one per line, or JSON Lines with `text` (and `aspect`)")
     parser.add_argument("--aspect", help="the aspect (target) for aspect-based tasks")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
 
 
 def run_from_args(args: argparse.Namespace, cfg: None) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import finetune
-from pipeline.config import RunConfig, WeightingSettings
+from pipeline.config import RunConfig, WeightingSettings, positive_int
 from pipeline.errors import SentimergeError
 from pipeline.evaluate import evaluate_model, markdown_table
 from pipeline.run import main as run_pipeline
@@ -391,7 +391,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the multi-task LoRA trained on the base model")
     parser.add_argument("--force", action="store_true",
                         help="score every variant again and rewrite the report (finished training is kept)")
-    parser.add_argument("--seeds", type=int, default=1,
+    parser.add_argument("--seeds", type=positive_int, default=1,
                         help="train every fine-tuned variant with this many stage 3 seeds (run seed, +1, ...) and "
                              "add a table across them (default 1)")
 

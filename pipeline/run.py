@@ -1,6 +1,7 @@
 """`sentimerge run CONFIG`: every stage in order (prepare, experts, search, finetune, export), skipping the finished
 ones, then one results table: the zero-shot base model, each expert on its own task, the uniform and TIES merges,
-the evolved merge, and the final model, each task's primary dev metric and their mean.
+the evolved merge, and the final model, each task's primary metric and their mean, on dev and (where every task has
+one) test, every row of a split scored on the same examples.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pandas as pd
 from pipeline.config import RunConfig
 from pipeline.evaluate import markdown_table
 from pipeline.rundir import RunDir, is_done, write_csv_atomic, write_json_atomic, write_text_atomic
+from pipeline.search import evaluation_splits, final_examples
 
 log = logging.getLogger("sentimerge.run")
 
@@ -51,7 +53,11 @@ def main(cfg: RunConfig) -> pd.DataFrame:
     write_csv_atomic(run.root / "results.csv", table)
     text = markdown_table(table)
     write_text_atomic(run.root / "results.md", text)
-    print(f"\nResults of {cfg.name} (primary dev metric per task; {run.root / 'results.md'}):\n")
+    examples = "; ".join(f"{split}: " + ", ".join(f"{name} {len(rows)}" for name, rows in
+                                                  final_examples(run, cfg, split).items())
+                         for split in evaluation_splits(run, cfg))
+    print(f"\nResults of {cfg.name} (primary metric per task; every row of a split on the same examples: "
+          f"{examples}; settings were chosen on dev; {run.root / 'results.md'}):\n")
     print(text)
     print("seconds per stage: " + ", ".join(f"{name} {value}" for name, value in seconds.items())
           + (f" (finished earlier: {', '.join(skipped)})" if skipped else ""))
@@ -68,16 +74,23 @@ def peak_rss_mb() -> float:
 
 
 def results_table(cfg: RunConfig, run: RunDir) -> pd.DataFrame:
-    """One row per model: the stage 2 gold-dev table (base, experts, uniform, TIES, evolved), each expert on its own
-    task, and the exported final model; columns are the tasks' primary dev metrics and their mean."""
+    """One row per model and evaluation split: stage 2's final table (base, experts, uniform, TIES, evolved), each
+    expert on its own task, and the exported final model; columns are the tasks' primary metrics and their mean.
+    Every row of a split is scored on the same examples (`pipeline.search.final_examples`): dev, on which settings
+    were chosen, and test, which chose nothing, where every task has one."""
     names = [task.name for task in cfg.tasks]
-    search = pd.read_csv(run.search / "final.csv").set_index("model")
     label = {"base": "zero-shot base", "uniform": "uniform task arithmetic", "ties": "TIES", "evolved": "evolved merge"}
-    rows = [{"model": label.get(model, model), **{n: search.loc[model, n] for n in names}}
-            for model in search.index if not model.startswith("expert:")]
-    rows.insert(1, {"model": "each expert on its own task", **{n: search.loc[f"expert:{n}", n] for n in names}})
-    final = pd.read_csv(run.export / "eval.csv").set_index("task")["primary"]
-    rows.append({"model": f"final ({cfg.finetune.weighting.name})", **{n: float(final[n]) for n in names}})
+    rows = []
+    for split in evaluation_splits(run, cfg):
+        search = pd.read_csv(run.search_final_table(split)).set_index("model")
+        split_rows = [{"split": split, "model": label.get(model, model), **{n: search.loc[model, n] for n in names}}
+                      for model in search.index if not model.startswith("expert:")]
+        split_rows.insert(1, {"split": split, "model": "each expert on its own task",
+                              **{n: search.loc[f"expert:{n}", n] for n in names}})
+        final = pd.read_csv(run.export_eval(split)).set_index("task")["primary"]
+        split_rows.append({"split": split, "model": f"final ({cfg.finetune.weighting.name})",
+                           **{n: float(final[n]) for n in names}})
+        rows += split_rows
     table = pd.DataFrame(rows)
     table["mean"] = table[names].mean(axis=1)
     return table

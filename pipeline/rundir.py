@@ -162,7 +162,15 @@ class RunDir:
     @property
     def search_final_predictions(self) -> Path:
         """Every model of the final gold dev table's predictions, per task (for paired comparisons)."""
-        return self.search / "final_predictions.jsonl"
+        return self.search_final_predictions_of("dev")
+
+    def search_final_predictions_of(self, split: str) -> Path:
+        """The final table's predictions on `split` (dev: `final_predictions.jsonl`, test: `..._test.jsonl`)."""
+        return self.search / ("final_predictions.jsonl" if split == "dev" else f"final_predictions_{split}.jsonl")
+
+    def search_final_table(self, split: str = "dev") -> Path:
+        """The final gold table on `split`: every model of stage 2 on the same examples (`final.csv`, `final_test.csv`)."""
+        return self.search / ("final.csv" if split == "dev" else f"final_{split}.csv")
 
     @property
     def search_report(self) -> Path:
@@ -206,6 +214,10 @@ class RunDir:
     @property
     def export(self) -> Path:
         return self.root / "export"
+
+    def export_eval(self, split: str = "dev") -> Path:
+        """The exported model's metrics on `split`, on the final table's examples (`eval.csv`, `eval_test.csv`)."""
+        return self.export / ("eval.csv" if split == "dev" else f"eval_{split}.csv")
 
     def evaluation(self, name: str) -> Path:
         return self.root / "eval" / name

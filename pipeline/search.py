@@ -30,7 +30,7 @@ from merge.methods import get_method
 from merge.recipe import build_recipe, recipe_yaml, run_mergekit
 from merge.search import Strategy, one_by_one, read_log, run_cma
 from merge.weak import check_labellers, labeller_for, sample_selection_set, sample_weak_set
-from pipeline.config import RunConfig, dump_config
+from pipeline.config import RunConfig, dump_config, positive_int
 from pipeline.data import sample_examples
 from pipeline.errors import SentimergeError
 from pipeline.evaluate import markdown_table
@@ -70,6 +70,7 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     _check_inputs(cfg, run)
     if is_done(run.search) and not force:
         log.info("search: already done in %s", run.search)
+        _complete_final_tables(run, cfg)
         return run.search
     if force:
         shutil.rmtree(run.search, ignore_errors=True)
@@ -163,7 +164,10 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     with timer.phase("selection"):
         best = _select(run, cfg, merger, model, tokenizer, weak_sets, select_sets, start)
     with timer.phase("final_gold"):
-        final = _final_table(run, cfg, model, tokenizer, mergers, best, baselines)
+        for split in evaluation_splits(run, cfg):
+            _final_table(run, cfg, model, tokenizer, mergers, best, baselines, split)
+        write_text_atomic(run.search / "final.md", final_report_markdown(run, cfg))
+        final = pd.read_csv(run.search_final_table("dev"))
     method = get_method(settings.method)
     recipe = build_recipe(base_path, {t: str(run.expert_adapter(t).resolve()) for t in genome.experts}, genome,
                           np.asarray(best["coefficients"]), method, density=settings.density,
@@ -178,7 +182,7 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
     write_manifest(run.search, stage="search", method=settings.method, best_fitness=best["fitness"],
                    seconds=round(time.perf_counter() - started, 1))
-    print(f"\nsearch: gold dev ({run.search / 'final.md'}):\n")
+    print(f"\nsearch: gold labels ({run.search / 'final.md'}):\n")
     print((run.search / "final.md").read_text(encoding="utf-8"))
     return run.search
 
@@ -402,23 +406,36 @@ def _select(run: RunDir, cfg: RunConfig, merger: InMemoryMerge, model, tokenizer
     return chosen
 
 
-def gold_examples(run: RunDir, cfg: RunConfig, limit: int | None, salt: str) -> dict[str, list[dict]]:
-    """Each task's dev examples: a seeded sample of `limit` when given (salt `eval`: the final table's, which
-    `evaluate`, `export` and `report` draw too), else all."""
+def evaluation_splits(run: RunDir, cfg: RunConfig) -> list[str]:
+    """The splits every final table is scored on: dev (settings were chosen on it) and, when every task has a
+    prepared test split, test (which chose nothing)."""
+    return ["dev"] + (["test"] if all(run.data(task.name, "test").is_file() for task in cfg.tasks) else [])
+
+
+def gold_examples(run: RunDir, cfg: RunConfig, limit: int | None, salt: str, split: str = "dev") -> dict[str, list[dict]]:
+    """Each task's `split` examples: a seeded sample of `limit` when given (salt `eval`: the final table's, which
+    `export` and `report` score too, so every row of a results table is scored on the same examples), else all."""
     data = {}
     for task in cfg.tasks:
-        examples = load_prepared(run, task.name, "dev")
+        examples = load_prepared(run, task.name, split)
         if limit is not None and len(examples) > limit:
-            examples = sample_examples(examples, limit, cfg.seed, f"{task.name}/dev/{salt}")
+            examples = sample_examples(examples, limit, cfg.seed, f"{task.name}/{split}/{salt}")
         data[task.name] = examples
     return data
 
 
-def _gold_sets(run: RunDir, cfg: RunConfig, tokenizer, limit: int | None, salt: str) -> list[ScoredSet]:
-    """Each task's dev examples (`gold_examples`) with their gold labels, tokenised."""
+def final_examples(run: RunDir, cfg: RunConfig, split: str = "dev") -> dict[str, list[dict]]:
+    """The examples of the final tables on `split` (`search.gold.final` per task, or all): the search's, the
+    export's and `sentimerge run`'s results table all score these."""
+    return gold_examples(run, cfg, cfg.search.gold.final, "eval", split)
+
+
+def _gold_sets(run: RunDir, cfg: RunConfig, tokenizer, limit: int | None, salt: str,
+               split: str = "dev") -> list[ScoredSet]:
+    """Each task's examples (`gold_examples`) with their gold labels, tokenised."""
     if limit == 0:
         return []
-    data = gold_examples(run, cfg, limit, salt)
+    data = gold_examples(run, cfg, limit, salt, split)
     return [encode_set(tokenizer, task, data[task.name], [e["label"] for e in data[task.name]]) for task in cfg.tasks]
 
 
@@ -450,17 +467,15 @@ def _generation_row(run: RunDir, generation: int, rows: list[dict], sigma: float
     return entry
 
 
-def _final_table(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, best: dict,
-                 baselines: dict) -> pd.DataFrame:
-    """Gold dev scores of the base model, each expert, uniform task arithmetic, TIES and the best candidate; each
-    model's predictions are kept (`final_predictions.jsonl`) for the paired comparisons of `compare_final`."""
-    path = run.search / "final.csv"
+def _final_table(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, best: dict, baselines: dict,
+                 split: str = "dev") -> pd.DataFrame:
+    """Gold scores on `split` (`final_examples`) of the base model, each expert, uniform task arithmetic, TIES and
+    the evolved merge; each model's predictions are kept (`final_predictions*.jsonl`) for `compare_final`."""
+    path = run.search_final_table(split)
     if path.is_file():
-        table = pd.read_csv(path)
-        if not (run.search / "final.md").is_file():  # killed between the two: the Markdown is derived from the CSV
-            write_text_atomic(run.search / "final.md", final_markdown(table, compare_final(run, cfg)))
-        return table
-    sets = _gold_sets(run, cfg, tokenizer, cfg.search.gold.final, "eval")  # the sample `evaluate` and `export` draw
+        return pd.read_csv(path)
+    data = final_examples(run, cfg, split)
+    sets = [encode_set(tokenizer, task, data[task.name], [e["label"] for e in data[task.name]]) for task in cfg.tasks]
     rows, predictions = [], []
     entries = [(name, b["method"], b["coefficients"], b["fitness"]) for name, b in baselines.items()
                if not name.startswith("uniform@")]  # the scan of `init: auto`: its chosen one is `uniform`
@@ -469,27 +484,46 @@ def _final_table(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, best: d
         gold = _gold_score(mergers[method], model, tokenizer, sets, candidate, cfg.search.batch_size)
         rows.append({"model": name, **gold["tasks"], "mean": gold["mean"], "weak_fitness": weak_fitness})
         predictions.append({"model": name, "predictions": gold["predictions"]})
-        log.info("gold dev %-20s mean %.4f (%s)", name, gold["mean"],
+        log.info("gold %s %-20s mean %.4f (%s)", split, name, gold["mean"],
                  " ".join(f"{t}={v:.3f}" for t, v in gold["tasks"].items()))
     table = pd.DataFrame(rows)
-    write_jsonl_atomic(run.search_final_predictions, predictions)  # before the CSV, whose presence means done
+    write_jsonl_atomic(run.search_final_predictions_of(split), predictions)  # before the CSV: its presence = done
     write_csv_atomic(path, table)
-    write_text_atomic(run.search / "final.md", final_markdown(table, compare_final(run, cfg)))
     return table
+
+
+def _complete_final_tables(run: RunDir, cfg: RunConfig) -> None:
+    """A search finished before a split's final table existed (a test split prepared since, or a run of an earlier
+    version): score the same models on it, and rewrite `final.md`. Nothing else of the search changes."""
+    missing = [split for split in evaluation_splits(run, cfg) if not run.search_final_table(split).is_file()]
+    if not missing and (run.search / "final.md").is_file():
+        return
+    if missing:
+        log.info("search: scoring the finished search's models on %s", ", ".join(missing))
+        model, tokenizer, adapters, genome = load_search_inputs(cfg, run)
+        baselines = json.loads(run.search_baselines.read_text(encoding="utf-8"))
+        best = json.loads(run.search_selected.read_text(encoding="utf-8"))
+        methods = dict.fromkeys([*(b["method"] for b in baselines.values()), cfg.search.method])
+        seed = cfg.seed if cfg.search.seed is None else cfg.search.seed
+        mergers = {name: InMemoryMerge(model, adapters, genome, get_method(name), density=cfg.search.density,
+                                       seed=seed, keep_deltas=False) for name in methods}
+        for split in missing:
+            _final_table(run, cfg, model, tokenizer, mergers, best, baselines, split)
+    write_text_atomic(run.search / "final.md", final_report_markdown(run, cfg))
 
 
 COMPARED = ("uniform", "ties")  # the baselines the evolved merge must beat
 
 
-def compare_final(run: RunDir, cfg: RunConfig) -> dict[str, dict] | None:
-    """Evolved merge minus each of `COMPARED` on the final table's gold dev examples: the difference of the primary
-    metric per task and of the mean, with a paired bootstrap interval (`pipeline.metrics.paired_bootstrap`; seeded
-    by the run's seed) and the share of resamples where the evolved merge is better. None for a run that kept no
-    predictions (made before they were kept)."""
-    if not run.search_final_predictions.is_file():
+def compare_final(run: RunDir, cfg: RunConfig, split: str = "dev") -> dict[str, dict] | None:
+    """Evolved merge minus each of `COMPARED` on the final table's gold `split` examples: the difference of the
+    primary metric per task and of the mean, with a paired bootstrap interval (`pipeline.metrics.paired_bootstrap`;
+    seeded by the run's seed) and the share of resamples where the evolved merge is better. None for a run that kept
+    no predictions (made before they were kept)."""
+    if not run.search_final_predictions_of(split).is_file():
         return None
-    predictions = {row["model"]: row["predictions"] for row in read_jsonl(run.search_final_predictions)}
-    data = gold_examples(run, cfg, cfg.search.gold.final, "eval")
+    predictions = {row["model"]: row["predictions"] for row in read_jsonl(run.search_final_predictions_of(split))}
+    data = final_examples(run, cfg, split)
     gold = {name: [example["label"] for example in examples] for name, examples in data.items()}
     return {name: paired_bootstrap(list(cfg.tasks), gold, predictions["evolved"], predictions[name], seed=cfg.seed)
             for name in COMPARED if name in predictions}
@@ -511,6 +545,25 @@ def final_markdown(table: pd.DataFrame, comparison: dict[str, dict] | None, exam
         cells = [_interval(result["tasks"][task]) for task in tasks] + [_interval(result["mean"])]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['mean']['p_better']:.2f} |")
     return text + "\n".join(lines) + "\n"
+
+
+SPLIT_ROLES = {"dev": "settings were chosen on it", "test": "it chose nothing"}
+
+
+def split_heading(split: str, data: dict[str, list]) -> str:
+    """A table's heading: the split, its role, and how many examples per task every row is scored on."""
+    counts = ", ".join(f"{name} {len(rows)}" for name, rows in data.items())
+    return f"## {split} ({SPLIT_ROLES.get(split, 'gold labels')}): every row on the same examples ({counts})"
+
+
+def final_report_markdown(run: RunDir, cfg: RunConfig) -> str:
+    """`final.md`: for each evaluation split, the final table and the evolved merge's paired comparisons."""
+    parts = []
+    for split in evaluation_splits(run, cfg):
+        if run.search_final_table(split).is_file():
+            parts.append(split_heading(split, final_examples(run, cfg, split)) + "\n\n" + final_markdown(
+                pd.read_csv(run.search_final_table(split)), compare_final(run, cfg, split), split))
+    return "\n".join(parts)
 
 
 def _interval(summary: dict) -> str:
@@ -579,6 +632,9 @@ def _report(run: RunDir, cfg: RunConfig, best: dict, baselines: dict, final: pd.
         "baselines": {name: b["fitness"] for name, b in baselines.items()},
         "gold_dev": final.to_dict(orient="records"),
         "gold_dev_comparison": compare_final(run, cfg),
+        **({"gold_test": pd.read_csv(run.search_final_table("test")).to_dict(orient="records"),
+            "gold_test_comparison": compare_final(run, cfg, "test")}
+           if run.search_final_table("test").is_file() else {}),
         "weak_vs_gold_spearman": {
             "generation_bests": spearman([g["best"] for g in gold], [g["gold_best"] for g in gold]) if gold else None,
             "final_table": spearman(final["weak_fitness"].tolist(), final["mean"].tolist()),
@@ -593,7 +649,7 @@ def _report(run: RunDir, cfg: RunConfig, best: dict, baselines: dict, final: pd.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="discard an unfinished or finished search and start over")
-    parser.add_argument("--max-evaluations", type=int, metavar="N",
+    parser.add_argument("--max-evaluations", type=positive_int, metavar="N",
                         help="score at most N new candidates, then stop (the next run continues)")
     parser.add_argument("--backend", choices=["local", "ray"], help="score candidates here or on Ray actors "
                                                                    "(default: the config's `backend`)")

@@ -183,3 +183,18 @@ def test_empty_split_and_missing_file(tmp_path):
     (tmp_path / "pol" / "dev.jsonl").unlink()
     with pytest.raises(DataError, match=r"data file not found: .*pol/dev\.jsonl"):
         _load(_task(), tmp_path, tmp_path / "cache")
+
+
+def test_a_split_path_finds_a_test_file_without_extra_configuration(tmp_path):
+    task = _task()
+    for split, seed in (("train", 0), ("dev", 1)):
+        write_jsonl(tmp_path / "pol" / f"{split}.jsonl", tiny_rows("polarity", 6, seed=seed))
+    assert set(_load(task, tmp_path, tmp_path / "cache")) == {"train", "dev"}
+    with pytest.raises(DataError, match="task pol: no test split"):
+        _load(task, tmp_path, tmp_path / "cache", splits=("test",))
+    test_rows = tiny_rows("polarity", 4, seed=2)
+    write_jsonl(tmp_path / "pol" / "test.jsonl", test_rows)
+    splits = _load(task, tmp_path, tmp_path / "cache")
+    assert [e["id"] for e in splits["test"]] == [r["id"] for r in test_rows]
+    assert [e["id"] for e in _load(task, tmp_path, tmp_path / "cache", splits=("test",))["test"]] == \
+        [r["id"] for r in test_rows]

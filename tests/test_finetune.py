@@ -180,3 +180,14 @@ def test_predict_rejects_an_unknown_task_and_a_missing_aspect(tmp_path, cache_di
     assert "did you mean 'polarity'" in capsys.readouterr().err
     assert cli(["predict", "--model", str(folder), "--task", "aspect3", "fine"]) == 2
     assert "needs an aspect" in capsys.readouterr().err
+    # a file saved as "UTF-8 with BOM" (Windows editors): its first JSON line is read as JSON, not as text
+    texts = tmp_path / "texts.jsonl"
+    texts.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": t}) for t in ["fine", "awful"]).encode())
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(folder), "--task", "polarity", "--file", str(texts)]) == 0
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["fine", "awful"]
+    # a count below 1 is refused by the argument parser, exit status 2, before anything loads
+    with pytest.raises(SystemExit) as exit_status:
+        cli(["predict", "--model", str(folder), "--task", "polarity", "--batch-size", "-1", "fine"])
+    assert exit_status.value.code == 2
+    assert "--batch-size: must be at least 1, got -1" in capsys.readouterr().err

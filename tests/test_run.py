@@ -10,7 +10,8 @@ import pandas as pd
 import yaml
 
 from pipeline.cli import main
-from pipeline.rundir import RunDir, is_done
+from pipeline.rundir import RunDir, is_done, read_jsonl
+from tests.conftest import tiny_rows, write_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -20,7 +21,10 @@ def test_run_does_every_stage_and_ends_with_the_results_table(tmp_path, cache_di
     shutil.copytree(CONFIGS / "data", tmp_path / "data")
     (tmp_path / "tasks").mkdir()
     shutil.copy(CONFIGS / "tasks" / "tiny.yaml", tmp_path / "tasks" / "tiny.yaml")
+    for index, task in enumerate(["polarity", "aspect3", "intensity"]):  # a test split: `{split}` finds it
+        write_jsonl(tmp_path / "data" / "tiny" / task / "test.jsonl", tiny_rows(task, 9, seed=200 + index))
     config.update(run_dir=str(tmp_path / "run"), cache_dir=str(cache_dir))
+    config["search"]["gold"]["final"] = 12  # of 16 dev examples: the final row must be scored on the same 12
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -29,12 +33,21 @@ def test_run_does_every_stage_and_ends_with_the_results_table(tmp_path, cache_di
     for folder in [run.prepare, run.search, run.finetune, run.export, *(run.expert(t) for t in ["polarity", "aspect3", "intensity"])]:
         assert is_done(folder), folder
     table = pd.read_csv(run.root / "results.csv")
-    assert list(table["model"]) == ["zero-shot base", "each expert on its own task", "uniform task arithmetic",
-                                    "TIES", "evolved merge", "final (dao)"]
-    assert list(table.columns) == ["model", "polarity", "aspect3", "intensity", "mean"]
+    models = ["zero-shot base", "each expert on its own task", "uniform task arithmetic", "TIES", "evolved merge",
+              "final (dao)"]
+    assert list(table["model"]) == models * 2 and list(table["split"]) == ["dev"] * 6 + ["test"] * 6
+    assert list(table.columns) == ["split", "model", "polarity", "aspect3", "intensity", "mean"]
     assert table[["polarity", "aspect3", "intensity"]].notna().all().all()
+    # every row of a split on the same examples: the search's final tables and the export's evaluation
+    for split, count in (("dev", 12), ("test", 9)):
+        kept = read_jsonl(run.search_final_predictions_of(split))
+        assert {len(row["predictions"]["aspect3"]) for row in kept} == {count}
+        assert pd.read_csv(run.export_eval(split)).set_index("task").loc["aspect3", "n"] == count
+    assert "## test (it chose nothing)" in (run.search / "final.md").read_text()
+    card = (run.export / "README.md").read_text()
+    assert "### dev (settings were chosen on it)" in card and "### test (it chose nothing)" in card
     out = capsys.readouterr().out
-    assert "| final (dao) |" in out and "seconds per stage" in out
+    assert "| final (dao) |" in out and "seconds per stage" in out and "test: polarity 9" in out
 
     info = json.loads((run.root / "run.json").read_text())
     assert info["skipped"] == [] and set(info["seconds"]) == {"prepare", "experts", "search", "finetune", "export"}
@@ -48,3 +61,9 @@ def test_run_does_every_stage_and_ends_with_the_results_table(tmp_path, cache_di
     # and keeps what the first one recorded of the stages it skipped
     again = json.loads((run.root / "run.json").read_text())
     assert again["seconds"] == info["seconds"] and again["peak_rss_mb"] >= info["peak_rss_mb"]
+
+    # a run finished before its test tables existed (an earlier version) gets them, the same, on the next `run`
+    for made in (run.search_final_table("test"), run.search_final_predictions_of("test"), run.export_eval("test")):
+        made.unlink()
+    assert main(["run", str(path)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(run.root / "results.csv"), table)
