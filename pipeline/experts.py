@@ -38,7 +38,7 @@ from pipeline.config import RunConfig, dump_config
 from pipeline.data import sample_examples
 from pipeline.errors import ConfigError, SentimergeError
 from pipeline.models import pick_device
-from pipeline.prepare import load_prepared, prepared_model_path
+from pipeline.prepare import load_prepared, prepared_key, prepared_model_path
 from pipeline.rundir import (RunDir, append_jsonl, digest, is_done, read_manifest, sweep_leftovers, write_json_atomic,
                              write_jsonl_atomic, write_manifest, write_text_atomic)
 from pipeline.tasks import TaskSpec
@@ -77,7 +77,7 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
     data = {task.name: (load_prepared(run, task.name, "train"), load_prepared(run, task.name, "dev"))
             for task in selected}
     base_path = prepared_model_path(run)
-    prepared = read_manifest(run.prepare).get("fingerprint")
+    prepared = prepared_key(run)
     if write_run_config:  # Ray workers do not: the driver did, and workers write only their own task's files
         write_text_atomic(run.config, dump_config(cfg))
     folders = {}
@@ -86,9 +86,9 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
         fingerprint = expert_fingerprint(cfg, task, prepared)
         if is_done(folder) and not force:
             if read_manifest(folder).get("fingerprint") != fingerprint:
-                log.warning("expert %s: finished with another config; kept (pass --force to retrain)", task.name)
-            else:
-                log.info("expert %s: already done (%s)", task.name, folder)
+                raise SentimergeError(f"{folder}: expert {task.name} finished with another config or other prepared "
+                                      f"data; run `sentimerge experts --force --tasks {task.name}` to train it again")
+            log.info("expert %s: already done (%s)", task.name, folder)
             folders[task.name] = folder
             continue
         if force and folder.exists():

@@ -27,9 +27,9 @@ from pipeline.errors import SentimergeError
 from pipeline.evaluate import evaluate_model, markdown_table
 from pipeline.models import DTYPES, cast_weights, load_model, pick_device
 from pipeline.prepare import prepared_model_path
-from pipeline.rundir import (EXPORT_TASKS, RunDir, fresh_dir, is_done, read_manifest, write_csv_atomic,
+from pipeline.rundir import (EXPORT_TASKS, RunDir, digest, fresh_dir, is_done, read_manifest, write_csv_atomic,
                              write_json_atomic, write_manifest, write_text_atomic)
-from pipeline.search import evaluation_splits, final_examples, split_heading
+from pipeline.search import evaluation_splits, final_examples, split_heading, stage_key
 
 log = logging.getLogger("sentimerge.export")
 
@@ -49,10 +49,15 @@ def sources(cfg: RunConfig, run: RunDir) -> tuple[str, Path | None]:
 def main(cfg: RunConfig, *, force: bool = False) -> Path:
     run = RunDir(cfg.resolved_run_dir)
     if is_done(run.export) and not force:
+        exported_from = read_manifest(run.export).get("upstream")
+        if exported_from is not None and exported_from != upstream_key(cfg, run):
+            raise SentimergeError(f"{run.export}: exported from another stage {3 if cfg.export.source == 'finetune' else 2}"
+                                  " result; run `sentimerge export --force` to export again")
         log.info("export: already done in %s", run.export)
         _complete_evaluations(cfg, run)
         return run.export
     start, adapter = sources(cfg, run)
+    upstream = upstream_key(cfg, run)
     # the examples of stage 2's final tables, so that the run's results table compares every row on the same ones
     splits = {split: final_examples(run, cfg, split) for split in evaluation_splits(run, cfg)}
     started = time.time()
@@ -81,11 +86,21 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
             f"{split_heading(split, splits[split])}\n\n{markdown_table(t.drop(columns='examples_per_s'))}"
             for split, t in tables.items()))
         write_text_atomic(folder / "README.md", model_card(cfg, run, tables, splits, folder))
-        write_manifest(folder, stage="export", start=start, adapter=str(adapter) if adapter else None,
+        write_manifest(folder, stage="export", upstream=upstream, start=start, adapter=str(adapter) if adapter else None,
                        dtype=cfg.export.dtype, mean_primary=float(table["primary"].iloc[-1]),
                        seconds=round(time.time() - started, 1))
     log.info("export: %s (mean dev primary %.3f)", run.export, table["primary"].iloc[-1])
     return run.export
+
+
+def upstream_key(cfg: RunConfig, run: RunDir) -> str | None:
+    """What the export hashes of the stage it exports: stage 3's fingerprint and upstream, or stage 2's."""
+    if cfg.export.source == "finetune":
+        if not is_done(run.finetune):
+            return None
+        manifest = read_manifest(run.finetune)
+        return digest({"fingerprint": manifest.get("fingerprint"), "upstream": manifest.get("upstream")})
+    return stage_key(run)
 
 
 def _complete_evaluations(cfg: RunConfig, run: RunDir) -> None:

@@ -11,6 +11,7 @@ manifest written last. An interrupted run resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import time
@@ -30,7 +31,7 @@ from pipeline.config import RunConfig
 from pipeline.data import sample_examples
 from pipeline.errors import SentimergeError
 from pipeline.models import pick_device
-from pipeline.prepare import load_prepared, prepared_model_path
+from pipeline.prepare import load_prepared, prepared_key, prepared_model_path
 from pipeline.prompts import training_example
 from pipeline.rundir import (RunDir, digest, is_done, read_jsonl, read_manifest, save_figure, write_csv_atomic,
                              write_manifest, write_text_atomic)
@@ -49,6 +50,16 @@ def start_model_path(cfg: RunConfig, run: RunDir) -> str:
     return str(run.search_merged)
 
 
+def upstream_key(cfg: RunConfig, run: RunDir) -> str | None:
+    """What stage 3 hashes of the stages it reads from: stage 2's fingerprint (start: merged), else the prepared
+    data's. Kept in the manifest: a finished stage 3 whose upstream changed is refused, not reported as done."""
+    if cfg.finetune.start == "base":
+        return prepared_key(run)
+    if not run.search_state.is_file():
+        return None
+    return json.loads(run.search_state.read_text(encoding="utf-8"))["fingerprint"]
+
+
 def fingerprint(cfg: RunConfig, start: str) -> str:
     decisive = {"finetune": cfg.finetune.decisive(), "seed": cfg.seed, "start": start,
                 "tasks": [task.decisive() for task in cfg.tasks]}
@@ -63,9 +74,14 @@ def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], No
     seed = cfg.seed if settings.seed is None else settings.seed  # training; the dev sample stays the run's
     start = start_model_path(cfg, run)
     key = fingerprint(cfg, start)
+    upstream = upstream_key(cfg, RunDir(cfg.resolved_run_dir))
     if is_done(run.finetune) and not force:
-        if read_manifest(run.finetune).get("fingerprint") != key:
+        manifest = read_manifest(run.finetune)
+        if manifest.get("fingerprint") != key:
             raise SentimergeError(f"{run.finetune}: finished with another config; pass --force to train it again")
+        if "upstream" in manifest and manifest["upstream"] != upstream:  # runs made before it was kept: no check
+            raise SentimergeError(f"{run.finetune}: trained on another stage 2 merge or other prepared data; run "
+                                  "`sentimerge finetune --force` to train it again")
         log.info("finetune: already done in %s", run.finetune)
         return read_manifest(run.finetune)
     if force or is_done(run.finetune):
@@ -146,7 +162,8 @@ def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], No
     save_adapter(model, run.finetune_adapter)
     weights = write_weight_history(run)
     kept = state["kept"]
-    write_manifest(run.finetune, stage="finetune", fingerprint=key, start=start, weighting=settings.weighting.name,
+    write_manifest(run.finetune, stage="finetune", fingerprint=key, upstream=upstream, start=start,
+                   weighting=settings.weighting.name,
                    steps=state["step"], examples=state["step"] * settings.per_task * len(tasks),
                    zero_shot=state["zero_shot"], dev=kept["dev"], kept_step=kept["step"],
                    final_weights=weights.iloc[-1].drop("step").to_dict() if len(weights) else {},

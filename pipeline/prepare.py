@@ -35,17 +35,28 @@ def fingerprint(cfg: RunConfig) -> str:
 
 def main(cfg: RunConfig, *, force: bool = False) -> Path:
     run = RunDir(cfg.resolved_run_dir)
-    if is_done(run.prepare) and not force:
-        if read_manifest(run.prepare).get("fingerprint") != fingerprint(cfg):
-            raise SentimergeError(f"{run.prepare}: prepared with a different config (tasks, data, seed or base model); "
-                                  "use another --run-dir, or --force to prepare again")
-        log.info("prepare: already done in %s", run.prepare)
-        return run.prepare
+    if is_done(run.prepare) and not force and read_manifest(run.prepare).get("fingerprint") != fingerprint(cfg):
+        raise SentimergeError(f"{run.prepare}: prepared with a different config (tasks, data, seed or base model); "
+                              "use another --run-dir, or --force to prepare again")
     started = time.time()
     data = {}
-    for task in cfg.tasks:
+    for task in cfg.tasks:  # read every time: a finished prepare is reused only while its data is unchanged
         data[task.name] = load_task_splits(task, data_root=cfg.data_root, cache_dir=cfg.resolved_cache_dir,
                                            seed=cfg.seed)
+    hashes = data_hashes(data)
+    if is_done(run.prepare) and not force:
+        prepared = read_manifest(run.prepare).get("data")
+        changed = [f"{task}/{split}" for task, splits in hashes.items() for split, sha in splits.items()
+                   if prepared is not None and prepared.get(task, {}).get(split) != sha]
+        changed += [f"{task}/{split} (gone)" for task, splits in (prepared or {}).items() for split in splits
+                    if split not in hashes.get(task, {})]
+        if changed:
+            raise SentimergeError(f"{run.prepare}: the data of {', '.join(changed)} changed since it was prepared; "
+                                  "run `sentimerge prepare --force` to prepare it again (the later stages then "
+                                  "refuse to reuse their results until redone with --force)")
+        log.info("prepare: already done in %s", run.prepare)
+        return run.prepare
+    for task in cfg.tasks:
         counts = ", ".join(f"{split} {len(rows)}" for split, rows in data[task.name].items())
         log.info("task %-14s %s (%s)", task.name, counts, source_location(task, None if task.source.carve else "*",
                                                                           cfg.data_root))
@@ -66,10 +77,26 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
         write_json_atomic(folder / run.base_model.name, {"path": model_path, "spec": cfg.base_model.model_dump(mode="json")})
         write_json_atomic(folder / run.data_report.name, _report(cfg, data, leaks))
         write_text_atomic(folder / "config.yaml", dump_config(cfg))
-        write_manifest(folder, stage="prepare", fingerprint=fingerprint(cfg), seconds=round(time.time() - started, 1))
+        write_manifest(folder, stage="prepare", fingerprint=fingerprint(cfg), data=hashes,
+                       seconds=round(time.time() - started, 1))
     write_text_atomic(run.config, dump_config(cfg))
     log.info("prepare: done in %.1fs -> %s", time.time() - started, run.prepare)
     return run.prepare
+
+
+def data_hashes(data: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, str]]:
+    """sha256 of each task's and split's canonical rows (ids, texts, aspects, labels, meta, in order)."""
+    return {task: {split: hashlib.sha256("".join(json.dumps(row, sort_keys=True) for row in rows).encode()).hexdigest()
+                   for split, rows in splits.items()} for task, splits in data.items()}
+
+
+def prepared_key(run: RunDir) -> str:
+    """What the later stages hash of stage 0: its config fingerprint and the hashes of the data it froze (a run
+    prepared before data hashes were kept: the fingerprint alone, so that it keeps its later stages)."""
+    manifest = read_manifest(run.prepare)
+    if "data" not in manifest:
+        return manifest.get("fingerprint")
+    return digest({"fingerprint": manifest.get("fingerprint"), "data": manifest["data"]})
 
 
 def _tokenizer_corpus(cfg: RunConfig, data: dict) -> list[str]:
@@ -99,8 +126,7 @@ def _report(cfg: RunConfig, data: dict, leaks: list[dict]) -> dict:
     for task in cfg.tasks:
         splits = {}
         for split, rows in data[task.name].items():
-            entry = {"examples": len(rows),
-                     "sha256": hashlib.sha256("".join(json.dumps(r, sort_keys=True) for r in rows).encode()).hexdigest()}
+            entry = {"examples": len(rows), "sha256": data_hashes({"t": {"s": rows}})["t"]["s"]}
             if task.kind == "classification":
                 entry["labels"] = dict(Counter(row["label"] for row in rows).most_common())
             else:

@@ -36,7 +36,7 @@ from pipeline.errors import SentimergeError
 from pipeline.evaluate import markdown_table
 from pipeline.metrics import paired_bootstrap, spearman
 from pipeline.models import load_model
-from pipeline.prepare import load_prepared, prepared_model_path
+from pipeline.prepare import load_prepared, prepared_key, prepared_model_path
 from pipeline.rundir import (RunDir, append_jsonl, digest, fresh_dir, is_done, read_jsonl, read_manifest,
                              write_csv_atomic, write_json_atomic, write_jsonl_atomic, write_manifest, write_text_atomic)
 
@@ -69,6 +69,9 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     tasks = list(cfg.tasks)
     _check_inputs(cfg, run)
     if is_done(run.search) and not force:
+        if stage_key(run) != _fingerprint(cfg, run):
+            raise SentimergeError(f"{run.search}: finished with other experts, other prepared data or another "
+                                  "config; run `sentimerge search --force` to search again")
         log.info("search: already done in %s", run.search)
         _complete_final_tables(run, cfg)
         return run.search
@@ -227,8 +230,15 @@ def _fingerprint(cfg: RunConfig, run: RunDir) -> str:
                 "seed": cfg.seed,
                 "tasks": [task.name for task in cfg.tasks],
                 "experts": {task.name: read_manifest(run.expert(task.name)).get("finished_at") for task in cfg.tasks},
-                "prepare": read_manifest(run.prepare).get("fingerprint")}
+                "prepare": prepared_key(run)}
     return digest(decisive)
+
+
+def stage_key(run: RunDir) -> str | None:
+    """The fingerprint a search was started with (what stage 3 hashes of stage 2), None before it started."""
+    if not run.search_state.is_file():
+        return None
+    return json.loads(run.search_state.read_text(encoding="utf-8"))["fingerprint"]
 
 
 def _check_state(cfg: RunConfig, run: RunDir) -> None:

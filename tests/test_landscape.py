@@ -76,3 +76,19 @@ def test_the_test_split_benchmark_scores_every_test_example_and_its_leads_add_up
         assert lead["mean"]["difference"] == pytest.approx(scores["evolved"]["mean"] - scores[name]["mean"], abs=1e-6)
     # each merge starts from the restored base: scoring again, in the same order, gives the same numbers
     assert test_split.score_test(cfg, run, cfg.search.batch_size)["scores"] == scores
+
+
+def test_float32_scores_benchmark_reproduces_the_final_table_and_counts_what_the_bf16_head_changes(tmp_path,
+                                                                                                  cache_dir):
+    from benchmarks import float32_scores
+
+    cfg = tiny_search(tmp_path, cache_dir, select={"top": 2, "per_task": 4}, generations=2)
+    run = RunDir(cfg.resolved_run_dir)
+    search.main(cfg)
+    table = float32_scores.compare_heads(cfg, run, cfg.search.batch_size).set_index("model")
+    final = pd.read_csv(run.search / "final.csv").set_index("model")
+    assert list(table.index) == list(final.index) and set(table["split"]) == {"dev"}
+    for model in final.index:  # the search scores with the float32 head: the same numbers
+        assert table.loc[model, "mean float32"] == pytest.approx(final.loc[model, "mean"], abs=1e-6)
+    assert (table["float32 - bf16"] == table["mean float32"] - table["mean bf16"]).all()
+    assert (table["changed"] >= 0).all() and (table["ties float32"] <= table["examples"]).all()

@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.rundir import RunDir, is_done, read_jsonl
-from tests.conftest import tiny_rows, write_jsonl
+from tests.conftest import tiny_rows, write_jsonl, write_tiny_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -67,3 +67,36 @@ def test_run_does_every_stage_and_ends_with_the_results_table(tmp_path, cache_di
         made.unlink()
     assert main(["run", str(path)]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(run.root / "results.csv"), table)
+
+
+def test_changed_data_is_never_reported_as_done(tmp_path, cache_dir, capsys):
+    """Labels swapped in a train file after a finished run: prepare refuses to reuse it; once prepared again, every
+    later stage refuses its finished result, naming the flag that redoes it, until each is redone."""
+    config = write_tiny_config(tmp_path, cache_dir=cache_dir,
+                               experts={"steps": 2, "batch_size": 4, "dev_examples": 4},
+                               search={"population": 4, "generations": 1, "weak": {"per_task": 4},
+                                       "gold": {"per_generation": 0, "final": 4}},
+                               finetune={"steps": 2, "dev_examples": 4})
+    assert main(["run", str(config)]) == 0
+    run = RunDir(tmp_path / "run")
+    train = tmp_path / "data" / "polarity" / "train.jsonl"
+    rows = read_jsonl(train)
+    write_jsonl(train, [{**row, "label": "negative" if row["label"] == "positive" else "positive"} for row in rows])
+    capsys.readouterr()
+
+    prepared = (run.prepare / "DONE.json").read_text()
+    assert main(["prepare", str(config)]) == 2
+    assert "the data of polarity/train changed since it was prepared" in capsys.readouterr().err
+    assert (run.prepare / "DONE.json").read_text() == prepared
+    assert main(["prepare", str(config), "--force"]) == 0
+    assert read_jsonl(run.data("polarity", "train"))[0]["label"] != rows[0]["label"]
+
+    for flag in ["experts --force --tasks polarity", "search --force", "finetune --force", "export --force"]:
+        capsys.readouterr()
+        assert main(["run", str(config)]) == 2
+        assert f"`sentimerge {flag}`" in capsys.readouterr().err
+        command, *options = flag.split()
+        if command == "experts":
+            options = ["--force"]  # every expert read the prepared data
+        assert main([command, str(config), *options]) == 0
+    assert main(["run", str(config)]) == 0
