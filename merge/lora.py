@@ -52,6 +52,13 @@ def read_adapter(folder: Path) -> dict[str, LoraFactors]:
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
     tensors = load_file(str(weights_path))
+    names = [key for key in tensors if ".lora_A." not in key and ".lora_B." not in key]
+    if names:  # e.g. an embedding's LoRA (lora_embedding_A/B) or LoRA biases: never dropped silently
+        kinds = [re.search(r"\.(lora_\w+?)(?:\.|$)", key) for key in names]
+        unmergeable = sorted({kind.group(1) if kind else key.rsplit(".", 1)[-1] for kind, key in zip(kinds, names)})
+        raise ModelError(f"{folder}: holds weights that are not linear LoRA factors ({', '.join(unmergeable)}: "
+                         f"{names[0]}{' and more' if len(names) > 1 else ''}); sentimerge merges lora_A/lora_B pairs of "
+                         "linear layers only: train without them (target_modules of linear layers)")
     factors = {}
     for key, a in tensors.items():
         if ".lora_A." not in key:

@@ -245,12 +245,13 @@ def _relative_to(config_path: Path, value: str) -> Path:
 
 
 def _resolve_task_paths(config_path: Path, task: Any) -> Any:
-    """Make a task's local data path absolute, relative to the file that names it."""
+    """Make a task's local data path absolute, relative to the file that names it (one that starts with
+    `{data_root}` is relative to the data root instead; `{task}/{split}.jsonl` to the file, not the working folder)."""
     if not isinstance(task, dict) or not isinstance(task.get("source"), dict):
         return task
     source = dict(task["source"])
     path = source.get("path")
-    if isinstance(path, str) and not path.startswith("{") and not Path(path).is_absolute():
+    if isinstance(path, str) and not path.startswith("{data_root}") and not Path(path).is_absolute():
         source["path"] = str((config_path.parent / path).resolve())
     return {**task, "source": source}
 

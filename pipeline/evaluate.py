@@ -17,7 +17,7 @@ import pandas as pd
 
 from pipeline.config import EvaluateConfig, RunConfig, load_tasks_file, positive_int
 from pipeline.data import load_task_splits, sample_examples
-from pipeline.errors import SentimergeError
+from pipeline.errors import ModelError, SentimergeError
 from pipeline.metrics import compute_metrics
 from pipeline.models import check_model_dir, load_model, pick_device
 from pipeline.prepare import prepared_model_path
@@ -109,7 +109,11 @@ def main(cfg: RunConfig | None, *, model: str = "base", tasks_file: str | None =
                                    device=pick_device(cfg.device if cfg else "auto"),
                                    trust_remote_code=bool(base and base.trust_remote_code))
     log.info("evaluating %s on %d task(s), %s split", model_ref, len(tasks), split)
-    table, predictions = evaluate_model(loaded, tokenizer, tasks, data, batch_size=batch_size or settings.batch_size)
+    try:
+        table, predictions = evaluate_model(loaded, tokenizer, tasks, data,
+                                            batch_size=batch_size or settings.batch_size)
+    except ModelError as error:
+        raise ModelError(f"{model_ref}: {error}") from None
     with fresh_dir(out, overwrite=True) as folder:
         write_csv_atomic(folder / "metrics.csv", table)
         write_text_atomic(folder / "metrics.md", markdown_table(table))

@@ -38,7 +38,7 @@ from pipeline.config import RunConfig, dump_config
 from pipeline.data import sample_examples
 from pipeline.errors import ConfigError, SentimergeError
 from pipeline.models import pick_device
-from pipeline.prepare import load_prepared, prepared_key, prepared_model_path
+from pipeline.prepare import check_against_base_model, load_prepared, prepared_key, prepared_model_path
 from pipeline.rundir import (RunDir, append_jsonl, digest, is_done, read_manifest, sweep_leftovers, write_json_atomic,
                              write_jsonl_atomic, write_manifest, write_text_atomic)
 from pipeline.tasks import TaskSpec
@@ -77,6 +77,7 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
     data = {task.name: (load_prepared(run, task.name, "train"), load_prepared(run, task.name, "dev"))
             for task in selected}
     base_path = prepared_model_path(run)
+    check_against_base_model(cfg, base_path)  # the LoRA targets, also when they changed since prepare
     prepared = prepared_key(run)
     if write_run_config:  # Ray workers do not: the driver did, and workers write only their own task's files
         write_text_atomic(run.config, dump_config(cfg))
@@ -237,19 +238,29 @@ def pool_difficulty(cfg: RunConfig, run: RunDir, task: TaskSpec, pool: list[dict
 
 def cached_base_losses(path: Path, model_ref: str, examples: list[dict],
                        compute: Callable[[list[dict]], np.ndarray]) -> np.ndarray:
-    """The base model's loss per example, computed once per (model, example id) and kept in `path`."""
+    """The base model's loss per example, computed once per (model, example) and kept in `path`.
+
+    Keyed by the example's content (id, text, aspect, label), not its id alone: aspect-based files give every
+    aspect of a sentence the sentence's id, and each has its own loss."""
     cache = {}
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored.get("model") == model_ref:
+        if stored.get("model") == model_ref and stored.get("key") == "content":
             cache = stored["losses"]
-    missing = [example for example in examples if example["id"] not in cache]
+    keys = [example_key(example) for example in examples]
+    missing = {key: example for key, example in zip(keys, examples) if key not in cache}
     if missing:
         log.info("base-model loss of %d examples (cached in %s)", len(missing), path)
-        for example, loss in zip(missing, compute(missing)):
-            cache[example["id"]] = round(float(loss), 6)
-        write_json_atomic(path, {"model": model_ref, "losses": cache})
-    return np.array([cache[example["id"]] for example in examples])
+        for key, loss in zip(missing, compute(list(missing.values()))):
+            cache[key] = round(float(loss), 6)
+        write_json_atomic(path, {"model": model_ref, "key": "content", "losses": cache})
+    return np.array([cache[key] for key in keys])
+
+
+def example_key(example: dict) -> str:
+    """A short hash of what an example is (id, text, aspect, label)."""
+    content = [example["id"], example["text"], example.get("aspect"), example["label"]]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def save_adapter(model, target: Path) -> None:

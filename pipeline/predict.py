@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import positive_int
-from pipeline.errors import SentimergeError
+from pipeline.errors import ModelError, SentimergeError
 from pipeline.rundir import EXPORT_TASKS
 from pipeline.tasks import TaskSpec
 
@@ -87,7 +87,10 @@ def main(model_dir: str, task_name: str, texts: list[str], *, file: str | None =
     if "aspect" in task.input_fields and any(not item.get("aspect") for item in inputs):
         raise SentimergeError(f"task {task_name} needs an aspect: pass --aspect or `aspect` in the JSON lines")
     model, tokenizer = load_model(str(folder), dtype=dtype, device=pick_device("auto"))
-    results = predict(model, tokenizer, task, inputs, batch_size=batch_size)
+    try:
+        results = predict(model, tokenizer, task, inputs, batch_size=batch_size)
+    except ModelError as error:
+        raise ModelError(f"{folder}: {error}") from None
     for result in results:
         print(json.dumps(result, ensure_ascii=False))
     return results

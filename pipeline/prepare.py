@@ -15,11 +15,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline.config import RunConfig, dump_config
-from pipeline.data import find_leaks, load_task_splits, source_location
+from pipeline.config import RunConfig, dump_config, suggest
+from pipeline.data import find_conflicts, find_leaks, load_task_splits, source_location
 from pipeline.errors import SentimergeError
 from pipeline.models import check_model_dir, provision_base_model
-from pipeline.prompts import answer_tokens, user_message
+from pipeline.prompts import answer_tokens, prompt_ids, user_message
 from pipeline.rundir import (RunDir, digest, fresh_dir, is_done, read_jsonl, read_manifest, write_json_atomic,
                              write_jsonl_atomic, write_manifest, write_text_atomic)
 
@@ -60,6 +60,11 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
         counts = ", ".join(f"{split} {len(rows)}" for split, rows in data[task.name].items())
         log.info("task %-14s %s (%s)", task.name, counts, source_location(task, None if task.source.carve else "*",
                                                                           cfg.data_root))
+    conflicts = find_conflicts(data)
+    for task_split, count in sorted(Counter(f"{c['task']}/{c['split']}" for c in conflicts).items()):
+        example = next(c for c in conflicts if f"{c['task']}/{c['split']}" == task_split)
+        log.warning("conflict: %d inputs of %s appear with different labels (e.g. id %s: %s)", count, task_split,
+                    example["id"], " / ".join(example["labels"]))
     leaks = find_leaks(data)
     if leaks:
         by_pair = Counter((leak["train_task"], f"{leak['eval_task']}/{leak['eval_split']}") for leak in leaks)
@@ -69,13 +74,14 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
     corpus = _tokenizer_corpus(cfg, data)
     model_path = provision_base_model(cfg.base_model, cfg.resolved_cache_dir, corpus=corpus)
     _check_answers(cfg, model_path)
+    check_against_base_model(cfg, model_path, data)
 
     with fresh_dir(run.prepare, overwrite=True) as folder:
         for task_name, splits in data.items():
             for split, rows in splits.items():
                 write_jsonl_atomic(folder / run.data(task_name, split).relative_to(run.prepare), rows)
         write_json_atomic(folder / run.base_model.name, {"path": model_path, "spec": cfg.base_model.model_dump(mode="json")})
-        write_json_atomic(folder / run.data_report.name, _report(cfg, data, leaks))
+        write_json_atomic(folder / run.data_report.name, _report(cfg, data, leaks, conflicts))
         write_text_atomic(folder / "config.yaml", dump_config(cfg))
         write_manifest(folder, stage="prepare", fingerprint=fingerprint(cfg), data=hashes,
                        seconds=round(time.time() - started, 1))
@@ -121,7 +127,52 @@ def _check_answers(cfg: RunConfig, model_path: str) -> None:
             raise SentimergeError(f"task {task.name}: {error}") from None
 
 
-def _report(cfg: RunConfig, data: dict, leaks: list[dict]) -> dict:
+def check_against_base_model(cfg: RunConfig, model_path: str, data: dict | None = None) -> None:
+    """What the config asks of the base model, checked before anything trains, every problem in one error: each
+    LoRA `target_modules` name matches a linear layer (a typo trained nothing on it, an embedding's LoRA was left
+    out of every merge), and the longest prompt plus answer fits the model's context (`max_position_embeddings`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    trust = cfg.base_model.trust_remote_code
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    other = {name.rsplit(".", 1)[-1]: type(module).__name__ for name, module in model.named_modules()
+             if name and not isinstance(module, torch.nn.Linear)}
+    problems = []
+    for section, lora in (("experts", cfg.experts.lora), ("finetune", cfg.finetune.lora)):
+        if lora.target_modules == "all-linear":
+            continue
+        for target in lora.target_modules:
+            if target in linear:
+                continue
+            if target in other:
+                problems.append(f"{section}.lora.target_modules: {target!r} is a {other[target]}, not a linear layer; "
+                                "only linear layers' LoRA deltas are merged")
+            else:
+                problems.append(f"{section}.lora.target_modules: no module named {target!r} in the base model"
+                                f"{suggest(target, sorted(linear))}")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and data is not None:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
+        for task in cfg.tasks:
+            rows = [row for rows in data[task.name].values() for row in rows]
+            aspect = max((row.get("aspect") or "" for row in rows), key=len, default="")
+            answer = max(len(tokens) for tokens in answer_tokens(tokenizer, task).answers)
+            # the longest prompt: the instruction and answer list, the longest aspect, a text cut at max_text_tokens
+            frame = len(prompt_ids(tokenizer, task, {"text": "", "aspect": aspect or None}))
+            longest = frame + task.max_text_tokens + answer + 1
+            if longest > positions:
+                problems.append(f"task {task.name}: prompts of up to {longest} tokens (max_text_tokens "
+                                f"{task.max_text_tokens}) exceed the base model's context of {positions} positions; "
+                                f"lower max_text_tokens to {max(8, positions - frame - answer - 1)} or less")
+    if problems:
+        raise SentimergeError("\n".join(problems))
+
+
+def _report(cfg: RunConfig, data: dict, leaks: list[dict], conflicts: list[dict]) -> dict:
     tasks = {}
     for task in cfg.tasks:
         splits = {}
@@ -136,7 +187,8 @@ def _report(cfg: RunConfig, data: dict, leaks: list[dict]) -> dict:
         tasks[task.name] = {"kind": task.kind, "group": task.group, "domain": task.domain,
                             "source": source_location(task, None if task.source.carve else "{split}", cfg.data_root),
                             "splits": splits}
-    return {"tasks": tasks, "leaks": {"count": len(leaks), "examples": leaks[:200]}}
+    return {"tasks": tasks, "leaks": {"count": len(leaks), "examples": leaks[:200]},
+            "conflicting_labels": {"count": len(conflicts), "examples": conflicts[:200]}}
 
 
 def load_prepared(run: RunDir, task: str, split: str) -> list[dict]:

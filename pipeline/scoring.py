@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.errors import ModelError
 from pipeline.prompts import answer_tokens, prompt_ids
 from pipeline.tasks import TaskSpec
 
@@ -55,7 +56,14 @@ class TaskScores:
 
     @property
     def predictions(self) -> list[str | float]:
-        """The label (classification) or the probability-weighted level value (regression) per example."""
+        """The label (classification) or the probability-weighted level value (regression) per example.
+
+        Raises ModelError when a score is not finite (NaN or infinite weights or activations): no metric, table or
+        prediction is ever computed from them."""
+        broken = int((~torch.isfinite(self.logprobs)).any(-1).sum())
+        if broken:
+            raise ModelError(f"task {self.task.name}: the model's scores of {broken} of {len(self.logprobs)} examples "
+                             "are not finite (NaN or infinite weights or activations)")
         if self.task.kind == "classification":
             tied = int(self.ties.sum())
             if tied:

@@ -172,6 +172,15 @@ CASES: dict[str, tuple[Callable[[Workspace], list[str] | None], str, str]] = {
                            r"task polarity: data file not found: .*polarity/dev\.jsonl"),
     "data: data root missing": (lambda ws: shutil.rmtree(ws.data), "prepare", r"task polarity: data file not found"),
     # --- model directories and adapter folders
+    "base model: a LoRA target that is a typo": (
+        lambda ws: ws.edit(_set("experts", "lora", "target_modules", value=["q_prj", "v_proj"])), "prepare",
+        r"experts\.lora\.target_modules: no module named 'q_prj' in the base model \(did you mean 'q_proj'\?\)"),
+    "base model: an embedding as a LoRA target": (
+        lambda ws: ws.edit(_set("finetune", "lora", "target_modules", value=["q_proj", "embed_tokens"])), "prepare",
+        r"finetune\.lora\.target_modules: 'embed_tokens' is a Embedding, not a linear layer"),
+    "base model: prompts longer than its context": (lambda ws: ws.edit(_task(1, max_text_tokens=4096)), "prepare",
+                                                    r"task aspect3: prompts of up to \d+ tokens .* exceed the base "
+                                                    r"model's context of 2048 positions; lower max_text_tokens"),
     "model: directory missing": (lambda ws: ["--model", str(ws.root / "nowhere")], "evaluate",
                                  r"nowhere: model directory not found"),
     "model: no config.json": (lambda ws: ["--model", _model_dir(ws, {"notes.txt": "x"})], "evaluate",

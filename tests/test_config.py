@@ -40,6 +40,16 @@ def test_suite_paths_resolve_relative_to_the_config_and_data_root_overrides(tmp_
     assert overridden.resolved_run_dir == tmp_path / "run"
 
 
+def test_a_split_path_is_resolved_from_the_file_that_names_it_not_the_working_folder(tmp_path, monkeypatch):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere" / "pol").mkdir(parents=True)  # a folder of the same name where the command runs
+    (tmp_path / "project" / "config.yaml").write_text(BASE.replace(
+        "source: {path: data.jsonl, carve: {train: 0.5, dev: 0.5}}", 'source: {path: "{task}/{split}.jsonl"}'))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(tmp_path / "project" / "config.yaml")
+    assert cfg.task("pol").source.path == str(tmp_path / "project" / "{task}" / "{split}.jsonl")
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(text)

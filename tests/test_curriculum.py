@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -203,3 +204,22 @@ def test_task_difficulty_uses_the_task_metadata():
     assert hard["signals"]["zero_shot"] == 1.0 and hard["difficulty"] > easy["difficulty"]
     at_chance = task_difficulty({"zero_shot": 1.0}, TaskFacts(THREE_WAY, 10.0, zero_shot=1 / 3))
     assert at_chance["difficulty"] == pytest.approx(1.0)
+
+
+def test_base_losses_are_kept_per_example_not_per_id(tmp_path):
+    """SemEval's aspect layout: one sentence id, two aspects, two labels; each row has its own base-model loss."""
+    from pipeline.experts import cached_base_losses
+
+    rows = [{"id": "s1", "text": "the food was good but the service slow", "aspect": aspect, "label": label}
+            for aspect, label in (("food", "positive"), ("service", "negative"))]
+    computed = []
+
+    def compute(missing):
+        computed.append(len(missing))
+        return np.array([1.0 if row["aspect"] == "food" else 2.0 for row in missing])
+
+    path = tmp_path / "base_loss.json"
+    assert cached_base_losses(path, "model", rows, compute).tolist() == [1.0, 2.0]
+    assert cached_base_losses(path, "model", rows[::-1], compute).tolist() == [2.0, 1.0]  # from the cache
+    assert computed == [2]
+    assert len(json.loads(path.read_text())["losses"]) == 2

@@ -135,6 +135,22 @@ def test_leaks_across_splits_and_tasks_are_found():
     assert {(leak["eval_task"], leak["id"], leak["train_task"]) for leak in leaks} == {("a", "y", "a"), ("b", "z", "a")}
 
 
+def test_a_leak_in_another_unicode_normalisation_is_found_and_conflicting_labels_are_reported():
+    import unicodedata
+
+    from pipeline.data import find_conflicts
+
+    text = "Caf\u00e9 was superb"  # NFC; the dev copy is NFD, the same text on screen
+    row = {"id": "x", "text": text, "aspect": None, "label": "positive", "meta": {}}
+    nfd = dict(row, id="y", text=unicodedata.normalize("NFD", text))
+    assert nfd["text"] != text
+    assert [leak["id"] for leak in find_leaks({"a": {"train": [row], "dev": [nfd]}})] == ["y"]
+    twice = {"a": {"train": [row, dict(row, id="x2", label="negative"), dict(row, id="o", text="other")]}}
+    assert find_conflicts(twice) == [{"task": "a", "split": "train", "id": "x", "labels": ["negative", "positive"],
+                                      "text": text}]
+    assert find_conflicts({"a": {"train": [row, dict(row, id="x2")]}}) == []  # the same label twice: no conflict
+
+
 # Bad rows: each error names the file and line (or row) and what is wrong.
 @pytest.mark.parametrize("bad_row, message", [
     ({"text": "ok", "label": "great"}, r"pol/train\.jsonl:3: label 'great' is not one of"),

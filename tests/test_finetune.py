@@ -191,3 +191,30 @@ def test_predict_rejects_an_unknown_task_and_a_missing_aspect(tmp_path, cache_di
         cli(["predict", "--model", str(folder), "--task", "polarity", "--batch-size", "-1", "fine"])
     assert exit_status.value.code == 2
     assert "--batch-size: must be at least 1, got -1" in capsys.readouterr().err
+
+
+def test_a_model_with_non_finite_weights_is_refused_not_scored(tmp_path, cache_dir, capsys):
+    """An export with one weight matrix set to NaN: every answer scores NaN, and argmax used to answer the first
+    label (accuracy 0.500, exit 0). Evaluation and prediction fail with one line naming the model."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    cfg = _config(tmp_path, cache_dir, steps=2)
+    finetune.main(cfg)
+    folder = export.main(cfg)
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    name = next(key for key in weights if key.endswith("layers.0.mlp.down_proj.weight"))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    config = tmp_path / "config.yaml"
+    capsys.readouterr()
+    assert cli(["evaluate", str(config), "--model", str(broken), "--name", "broken"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and str(broken) in errors[0] and "are not finite" in errors[0], errors
+    assert not RunDir(cfg.resolved_run_dir).evaluation("broken").exists()
+    assert cli(["predict", "--model", str(broken), "--task", "polarity", "fine"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "are not finite" in captured.err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,3 +285,13 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny_experts, monk
         "merge: torch.compile of ties failed, merging in eager mode (slower): "
         "InvalidCxxCompiler: No working C++ compiler found"]
     assert all(torch.equal(merged[w], expected[w]) and torch.equal(again[w], expected[w]) for w in expected)
+
+
+def test_an_adapter_with_an_embedding_lora_is_refused_not_merged_without_it(prepared_tiny):
+    """peft's embedding LoRA (lora_embedding_A/B) is no lora_A/lora_B pair: it was left out of every merge, baseline
+    and recipe without a word (logits up to 0.26 from peft's own merge_and_unload)."""
+    from pipeline.errors import ModelError
+
+    paths = make_experts(prepared_tiny, targets=["q_proj", "embed_tokens"])
+    with pytest.raises(ModelError, match=r"not linear LoRA factors \(lora_embedding_A, lora_embedding_B"):
+        read_adapter(Path(paths["polarity"]))
