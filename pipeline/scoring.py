@@ -67,7 +67,7 @@ class TaskScores:
         if self.task.kind == "classification":
             tied = int(self.ties.sum())
             if tied:
-                log.warning("task %s: %d of %d examples have two answers with equal float32 log-probabilities; "
+                log.warning("task %s: %d of %d examples have two answers with exactly equal log-probabilities; "
                             "the answer listed first is taken", self.task.name, tied, len(self.logprobs))
             return [self.task.labels[i] for i in self.logprobs.argmax(-1).tolist()]
         values = torch.tensor(self.task.level_values, dtype=self.probs.dtype)

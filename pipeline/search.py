@@ -519,7 +519,18 @@ def _complete_final_tables(run: RunDir, cfg: RunConfig) -> None:
                                        seed=seed, keep_deltas=False) for name in methods}
         for split in missing:
             _final_table(run, cfg, model, tokenizer, mergers, best, baselines, split)
+        if run.search_report.is_file():
+            report = json.loads(run.search_report.read_text(encoding="utf-8"))
+            write_json_atomic(run.search_report, {**report, **_test_report(run, cfg)})
     write_text_atomic(run.search / "final.md", final_report_markdown(run, cfg))
+
+
+def _test_report(run: RunDir, cfg: RunConfig) -> dict:
+    """report.json's test entries: the final table on the test split and its paired comparisons, when scored."""
+    if not run.search_final_table("test").is_file():
+        return {}
+    return {"gold_test": pd.read_csv(run.search_final_table("test")).to_dict(orient="records"),
+            "gold_test_comparison": compare_final(run, cfg, "test")}
 
 
 COMPARED = ("uniform", "ties")  # the baselines the evolved merge must beat
@@ -642,9 +653,7 @@ def _report(run: RunDir, cfg: RunConfig, best: dict, baselines: dict, final: pd.
         "baselines": {name: b["fitness"] for name, b in baselines.items()},
         "gold_dev": final.to_dict(orient="records"),
         "gold_dev_comparison": compare_final(run, cfg),
-        **({"gold_test": pd.read_csv(run.search_final_table("test")).to_dict(orient="records"),
-            "gold_test_comparison": compare_final(run, cfg, "test")}
-           if run.search_final_table("test").is_file() else {}),
+        **_test_report(run, cfg),
         "weak_vs_gold_spearman": {
             "generation_bests": spearman([g["best"] for g in gold], [g["gold_best"] for g in gold]) if gold else None,
             "final_table": spearman(final["weak_fitness"].tolist(), final["mean"].tolist()),

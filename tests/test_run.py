@@ -65,8 +65,13 @@ def test_run_does_every_stage_and_ends_with_the_results_table(tmp_path, cache_di
     # a run finished before its test tables existed (an earlier version) gets them, the same, on the next `run`
     for made in (run.search_final_table("test"), run.search_final_predictions_of("test"), run.export_eval("test")):
         made.unlink()
+    report = json.loads(run.search_report.read_text())
+    assert set(report["gold_test_comparison"]) == {"uniform", "ties"} and len(report["gold_test"]) == 6
+    del report["gold_test"], report["gold_test_comparison"]
+    run.search_report.write_text(json.dumps(report))
     assert main(["run", str(path)]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(run.root / "results.csv"), table)
+    assert set(json.loads(run.search_report.read_text())["gold_test_comparison"]) == {"uniform", "ties"}
 
 
 def test_changed_data_is_never_reported_as_done(tmp_path, cache_dir, capsys):

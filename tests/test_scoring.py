@@ -146,7 +146,7 @@ def test_ties_are_counted_and_logged_not_hidden(tiny, caplog):
     assert scores.ties.tolist() == [True, False, True]
     with caplog.at_level("WARNING", logger="sentimerge.scoring"):
         assert scores.predictions == ["negative", "positive", "neutral"]
-    assert "aspect3: 2 of 3 examples have two answers with equal" in caplog.text
+    assert "aspect3: 2 of 3 examples have two answers with exactly equal" in caplog.text
     regression = TaskScores(cfg.task("intensity"), torch.zeros(2, 5))
     assert not regression.ties.any()
 
