@@ -66,7 +66,7 @@ def test_run_does_every_stage_and_ends_with_the_results_table(tmp_path, cache_di
     for made in (run.search_final_table("test"), run.search_final_predictions_of("test"), run.export_eval("test")):
         made.unlink()
     report = json.loads(run.search_report.read_text())
-    assert set(report["gold_test_comparison"]) == {"uniform", "ties"} and len(report["gold_test"]) == 6
+    assert set(report["gold_test_comparison"]) == {"uniform", "ties"} and len(report["gold_test"]) == 7
     del report["gold_test"], report["gold_test_comparison"]
     run.search_report.write_text(json.dumps(report))
     assert main(["run", str(path)]) == 0
