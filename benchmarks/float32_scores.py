@@ -70,9 +70,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, help="scoring batch (default: the search's, so that the float32 "
+                        "column reproduces its final tables; bf16 model math moves a few predictions with the batch)")
     args = parser.parse_args()
     cfg, run = finished_search(args.config, args.run_dir)
+    args.batch_size = args.batch_size or cfg.search.batch_size
     started = time.time()
     table = compare_heads(cfg, run, args.batch_size)
     command = "python " + shlex.join(["benchmarks/float32_scores.py", *sys.argv[1:]])

@@ -484,8 +484,7 @@ def _final_table(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, best: d
     path = run.search_final_table(split)
     if path.is_file():
         return pd.read_csv(path)
-    data = final_examples(run, cfg, split)
-    sets = [encode_set(tokenizer, task, data[task.name], [e["label"] for e in data[task.name]]) for task in cfg.tasks]
+    sets = _gold_sets(run, cfg, tokenizer, cfg.search.gold.final, "eval", split)  # = final_examples(run, cfg, split)
     rows, predictions = [], []
     entries = [(name, b["method"], b["coefficients"], b["fitness"]) for name, b in baselines.items()
                if not name.startswith("uniform@")]  # the scan of `init: auto`: its chosen one is `uniform`
