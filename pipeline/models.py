@@ -112,9 +112,24 @@ def _read_json(path: Path) -> dict:
     return value
 
 
+def local_model_dir(spec: ModelSpec, cache_dir: Path) -> Path | None:
+    """The base model's local checkpoint directory when it is there without converting, building or downloading
+    anything (a `path`, or a GGUF converted earlier into the cache); None otherwise."""
+    if spec.path is not None:
+        return Path(spec.path)
+    if spec.gguf is not None and (_gguf_target(spec, cache_dir) / "config.json").is_file():
+        return _gguf_target(spec, cache_dir)
+    return None
+
+
+def _gguf_target(spec: ModelSpec, cache_dir: Path) -> Path:
+    gguf = spec.gguf
+    return cache_dir / "models" / f"{gguf.package}-{gguf.version}-{Path(gguf.member).stem}"
+
+
 def _convert_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
     gguf = spec.gguf
-    target = cache_dir / "models" / f"{gguf.package}-{gguf.version}-{Path(gguf.member).stem}"
+    target = _gguf_target(spec, cache_dir)
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer

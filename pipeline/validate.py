@@ -1,4 +1,7 @@
-"""`sentimerge validate CONFIG`: check a config, its tasks and their data without loading any model."""
+"""`sentimerge validate CONFIG`: check a config, its tasks and their data without loading any model's weights.
+
+Where the base model is already local (a `path`, or a GGUF converted earlier), its config and tokenizer are checked
+against the config too: LoRA target modules and the prompts' length (`prepare.check_against_base_model`)."""
 
 from __future__ import annotations
 
@@ -7,19 +10,28 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.data import load_task_splits
-from pipeline.models import check_model_dir
+from pipeline.models import check_model_dir, local_model_dir
+from pipeline.prepare import check_against_base_model
 
 
 def main(cfg: RunConfig, *, check_data: bool = True) -> None:
     if cfg.base_model.path is not None:
         check_model_dir(Path(cfg.base_model.path))
     lines = [f"config ok: run {cfg.name!r}, {len(cfg.tasks)} task(s), run dir {cfg.resolved_run_dir}"]
+    data = {}
     for task in cfg.tasks:
         summary = f"{task.kind}, {len(task.labels)} labels" if task.labels else f"{task.kind} in {list(task.range)}"
         if check_data:
-            splits = load_task_splits(task, data_root=cfg.data_root, cache_dir=cfg.resolved_cache_dir, seed=cfg.seed)
-            summary += "; " + ", ".join(f"{split} {len(rows)}" for split, rows in splits.items())
+            data[task.name] = load_task_splits(task, data_root=cfg.data_root, cache_dir=cfg.resolved_cache_dir,
+                                               seed=cfg.seed)
+            summary += "; " + ", ".join(f"{split} {len(rows)}" for split, rows in data[task.name].items())
         lines.append(f"  {task.name}: {summary}")
+    model_dir = local_model_dir(cfg.base_model, cfg.resolved_cache_dir)
+    if model_dir is not None:  # its config and tokenizer only: no weights are loaded
+        check_against_base_model(cfg, str(model_dir), data if check_data else None)
+        lines.append(f"base model {model_dir}: LoRA targets{' and context' if check_data else ''} ok")
+    else:
+        lines.append("base model not converted or built yet: `prepare` checks the LoRA targets and the context")
     print("\n".join(lines))
 
 

@@ -77,6 +77,24 @@ def test_validate_checks_without_running(tiny_config_path, capsys):
     assert not (tiny_config_path.parent / "run").exists()
 
 
+def test_validate_checks_a_local_base_model_without_loading_its_weights(prepared_tiny, tmp_path, capsys):
+    from pipeline.prepare import prepared_model_path
+    from pipeline.rundir import RunDir
+
+    model_dir = prepared_model_path(RunDir(prepared_tiny.resolved_run_dir))
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["base_model"] = {"path": model_dir}
+    config["experts"] = {"lora": {"target_modules": ["q_prj", "v_proj"]}}
+    path = tmp_path / "local.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["validate", str(path)]) == 2
+    assert "no module named 'q_prj' in the base model (did you mean 'q_proj'?)" in capsys.readouterr().err
+    config["experts"]["lora"]["target_modules"] = ["q_proj", "v_proj"]
+    path.write_text(yaml.safe_dump(config))
+    assert main(["validate", str(path)]) == 0
+    assert "LoRA targets and context ok" in capsys.readouterr().out
+
+
 def test_prepare_refuses_a_run_dir_prepared_with_another_config(prepared_tiny, tiny_config_path, capsys):
     assert main(["prepare", str(tiny_config_path)]) == 0  # unchanged: skipped
     _edit_config(tiny_config_path, lambda config: config.update(seed=1))
