@@ -75,12 +75,7 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
         write_json_atomic(folder / "provenance.json", _provenance(cfg, run, start, adapter))
 
         model, tokenizer = load_model(str(folder), dtype=cfg.export.dtype, device=pick_device(cfg.device))
-        tables = {}
-        for split, data in splits.items():
-            log.info("export: scoring the reloaded model on %s", split)
-            tables[split], _ = evaluate_model(model, tokenizer, list(cfg.tasks), data,
-                                              batch_size=cfg.evaluate.batch_size)
-            write_csv_atomic(folder / run.export_eval(split).name, tables[split])
+        tables = _score_splits(model, tokenizer, cfg, run, splits, folder)
         table = tables["dev"]
         write_text_atomic(folder / "eval.md", "\n".join(
             f"{split_heading(split, splits[split])}\n\n{markdown_table(t.drop(columns='examples_per_s'))}"
@@ -110,11 +105,19 @@ def _complete_evaluations(cfg: RunConfig, run: RunDir) -> None:
     if not missing:
         return
     model, tokenizer = load_model(str(run.export), dtype=cfg.export.dtype, device=pick_device(cfg.device))
-    for split in missing:
+    _score_splits(model, tokenizer, cfg, run, {split: final_examples(run, cfg, split) for split in missing},
+                  run.export)
+
+
+def _score_splits(model, tokenizer, cfg: RunConfig, run: RunDir, splits: dict[str, dict[str, list[dict]]],
+                  folder: Path) -> dict:
+    """The exported model's metrics table on each split's examples, each written to `folder` (`eval*.csv`)."""
+    tables = {}
+    for split, data in splits.items():
         log.info("export: scoring the exported model on %s", split)
-        table, _ = evaluate_model(model, tokenizer, list(cfg.tasks), final_examples(run, cfg, split),
-                                  batch_size=cfg.evaluate.batch_size)
-        write_csv_atomic(run.export_eval(split), table)
+        tables[split], _ = evaluate_model(model, tokenizer, list(cfg.tasks), data, batch_size=cfg.evaluate.batch_size)
+        write_csv_atomic(folder / run.export_eval(split).name, tables[split])
+    return tables
 
 
 def merged_model(start: str, adapter: Path | None, cfg: RunConfig):
