@@ -34,18 +34,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.summary import machine, record  # noqa: E402
-from merge.engine import InMemoryMerge  # noqa: E402
-from merge.fitness import encode_set, evaluate  # noqa: E402
-from merge.genome import Genome  # noqa: E402
-from merge.lora import read_adapter  # noqa: E402
-from merge.methods import get_method  # noqa: E402
-from merge.recipe import build_recipe, run_mergekit  # noqa: E402
-from merge.weak import sample_weak_set  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.prepare import prepared_model_path  # noqa: E402
-from pipeline.rundir import RunDir, write_json_atomic, write_text_atomic  # noqa: E402
-from pipeline.runtime import set_threads, setup_logging  # noqa: E402
+from sentimerge.merge.engine import InMemoryMerge  # noqa: E402
+from sentimerge.merge.fitness import encode_set, evaluate  # noqa: E402
+from sentimerge.merge.genome import Genome  # noqa: E402
+from sentimerge.merge.lora import read_adapter  # noqa: E402
+from sentimerge.merge.methods import get_method  # noqa: E402
+from sentimerge.merge.recipe import build_recipe, run_mergekit  # noqa: E402
+from sentimerge.merge.weak import sample_weak_set  # noqa: E402
+from sentimerge.pipeline.core.config import load_config  # noqa: E402
+from sentimerge.pipeline.core.models import load_model  # noqa: E402
+from sentimerge.pipeline.core.upstream import prepared_model_path
+from sentimerge.pipeline.core.rundir import RunDir, write_json_atomic, write_text_atomic  # noqa: E402
+from sentimerge.pipeline.core.runtime import set_threads, setup_logging  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

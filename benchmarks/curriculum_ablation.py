@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import experts, prepare
-from pipeline.config import load_config
-from pipeline.evaluate import markdown_table
-from pipeline.rundir import RunDir, read_manifest, run_lock
-from pipeline.runtime import seed_everything, set_threads, setup_logging
+from sentimerge.pipeline import experts, prepare
+from sentimerge.pipeline.core.config import load_config
+from sentimerge.pipeline.core.evaluation import markdown_table
+from sentimerge.pipeline.core.rundir import RunDir, read_manifest, run_lock
+from sentimerge.pipeline.core.runtime import seed_everything, set_threads, setup_logging
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.summary import machine, record  # noqa: E402
-from pipeline.evaluate import markdown_table  # noqa: E402
+from sentimerge.pipeline.core.evaluation import markdown_table
 
 RESULTS = ROOT / "benchmarks" / "results"
 

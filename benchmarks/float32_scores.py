@@ -5,7 +5,7 @@
 For a finished search, every model of stage 2's final tables (zero-shot base, each expert, uniform, TIES, the evolved
 merge; merged in memory exactly as the search scores them) and the exported model, on the final tables' examples of
 each evaluation split (dev, and test where every task has one), scored with the LM head in bf16 (the scorer before
-2026-11-30) and in float32 (`pipeline.scoring.float32_head`). Reports each model's mean primary metric both ways,
+2026-11-30) and in float32 (`sentimerge.pipeline.core.scoring.float32_head`). Reports each model's mean primary metric both ways,
 the difference, how many classification predictions changed, and how many examples had two exactly tied answers.
 Writes benchmarks/results/float32_scores_<name>.{md,json}.
 """
@@ -28,15 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.summary import finished_search, machine, record  # noqa: E402
-from merge.engine import InMemoryMerge  # noqa: E402
-from merge.fitness import encode_set  # noqa: E402
-from merge.methods import get_method  # noqa: E402
-from pipeline import scoring  # noqa: E402
-from pipeline.evaluate import markdown_table  # noqa: E402
-from pipeline.metrics import compute_metrics  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.rundir import RunDir, is_done, write_json_atomic, write_text_atomic  # noqa: E402
-from pipeline.search import evaluation_splits, final_examples, load_search_inputs  # noqa: E402
+from sentimerge.merge.engine import InMemoryMerge  # noqa: E402
+from sentimerge.merge.fitness import encode_set  # noqa: E402
+from sentimerge.merge.methods import get_method  # noqa: E402
+from sentimerge.pipeline.core import scoring  # noqa: E402
+from sentimerge.pipeline.core.evaluation import markdown_table
+from sentimerge.pipeline.core.metrics import compute_metrics  # noqa: E402
+from sentimerge.pipeline.core.models import load_model  # noqa: E402
+from sentimerge.pipeline.core.rundir import RunDir, is_done, write_json_atomic, write_text_atomic  # noqa: E402
+from sentimerge.pipeline.core.candidates import load_search_inputs
+from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples
 
 RESULTS = ROOT / "benchmarks" / "results"
 HEADS = {"bf16 head": lambda model: contextlib.nullcontext(), "float32 head": scoring.float32_head}

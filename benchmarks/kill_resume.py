@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.faults import KillHarness  # noqa: E402
+from sentimerge.pipeline.killtest import KillHarness  # noqa: E402
 
 
 def main() -> int:

@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.summary import record  # noqa: E402
-from pipeline import report  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.rundir import RunDir, run_lock  # noqa: E402
-from pipeline.runtime import seed_everything, set_threads, setup_logging  # noqa: E402
+from sentimerge.pipeline import report  # noqa: E402
+from sentimerge.pipeline.core.config import load_config  # noqa: E402
+from sentimerge.pipeline.core.rundir import RunDir, run_lock  # noqa: E402
+from sentimerge.pipeline.core.runtime import seed_everything, set_threads, setup_logging  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

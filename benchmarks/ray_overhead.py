@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.summary import machine  # noqa: E402
-from pipeline import search  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.rundir import RunDir, read_jsonl  # noqa: E402
-from pipeline.runtime import set_threads, setup_logging  # noqa: E402
+from sentimerge.pipeline import search  # noqa: E402
+from sentimerge.pipeline.core.config import load_config  # noqa: E402
+from sentimerge.pipeline.core.rundir import RunDir, read_jsonl  # noqa: E402
+from sentimerge.pipeline.core.runtime import set_threads, setup_logging  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

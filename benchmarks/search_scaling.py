@@ -25,17 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.summary import machine  # noqa: E402
-from merge.engine import InMemoryMerge  # noqa: E402
-from merge.fitness import encode_set, evaluate  # noqa: E402
-from merge.genome import Genome  # noqa: E402
-from merge.lora import read_adapter  # noqa: E402
-from merge.methods import get_method  # noqa: E402
-from merge.search import read_log  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.prepare import load_prepared, prepared_model_path  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
-from pipeline.runtime import set_threads  # noqa: E402
+from sentimerge.merge.engine import InMemoryMerge  # noqa: E402
+from sentimerge.merge.fitness import encode_set, evaluate  # noqa: E402
+from sentimerge.merge.genome import Genome  # noqa: E402
+from sentimerge.merge.lora import read_adapter  # noqa: E402
+from sentimerge.merge.methods import get_method  # noqa: E402
+from sentimerge.merge.search import read_log  # noqa: E402
+from sentimerge.pipeline.core.config import load_config  # noqa: E402
+from sentimerge.pipeline.core.models import load_model  # noqa: E402
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
+from sentimerge.pipeline.core.rundir import RunDir  # noqa: E402
+from sentimerge.pipeline.core.runtime import set_threads  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -42,9 +42,9 @@ def record(values: dict[str, float], *, command: str | None = None, notes: str |
 def finished_search(config: str, run_dir: str):
     """(config, run) of a benchmark that reads a finished search: a one-line exit when the search is not finished;
     logging and the config's torch threads set up as the stages do."""
-    from pipeline.config import load_config
-    from pipeline.rundir import RunDir, is_done
-    from pipeline.runtime import set_threads, setup_logging
+    from sentimerge.pipeline.core.config import load_config
+    from sentimerge.pipeline.core.rundir import RunDir, is_done
+    from sentimerge.pipeline.core.runtime import set_threads, setup_logging
 
     setup_logging()
     cfg = load_config(config, run_dir=run_dir)

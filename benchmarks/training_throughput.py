@@ -24,13 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.summary import machine, record  # noqa: E402
-from experts.config import ExpertsConfig  # noqa: E402
-from experts.multitask import per_example_losses  # noqa: E402
-from experts.train import answer_loss, collate, encode, load_lora_model  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.prepare import load_prepared, prepared_model_path  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
-from pipeline.runtime import set_threads  # noqa: E402
+from sentimerge.experts.config import ExpertsConfig  # noqa: E402
+from sentimerge.experts.multitask import per_example_losses  # noqa: E402
+from sentimerge.experts.train import answer_loss, collate, encode, load_lora_model  # noqa: E402
+from sentimerge.pipeline.core.config import load_config  # noqa: E402
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
+from sentimerge.pipeline.core.rundir import RunDir  # noqa: E402
+from sentimerge.pipeline.core.runtime import set_threads  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

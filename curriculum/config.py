@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from curriculum.pacing import PACINGS
-from curriculum.signals import SIGNALS, TASK_SIGNALS
-from pipeline.tasks import Frozen
+from sentimerge.curriculum.pacing import PACINGS
+from sentimerge.curriculum.signals import SIGNALS, TASK_SIGNALS
+from sentimerge.pipeline.core.tasks import Frozen
 
 
 class CurriculumConfig(Frozen):

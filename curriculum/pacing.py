@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from pipeline.registry import Registry
+from sentimerge.pipeline.core.registry import Registry
 
 PacingFunction = Callable[[float, float], float]
 """(progress in [0, 1] of the ramp, start competence) -> competence in [start, 1]."""

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from curriculum.pacing import competence
+from sentimerge.curriculum.pacing import competence
 
 
 class CurriculumSampler:

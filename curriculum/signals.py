@@ -18,8 +18,8 @@ from functools import lru_cache
 import numpy as np
 from scipy.stats import rankdata
 
-from pipeline.registry import Registry
-from pipeline.tasks import TaskSpec
+from sentimerge.pipeline.core.registry import Registry
+from sentimerge.pipeline.core.tasks import TaskSpec
 
 
 @dataclass

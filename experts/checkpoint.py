@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import faults
-from pipeline.errors import SentimergeError
-from pipeline.rundir import sweep_leftovers, write_json_atomic
+from sentimerge.pipeline.core import faults
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.rundir import sweep_leftovers, write_json_atomic
 
 STATE = "state.json"
 
@@ -122,3 +122,20 @@ def restore_checkpoint(folder: Path, *, model, optimizer, device: torch.device) 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+
+
+def save_adapter(model, target: Path) -> None:
+    """The adapter in peft's own format, written under a temporary name and renamed into place."""
+    sweep_leftovers(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    config = tmp / "adapter_config.json"  # peft writes target_modules from a set: sort it, for identical files
+    settings = json.loads(config.read_text(encoding="utf-8"))
+    if isinstance(settings.get("target_modules"), list):
+        settings["target_modules"] = sorted(settings["target_modules"])
+        config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    faults.point("built adapter/")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    faults.point("renamed adapter/")

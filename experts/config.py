@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from curriculum.config import CurriculumConfig
-from pipeline.tasks import Frozen
+from sentimerge.curriculum.config import CurriculumConfig
+from sentimerge.pipeline.core.tasks import Frozen
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

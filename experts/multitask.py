@@ -12,10 +12,10 @@ from collections import Counter
 import numpy as np
 import torch
 
-from experts.train import autocast
-from pipeline.scoring import last_positions
-from pipeline.tasks import TaskSpec
-from pipeline.weighting import TaskStats, imbalance
+from sentimerge.experts.train import autocast
+from sentimerge.pipeline.core.scoring import last_positions
+from sentimerge.pipeline.core.tasks import TaskSpec
+from sentimerge.pipeline.core.weighting import TaskStats, imbalance
 
 
 class TaskBalancedSampler:

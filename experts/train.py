@@ -11,12 +11,12 @@ import warnings
 import numpy as np
 import torch
 
-from experts.config import ExpertsConfig, LoraSettings
-from pipeline.metrics import compute_metrics
-from pipeline.models import DTYPES
-from pipeline.prompts import training_example
-from pipeline.scoring import last_positions, score_task
-from pipeline.tasks import TaskSpec
+from sentimerge.experts.config import ExpertsConfig, LoraSettings
+from sentimerge.pipeline.core.metrics import compute_metrics
+from sentimerge.pipeline.core.models import DTYPES
+from sentimerge.pipeline.core.prompts import training_example
+from sentimerge.pipeline.core.scoring import last_positions, score_task
+from sentimerge.pipeline.core.tasks import TaskSpec
 
 
 def load_lora_model(base_path: str, lora: LoraSettings, *, dtype: str, device: torch.device, seed: int,

@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from curriculum.config import check_polarities
-from pipeline.tasks import Frozen
+from sentimerge.curriculum.config import check_polarities
+from sentimerge.pipeline.core.tasks import Frozen
 
 
 class WeakConfig(Frozen):
@@ -122,9 +122,9 @@ class SearchConfig(Frozen):
 def _registered(kind: str, name: str) -> str:
     """Check `name` against its registry (imported here: the registries import torch)."""
     if kind == "method":
-        from merge.methods import METHODS as registry
+        from sentimerge.merge.methods import METHODS as registry
     else:
-        from merge.weak import LABELLERS as registry
+        from sentimerge.merge.labellers import LABELLERS as registry
     problem = registry.problem(name)
     if problem:
         raise ValueError(problem)

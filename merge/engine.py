@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from merge.genome import Genome
-from merge.lora import LoraFactors, layer_of, part_of
-from merge.methods import MergeMethod
-from pipeline.errors import ModelError
+from sentimerge.merge.genome import Genome
+from sentimerge.merge.lora import LoraFactors, layer_of, part_of
+from sentimerge.merge.methods import MergeMethod
+from sentimerge.pipeline.core.errors import ModelError
 
 log = logging.getLogger("sentimerge.merge")
 

@@ -2,7 +2,7 @@
 
 Normalisation puts tasks on one scale where 0 is chance and 1 is perfect agreement with the weak labels: accuracy
 and macro-F1 become (m - 1/K) / (1 - 1/K) for K classes; Pearson correlation is already 0 at chance.
-Scoring is the shared scorer (`pipeline.scoring.score_prompts`) on prompts tokenised once.
+Scoring is the shared scorer (`sentimerge.pipeline.core.scoring.score_prompts`) on prompts tokenised once.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.metrics import compute_metrics
-from pipeline.prompts import answer_tokens, prompt_ids
-from pipeline.scoring import TaskScores, score_prompts
-from pipeline.tasks import TaskSpec
+from sentimerge.pipeline.core.metrics import compute_metrics
+from sentimerge.pipeline.core.prompts import answer_tokens, prompt_ids
+from sentimerge.pipeline.core.scoring import TaskScores, score_prompts
+from sentimerge.pipeline.core.tasks import TaskSpec
 
 
 class ScoringFailed(RuntimeError):

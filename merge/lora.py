@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import ModelError
+from sentimerge.pipeline.core.errors import ModelError
 
 _PREFIX = "base_model.model."
 _LAYER = re.compile(r"\.layers\.(\d+)\.")

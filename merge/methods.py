@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.registry import Registry
+from sentimerge.pipeline.core.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from merge.genome import Genome
-from merge.methods import MergeMethod
-from pipeline.errors import SentimergeError
+from sentimerge.merge.genome import Genome
+from sentimerge.merge.methods import MergeMethod
+from sentimerge.pipeline.core.errors import SentimergeError
 
 PART_FILTERS = {"attention": "attn", "mlp": "mlp"}
 

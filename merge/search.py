@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import SentimergeError
-from pipeline.rundir import append_jsonl, read_jsonl
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.rundir import append_jsonl, read_jsonl
 
 log = logging.getLogger("sentimerge.search")
 

@@ -1,8 +1,3 @@
-"""sentimerge: stage scripts, CLI, configuration, tasks, data, models and scoring."""
-
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("sentimerge")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0+unknown"
+"""The stage scripts (`prepare`, `experts`, `search`, `finetune`, `export`, `evaluate`, `predict`, `validate`,
+`inspect_run`), the orchestrators (`run`, `report`), the CLI and the Python API; their building blocks live in
+`sentimerge.pipeline.core`."""

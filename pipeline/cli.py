@@ -1,4 +1,5 @@
-"""`sentimerge <command>`: one CLI over the stage scripts; each also runs as `python -m pipeline.<command>`.
+"""`sentimerge <command>` (or `python -m sentimerge <command>`): one CLI over the stage scripts; each stage also runs
+as `python -m sentimerge.pipeline.<module>`.
 
 User errors (bad config, bad data, missing model) print one line per problem and exit with status 2, before any
 model is loaded.
@@ -13,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.errors import SentimergeError
+from sentimerge.pipeline.core.errors import SentimergeError
 
 
 # Errors of the machine rather than of the code: reported as one line, exit status 2.
@@ -44,7 +45,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline import __version__
+    from sentimerge.pipeline.core import __version__
 
     parser = argparse.ArgumentParser(prog="sentimerge", description="Curriculum LoRA experts, evolutionary "
                                      "layer-wise merging and multi-task fine-tuning for sentiment specialists.")
@@ -64,33 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MODULES = {"inspect": "inspect_run"}  # commands whose module has another name (not the standard library's `inspect`)
+
+
 def _module(name: str):
-    return importlib.import_module(f"pipeline.{name}")
+    return importlib.import_module(f"sentimerge.pipeline.{MODULES.get(name, name)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.runtime import setup_logging
+    from sentimerge.pipeline.core.runtime import setup_logging
 
     setup_logging(args.verbose)
     try:
         cfg = None
         if getattr(args, "config", None):
-            from pipeline.config import load_config
+            from sentimerge.pipeline.core.config import load_config
 
             cfg = load_config(args.config, data_root=args.data_root, run_dir=args.run_dir)
-            from pipeline.runtime import seed_everything, set_threads
-
-            seed_everything(cfg.seed)
-            set_threads(cfg.threads)
         command = _module(args.command)
-        if cfg is not None and COMMANDS[args.command].writes:
-            from pipeline.rundir import RunDir, run_lock
-
-            with run_lock(RunDir(cfg.resolved_run_dir)):
-                command.run_from_args(args, cfg)
-        else:
+        if cfg is None:
             command.run_from_args(args, cfg)
+        else:
+            from sentimerge.pipeline.api import session
+
+            with session(cfg, writes=COMMANDS[args.command].writes):
+                command.run_from_args(args, cfg)
     except SentimergeError as error:
         print(f"sentimerge {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_module(command: str) -> None:
-    """Entry point of `python -m pipeline.<command>`."""
+    """Entry point of `python -m sentimerge.pipeline.<module>`."""
     sys.exit(main([command, *sys.argv[1:]]))
 
 

@@ -9,70 +9,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from pipeline.config import EvaluateConfig, RunConfig, load_tasks_file, positive_int
-from pipeline.data import load_task_splits, sample_examples
-from pipeline.errors import ModelError, SentimergeError
-from pipeline.metrics import compute_metrics
-from pipeline.models import check_model_dir, load_model, pick_device
-from pipeline.prepare import prepared_model_path
-from pipeline.rundir import RunDir, fresh_dir, write_csv_atomic, write_jsonl_atomic, write_manifest, write_text_atomic
-from pipeline.scoring import score_task
-from pipeline.tasks import TaskSpec
+from sentimerge.pipeline.core.config import EvaluateConfig, RunConfig, load_tasks_file, positive_int
+from sentimerge.pipeline.core.data import load_task_splits, sample_examples
+from sentimerge.pipeline.core.errors import ModelError, SentimergeError
+from sentimerge.pipeline.core.evaluation import evaluate_model, markdown_table
+from sentimerge.pipeline.core.models import check_model_dir, load_model, pick_device
+from sentimerge.pipeline.core.upstream import prepared_model_path
+from sentimerge.pipeline.core.rundir import RunDir, fresh_dir, write_csv_atomic, write_jsonl_atomic, write_manifest, write_text_atomic
 
 log = logging.getLogger("sentimerge.evaluate")
-METRIC_COLUMNS = ["accuracy", "macro_f1", "mse", "pearson"]
-
-
-def evaluate_model(model, tokenizer, tasks: list[TaskSpec], data: dict[str, list[dict]], *,
-                   batch_size: int = 16) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
-    """Metrics per task (one row each, plus a `mean` row of the primary metrics) and per-example predictions.
-
-    `ties` counts the classification examples whose two best answers scored exactly the same (the first listed was
-    taken; see `pipeline.scoring.TaskScores.ties`)."""
-    rows, predictions = [], {}
-    for task in tasks:
-        examples = data[task.name]
-        started = time.time()
-        scores = score_task(model, tokenizer, task, examples, batch_size=batch_size)
-        seconds = time.time() - started
-        predicted = scores.predictions
-        metrics = compute_metrics(task, [e["label"] for e in examples], predicted)
-        rows.append({"task": task.name, "kind": task.kind, "n": len(examples), **metrics,
-                     "ties": int(scores.ties.sum()), "examples_per_s": len(examples) / max(seconds, 1e-9)})
-        probs = scores.probs.tolist()
-        predictions[task.name] = [{"id": e["id"], "label": e["label"], "prediction": p,
-                                   "probs": dict(zip(task.answers, map(lambda x: round(x, 5), q)))}
-                                  for e, p, q in zip(examples, predicted, probs)]
-        log.info("%-14s n=%-5d %s (%.0f ex/s)", task.name, len(examples),
-                 " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), len(examples) / max(seconds, 1e-9))
-    table = pd.DataFrame(rows)
-    table = table[["task", "kind", "n", *[c for c in METRIC_COLUMNS if c in table], "primary", "ties",
-                   "examples_per_s"]]
-    mean = {"task": "mean", "kind": "", "n": int(table["n"].sum()), "primary": float(table["primary"].mean()),
-            "ties": int(table["ties"].sum()),
-            "examples_per_s": float(table["n"].sum() / (table["n"] / table["examples_per_s"]).sum())}
-    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True), predictions
-
-
-def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
-    """A Markdown table (no tabulate dependency): NaN cells are blank."""
-    columns = list(table.columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in table.itertuples(index=False):
-        cells = []
-        for value in row:
-            if isinstance(value, float):
-                cells.append("" if np.isnan(value) else f"{value:.{digits}f}")
-            else:
-                cells.append(str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def main(cfg: RunConfig | None, *, model: str = "base", tasks_file: str | None = None, split: str | None = None,
@@ -147,6 +96,6 @@ def run_from_args(args: argparse.Namespace, cfg: RunConfig | None) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_module
+    from sentimerge.pipeline.cli import run_module
 
     run_module("evaluate")

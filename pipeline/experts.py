@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -28,20 +27,20 @@ import numpy as np
 import torch
 import yaml
 
-from curriculum.sampler import CurriculumSampler
-from curriculum.signals import Difficulty, SignalInputs, TaskFacts, example_difficulty, task_difficulty
-from experts.checkpoint import read_state
-from experts.loop import Loop, run_loop
-from experts.train import answer_loss, answer_losses, collate, encode, evaluate_dev, learning_rate, load_lora_model
-from pipeline import faults
-from pipeline.config import RunConfig, dump_config
-from pipeline.data import sample_examples
-from pipeline.errors import ConfigError, SentimergeError
-from pipeline.models import pick_device
-from pipeline.prepare import check_against_base_model, load_prepared, prepared_key, prepared_model_path
-from pipeline.rundir import (RunDir, append_jsonl, digest, is_done, read_manifest, sweep_leftovers, write_json_atomic,
+from sentimerge.curriculum.sampler import CurriculumSampler
+from sentimerge.curriculum.signals import Difficulty, SignalInputs, TaskFacts, example_difficulty, task_difficulty
+from sentimerge.experts.checkpoint import read_state, save_adapter
+from sentimerge.experts.loop import Loop, run_loop
+from sentimerge.experts.train import answer_loss, answer_losses, collate, encode, evaluate_dev, learning_rate, load_lora_model
+from sentimerge.pipeline.core.config import RunConfig, dump_config
+from sentimerge.pipeline.core.data import sample_examples
+from sentimerge.pipeline.core.errors import ConfigError, SentimergeError
+from sentimerge.pipeline.core.models import pick_device
+from sentimerge.pipeline.core.models import check_against_base_model
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_key, prepared_model_path
+from sentimerge.pipeline.core.rundir import (RunDir, append_jsonl, digest, is_done, read_manifest, write_json_atomic,
                              write_jsonl_atomic, write_manifest, write_text_atomic)
-from pipeline.tasks import TaskSpec
+from sentimerge.pipeline.core.tasks import TaskSpec
 
 log = logging.getLogger("sentimerge.experts")
 
@@ -66,13 +65,13 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
     run = RunDir(cfg.resolved_run_dir)
     selected = select_tasks(cfg, tasks)
     if (backend or cfg.backend) == "ray":
-        from pipeline.distributed import train_experts
+        from sentimerge.pipeline.core.ray_backend import train_experts
 
         read_manifest(run.prepare)
         todo = [task.name for task in selected if force or not is_done(run.expert(task.name))]
         if todo:
             write_text_atomic(run.config, dump_config(cfg))
-            train_experts(cfg, todo, force=force)
+            train_experts(cfg, todo, train_one, force=force)
         return {task.name: run.expert(task.name) for task in selected}
     data = {task.name: (load_prepared(run, task.name, "train"), load_prepared(run, task.name, "dev"))
             for task in selected}
@@ -99,6 +98,12 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
                      on_step=(lambda step, name=task.name: on_step(name, step)) if on_step else None)
         folders[task.name] = folder
     return folders
+
+
+def train_one(cfg: RunConfig, task: str, force: bool) -> str:
+    """Stage 1 for one task, the local way (what each Ray task of `backend: ray` runs); returns its folder."""
+    local = cfg.model_copy(update={"backend": "local"})
+    return str(main(local, force=force, tasks=[task], write_run_config=False)[task])
 
 
 def select_tasks(cfg: RunConfig, names: list[str] | None) -> list[TaskSpec]:
@@ -263,23 +268,6 @@ def example_key(example: dict) -> str:
     return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def save_adapter(model, target: Path) -> None:
-    """The adapter in peft's own format, written under a temporary name and renamed into place."""
-    sweep_leftovers(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    config = tmp / "adapter_config.json"  # peft writes target_modules from a set: sort it, for identical files
-    settings = json.loads(config.read_text(encoding="utf-8"))
-    if isinstance(settings.get("target_modules"), list):
-        settings["target_modules"] = sorted(settings["target_modules"])
-        config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    faults.point("built adapter/")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    faults.point("renamed adapter/")
-
-
 def _schedule_row(step: int, drawn: dict, pool: list[dict], difficulty: Difficulty | None) -> dict:
     row = {"step": step, "competence": drawn["competence"], "available": drawn["available"]}
     if difficulty is not None:
@@ -309,6 +297,6 @@ def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_module
+    from sentimerge.pipeline.cli import run_module
 
     run_module("experts")

@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline import __version__
-from pipeline.config import RunConfig, dump_config
-from pipeline.errors import SentimergeError
-from pipeline.evaluate import evaluate_model, markdown_table
-from pipeline.models import DTYPES, cast_weights, load_model, pick_device
-from pipeline.prepare import prepared_model_path
-from pipeline.rundir import (EXPORT_TASKS, RunDir, digest, fresh_dir, is_done, read_manifest, write_csv_atomic,
+from sentimerge.pipeline.core import __version__
+from sentimerge.pipeline.core.config import RunConfig, dump_config
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.evaluation import evaluate_model, markdown_table
+from sentimerge.pipeline.core.models import DTYPES, cast_weights, load_model, pick_device
+from sentimerge.pipeline.core.upstream import prepared_model_path
+from sentimerge.pipeline.core.rundir import (EXPORT_TASKS, RunDir, digest, fresh_dir, is_done, read_manifest, write_csv_atomic,
                              write_json_atomic, write_manifest, write_text_atomic)
-from pipeline.search import evaluation_splits, final_examples, split_heading, stage_key
+from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, split_heading
+from sentimerge.pipeline.core.upstream import search_key
 
 log = logging.getLogger("sentimerge.export")
 
@@ -95,7 +96,7 @@ def upstream_key(cfg: RunConfig, run: RunDir) -> str | None:
             return None
         manifest = read_manifest(run.finetune)
         return digest({"fingerprint": manifest.get("fingerprint"), "upstream": manifest.get("upstream")})
-    return stage_key(run)
+    return search_key(run)
 
 
 def _complete_evaluations(cfg: RunConfig, run: RunDir) -> None:
@@ -209,6 +210,6 @@ def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_module
+    from sentimerge.pipeline.cli import run_module
 
     run_module("export")

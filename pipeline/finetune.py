@@ -23,19 +23,19 @@ import pandas as pd
 import torch
 import yaml
 
-from experts.loop import Loop, run_loop
-from experts.multitask import (TaskBalancedSampler, class_balance_weights, gradient_norms, per_example_losses,
+from sentimerge.experts.loop import Loop, run_loop
+from sentimerge.experts.multitask import (TaskBalancedSampler, class_balance_weights, gradient_norms, per_example_losses,
                                task_losses, task_stats)
-from experts.train import collate, evaluate_dev, learning_rate, load_lora_model
-from pipeline.config import RunConfig
-from pipeline.data import sample_examples
-from pipeline.errors import SentimergeError
-from pipeline.models import pick_device
-from pipeline.prepare import load_prepared, prepared_key, prepared_model_path
-from pipeline.prompts import training_example
-from pipeline.rundir import (RunDir, digest, is_done, read_jsonl, read_manifest, save_figure, write_csv_atomic,
+from sentimerge.experts.train import collate, evaluate_dev, learning_rate, load_lora_model
+from sentimerge.pipeline.core.config import RunConfig
+from sentimerge.pipeline.core.data import sample_examples
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.models import pick_device
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_key, prepared_model_path
+from sentimerge.pipeline.core.prompts import training_example
+from sentimerge.pipeline.core.rundir import (RunDir, digest, is_done, read_jsonl, read_manifest, save_figure, write_csv_atomic,
                              write_manifest, write_text_atomic)
-from pipeline.weighting import make_weighting
+from sentimerge.pipeline.core.weighting import make_weighting
 
 log = logging.getLogger("sentimerge.finetune")
 
@@ -157,7 +157,7 @@ def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], No
     started = time.time()
     state = run_loop(loop, model, optimizer, device)
 
-    from pipeline.experts import save_adapter
+    from sentimerge.experts.checkpoint import save_adapter
 
     save_adapter(model, run.finetune_adapter)
     weights = write_weight_history(run)
@@ -211,6 +211,6 @@ def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_module
+    from sentimerge.pipeline.cli import run_module
 
     run_module("finetune")

@@ -10,17 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.config import positive_int
-from pipeline.errors import ModelError, SentimergeError
-from pipeline.rundir import EXPORT_TASKS
-from pipeline.tasks import TaskSpec
+import pandas as pd
+
+from sentimerge.pipeline.core.config import positive_int
+from sentimerge.pipeline.core.errors import ModelError, SentimergeError
+from sentimerge.pipeline.core.rundir import EXPORT_TASKS
+from sentimerge.pipeline.core.tasks import TaskSpec
 
 
 def load_export_tasks(model_dir: Path) -> dict[str, TaskSpec]:
     """The task specs an export directory carries, by name."""
-    from pipeline.config import load_tasks_file
+    from sentimerge.pipeline.core.config import load_tasks_file
 
     path = model_dir / EXPORT_TASKS
     if not path.is_file():
@@ -54,9 +57,12 @@ def read_inputs(texts: list[str], file: str | None, aspect: str | None) -> list[
 
 def predict(model, tokenizer, task: TaskSpec, inputs: list[dict], *, batch_size: int = 16) -> list[dict]:
     """Label (with its probability) or score (with the level distribution) per input."""
-    from pipeline.scoring import score_task
+    from sentimerge.pipeline.core.scoring import score_task
 
-    scores = score_task(model, tokenizer, task, inputs, batch_size=batch_size)
+    return _rows(task, inputs, score_task(model, tokenizer, task, inputs, batch_size=batch_size))
+
+
+def _rows(task: TaskSpec, inputs: list[dict], scores) -> list[dict]:
     probs, ties = scores.probs, scores.ties.tolist()
     results = []
     for row, (item, prediction) in enumerate(zip(inputs, scores.predictions)):
@@ -72,25 +78,97 @@ def predict(model, tokenizer, task: TaskSpec, inputs: list[dict], *, batch_size:
     return results
 
 
+class SentimentModel:
+    """An exported sentimerge checkpoint, ready to label texts for any of its tasks (`sentimerge.load_model`).
+
+    `tasks` maps each task's name to its spec (labels or score range, prompt). The model answers the way every
+    table of the pipeline scored it: each allowed answer's log-probability after the task's prompt, LM head in
+    float32."""
+
+    def __init__(self, folder: str | Path, *, dtype: str = "bfloat16", device: str = "auto"):
+        from sentimerge.pipeline.core import models
+
+        self.folder = Path(folder)
+        models.check_model_dir(self.folder)
+        self.tasks: dict[str, TaskSpec] = load_export_tasks(self.folder)
+        self.model, self.tokenizer = models.load_model(str(self.folder), dtype=dtype,
+                                                       device=models.pick_device(device))
+
+    def __repr__(self) -> str:
+        return f"SentimentModel({str(self.folder)!r}, tasks={list(self.tasks)})"
+
+    def _scores(self, task: str, inputs: list[dict], batch_size: int):
+        from sentimerge.pipeline.core.config import suggest
+        from sentimerge.pipeline.core.scoring import score_task
+
+        if task not in self.tasks:
+            raise SentimergeError(f"{self.folder}: no task {task!r}{suggest(task, list(self.tasks))}")
+        spec = self.tasks[task]
+        if "aspect" in spec.input_fields and any(not item.get("aspect") for item in inputs):
+            raise SentimergeError(f"task {task} needs an aspect for every text")
+        try:
+            return spec, score_task(self.model, self.tokenizer, spec, inputs, batch_size=batch_size)
+        except ModelError as error:
+            raise ModelError(f"{self.folder}: {error}") from None
+
+    def predict_rows(self, task: str, inputs: list[dict], *, batch_size: int = 16) -> list[dict]:
+        """One dict per input row `{"text": ..., "aspect": ...}`: what `sentimerge predict` prints."""
+        spec, scores = self._scores(task, inputs, batch_size)
+        return _rows(spec, inputs, scores)
+
+    def predict(self, texts: str | Sequence[str], task: str, *, aspects: str | Sequence[str] | None = None,
+                batch_size: int = 16) -> pd.DataFrame:
+        """Label (classification) or score (regression) each text for `task`, in batches of `batch_size`.
+
+        Returns one row per text: `text` (and `aspect`), then for a classification task `label`, `probability`
+        (of that label, renormalised over the task's labels) and `tie` (True when two labels were equally likely;
+        the first listed was taken); for a regression task `score` (the expected value in the task's range); then
+        `p(<answer>)` for every label or every level of the scale. `aspects`: one string for every text or one per
+        text (aspect-based tasks need them).
+
+        Raises: `SentimergeError` for an unknown task, a missing aspect or as many aspects as texts; `ModelError`
+        when the model yields non-finite scores."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        aspects = [aspects] * len(texts) if aspects is None or isinstance(aspects, str) else list(aspects)
+        if len(aspects) != len(texts):
+            raise SentimergeError(f"predict: {len(texts)} texts but {len(aspects)} aspects")
+        inputs = [{"text": text, "aspect": aspect} for text, aspect in zip(texts, aspects)]
+        spec, scores = self._scores(task, inputs, batch_size)
+        probs = scores.probs.float().numpy()
+        frame = pd.DataFrame({"text": texts, **({"aspect": aspects} if any(aspects) else {})})
+        if spec.kind == "classification":
+            frame["label"] = list(scores.predictions)
+            frame["probability"] = probs.max(axis=1).round(4)
+            frame["tie"] = scores.ties.numpy().astype(bool)
+        else:
+            frame["score"] = [round(float(value), 4) for value in scores.predictions]
+        for column, answer in enumerate(spec.answers):
+            frame[f"p({answer})"] = probs[:, column].round(4)
+        return frame
+
+
+def load_model(folder: str | Path, *, dtype: str = "bfloat16", device: str = "auto") -> SentimentModel:
+    """An exported checkpoint (`sentimerge export` writes one; `sentimerge.export_dir(cfg)` finds it) as a
+    `SentimentModel`. `dtype`: bfloat16, float16 or float32; `device`: auto, cpu, cuda or mps.
+
+    Raises: `SentimergeError` when the folder is not a sentimerge export."""
+    return SentimentModel(folder, dtype=dtype, device=device)
+
+
 def main(model_dir: str, task_name: str, texts: list[str], *, file: str | None = None, aspect: str | None = None,
          dtype: str = "bfloat16", batch_size: int = 16) -> list[dict]:
-    from pipeline.config import suggest
-    from pipeline.models import check_model_dir, load_model, pick_device
+    from sentimerge.pipeline.core.config import suggest
+    from sentimerge.pipeline.core.models import check_model_dir
 
     folder = Path(model_dir)
     check_model_dir(folder)
-    tasks = load_export_tasks(folder)
+    tasks = load_export_tasks(folder)  # everything about the input is checked before the model loads
     if task_name not in tasks:
         raise SentimergeError(f"{folder}: no task {task_name!r}{suggest(task_name, list(tasks))}")
-    task = tasks[task_name]
     inputs = read_inputs(texts, file, aspect)
-    if "aspect" in task.input_fields and any(not item.get("aspect") for item in inputs):
+    if "aspect" in tasks[task_name].input_fields and any(not item.get("aspect") for item in inputs):
         raise SentimergeError(f"task {task_name} needs an aspect: pass --aspect or `aspect` in the JSON lines")
-    model, tokenizer = load_model(str(folder), dtype=dtype, device=pick_device("auto"))
-    try:
-        results = predict(model, tokenizer, task, inputs, batch_size=batch_size)
-    except ModelError as error:
-        raise ModelError(f"{folder}: {error}") from None
+    results = load_model(folder, dtype=dtype).predict_rows(task_name, inputs, batch_size=batch_size)
     for result in results:
         print(json.dumps(result, ensure_ascii=False))
     return results
@@ -112,6 +190,6 @@ def run_from_args(args: argparse.Namespace, cfg: None) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_module
+    from sentimerge.pipeline.cli import run_module
 
     sys.exit(run_module("predict"))

@@ -15,12 +15,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline.config import RunConfig, dump_config, suggest
-from pipeline.data import find_conflicts, find_leaks, load_task_splits, source_location
-from pipeline.errors import SentimergeError
-from pipeline.models import check_model_dir, provision_base_model
-from pipeline.prompts import answer_tokens, prompt_ids, user_message
-from pipeline.rundir import (RunDir, digest, fresh_dir, is_done, read_jsonl, read_manifest, write_json_atomic,
+from sentimerge.pipeline.core.config import RunConfig, dump_config
+from sentimerge.pipeline.core.data import find_conflicts, find_leaks, load_task_splits, source_location
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.models import check_against_base_model, check_answer_tokens
+from sentimerge.pipeline.core.models import provision_base_model
+from sentimerge.pipeline.core.prompts import user_message
+from sentimerge.pipeline.core.rundir import (RunDir, digest, fresh_dir, is_done, read_manifest, write_json_atomic,
                              write_jsonl_atomic, write_manifest, write_text_atomic)
 
 log = logging.getLogger("sentimerge.prepare")
@@ -73,7 +74,7 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
 
     corpus = _tokenizer_corpus(cfg, data)
     model_path = provision_base_model(cfg.base_model, cfg.resolved_cache_dir, corpus=corpus)
-    _check_answers(cfg, model_path)
+    check_answer_tokens(cfg, model_path)
     check_against_base_model(cfg, model_path, data)
 
     with fresh_dir(run.prepare, overwrite=True) as folder:
@@ -96,15 +97,6 @@ def data_hashes(data: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, s
                    for split, rows in splits.items()} for task, splits in data.items()}
 
 
-def prepared_key(run: RunDir) -> str:
-    """What the later stages hash of stage 0: its config fingerprint and the hashes of the data it froze (a run
-    prepared before data hashes were kept: the fingerprint alone, so that it keeps its later stages)."""
-    manifest = read_manifest(run.prepare)
-    if "data" not in manifest:
-        return manifest.get("fingerprint")
-    return digest({"fingerprint": manifest.get("fingerprint"), "data": manifest["data"]})
-
-
 def _tokenizer_corpus(cfg: RunConfig, data: dict) -> list[str]:
     """Texts a tiny model's tokenizer is trained on (only used when the base model is `tiny`)."""
     if cfg.base_model.tiny is None:
@@ -114,62 +106,6 @@ def _tokenizer_corpus(cfg: RunConfig, data: dict) -> list[str]:
         corpus += [user_message(task, "", None), *task.answers, "Text: Aspect: Answer with one of:"]
         corpus += [row["text"] for row in data[task.name].get("train", [])]
     return corpus
-
-
-def _check_answers(cfg: RunConfig, model_path: str) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.base_model.trust_remote_code)
-    for task in cfg.tasks:
-        try:
-            answer_tokens(tokenizer, task)
-        except SentimergeError as error:
-            raise SentimergeError(f"task {task.name}: {error}") from None
-
-
-def check_against_base_model(cfg: RunConfig, model_path: str, data: dict | None = None) -> None:
-    """What the config asks of the base model, checked before anything trains, every problem in one error: each
-    LoRA `target_modules` name matches a linear layer (a typo trained nothing on it, an embedding's LoRA was left
-    out of every merge), and the longest prompt plus answer fits the model's context (`max_position_embeddings`)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    trust = cfg.base_model.trust_remote_code
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
-    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    other = {name.rsplit(".", 1)[-1]: type(module).__name__ for name, module in model.named_modules()
-             if name and not isinstance(module, torch.nn.Linear)}
-    problems = []
-    for section, lora in (("experts", cfg.experts.lora), ("finetune", cfg.finetune.lora)):
-        if lora.target_modules == "all-linear":
-            continue
-        for target in lora.target_modules:
-            if target in linear:
-                continue
-            if target in other:
-                problems.append(f"{section}.lora.target_modules: {target!r} is a {other[target]}, not a linear layer; "
-                                "only linear layers' LoRA deltas are merged")
-            else:
-                problems.append(f"{section}.lora.target_modules: no module named {target!r} in the base model"
-                                f"{suggest(target, sorted(linear))}")
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions and data is not None:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
-        for task in cfg.tasks:
-            rows = [row for rows in data[task.name].values() for row in rows]
-            aspect = max((row.get("aspect") or "" for row in rows), key=len, default="")
-            answer = max(len(tokens) for tokens in answer_tokens(tokenizer, task).answers)
-            # the longest prompt: the instruction and answer list, the longest aspect, a text cut at max_text_tokens
-            frame = len(prompt_ids(tokenizer, task, {"text": "", "aspect": aspect or None}))
-            longest = frame + task.max_text_tokens + answer + 1
-            if longest > positions:
-                problems.append(f"task {task.name}: prompts of up to {longest} tokens (max_text_tokens "
-                                f"{task.max_text_tokens}) exceed the base model's context of {positions} positions; "
-                                f"lower max_text_tokens to {max(8, positions - frame - answer - 1)} or less")
-    if problems:
-        raise SentimergeError("\n".join(problems))
 
 
 def _report(cfg: RunConfig, data: dict, leaks: list[dict], conflicts: list[dict]) -> dict:
@@ -191,26 +127,6 @@ def _report(cfg: RunConfig, data: dict, leaks: list[dict], conflicts: list[dict]
             "conflicting_labels": {"count": len(conflicts), "examples": conflicts[:200]}}
 
 
-def load_prepared(run: RunDir, task: str, split: str) -> list[dict]:
-    """The canonical examples `prepare` froze for `task` and `split` (what every later stage reads)."""
-    path = run.data(task, split)
-    if not is_done(run.prepare):
-        raise SentimergeError(f"{run.prepare}: not prepared; run `sentimerge prepare` first")
-    if not path.is_file():
-        raise SentimergeError(f"{path}: task {task!r} has no prepared {split} split")
-    return read_jsonl(path)
-
-
-def prepared_model_path(run: RunDir) -> str:
-    read_manifest(run.prepare)
-    try:
-        path = json.loads(run.base_model.read_text(encoding="utf-8"))["path"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        raise SentimergeError(f"{run.base_model}: missing or corrupted; run `sentimerge prepare --force`") from None
-    check_model_dir(Path(path))
-    return path
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="prepare again even if the run dir is prepared")
 
@@ -220,6 +136,6 @@ def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_module
+    from sentimerge.pipeline.cli import run_module
 
     run_module("prepare")

@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import finetune
-from pipeline.config import RunConfig, WeightingSettings, positive_int
-from pipeline.errors import SentimergeError
-from pipeline.evaluate import evaluate_model, markdown_table
-from pipeline.run import main as run_pipeline
-from pipeline.rundir import (RunDir, digest, is_done, read_manifest, write_csv_atomic, write_json_atomic,
+from sentimerge.pipeline import finetune
+from sentimerge.pipeline.core.config import RunConfig, WeightingSettings, positive_int
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.evaluation import evaluate_model, markdown_table
+from sentimerge.pipeline.run import main as run_pipeline
+from sentimerge.pipeline.core.rundir import (RunDir, digest, is_done, read_manifest, write_csv_atomic, write_json_atomic,
                              write_text_atomic)
-from pipeline.search import gold_examples
+from sentimerge.pipeline.core.evaluation import gold_examples
 
 log = logging.getLogger("sentimerge.report")
 
@@ -63,7 +63,7 @@ class Variant:
 
 def check_weightings(names: Sequence[str]) -> tuple[str, ...]:
     """The strategies asked for, in order without repeats; unknown ones fail at once, naming each."""
-    from pipeline.weighting import WEIGHTINGS as REGISTRY
+    from sentimerge.pipeline.core.weighting import WEIGHTINGS as REGISTRY
 
     problems = [f"--weightings: {problem}" for problem in map(REGISTRY.problem, names) if problem]
     if problems:
@@ -104,7 +104,7 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
     searched = json.loads(run.search_report.read_text(encoding="utf-8"))
     spearman = searched["weak_vs_gold_spearman"]
     leads = searched.get("gold_dev_comparison")  # stage 2's evolved merge against uniform and TIES, as it wrote them
-    command = command or (f"pipeline.report.main({cfg.name}, weightings={list(weightings)}, multitask={multitask}, "
+    command = command or (f"sentimerge.pipeline.report.main({cfg.name}, weightings={list(weightings)}, multitask={multitask}, "
                           f"seeds={seeds})")
     facts = {"config": cfg.name, "resolved_config": str(run.config), "run_dir": str(run.root), "seed": cfg.seed,
              "date": time.strftime("%Y-%m-%d %H:%M:%S%z"), "command": command, "budgets": budget,
@@ -217,8 +217,8 @@ def load_finetuned(variant: Variant):
     """(model, tokenizer): the adapter merged into its start model as `export` writes it (in memory here)."""
     from transformers import AutoTokenizer
 
-    from pipeline.export import merged_model
-    from pipeline.models import pick_device
+    from sentimerge.pipeline.export import merged_model
+    from sentimerge.pipeline.core.models import pick_device
 
     cfg = variant.cfg
     start = read_manifest(variant.folder)["start"]
@@ -406,6 +406,6 @@ def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_module
+    from sentimerge.pipeline.cli import run_module
 
     run_module("report")

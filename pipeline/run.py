@@ -13,17 +13,17 @@ import time
 
 import pandas as pd
 
-from pipeline.config import RunConfig
-from pipeline.evaluate import markdown_table
-from pipeline.rundir import RunDir, is_done, write_csv_atomic, write_json_atomic, write_text_atomic
-from pipeline.search import evaluation_splits, final_examples
+from sentimerge.pipeline.core.config import RunConfig
+from sentimerge.pipeline.core.evaluation import markdown_table
+from sentimerge.pipeline.core.rundir import RunDir, is_done, write_csv_atomic, write_json_atomic, write_text_atomic
+from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples
 
 log = logging.getLogger("sentimerge.run")
 
 
 def stages():
     """The stage scripts in order (imported here so that `sentimerge --help` stays light)."""
-    from pipeline import experts, export, finetune, prepare, search
+    from sentimerge.pipeline import experts, export, finetune, prepare, search
 
     return [("prepare", prepare.main), ("experts", experts.main), ("search", search.main),
             ("finetune", finetune.main), ("export", export.main)]
@@ -76,7 +76,7 @@ def peak_rss_mb() -> float:
 def results_table(cfg: RunConfig, run: RunDir) -> pd.DataFrame:
     """One row per model and evaluation split: stage 2's final table (base, experts, uniform, TIES, evolved), each
     expert on its own task, and the exported final model; columns are the tasks' primary metrics and their mean.
-    Every row of a split is scored on the same examples (`pipeline.search.final_examples`): dev, on which settings
+    Every row of a split is scored on the same examples (`core.evaluation.final_examples`): dev, on which settings
     were chosen, and test, which chose nothing, where every task has one."""
     names = [task.name for task in cfg.tasks]
     label = {"base": "zero-shot base", "uniform": "uniform task arithmetic", "ties": "TIES", "evolved": "evolved merge"}
@@ -105,6 +105,6 @@ def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_module
+    from sentimerge.pipeline.cli import run_module
 
     run_module("run")

@@ -22,22 +22,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from merge.engine import InMemoryMerge
-from merge.fitness import ScoredSet, encode_set, evaluate, predict
-from merge.genome import Genome
-from merge.lora import read_adapter
-from merge.methods import get_method
-from merge.recipe import build_recipe, recipe_yaml, run_mergekit
-from merge.search import Strategy, one_by_one, read_log, run_cma
-from merge.weak import check_labellers, labeller_for, sample_selection_set, sample_weak_set
-from pipeline.config import RunConfig, dump_config, positive_int
-from pipeline.data import sample_examples
-from pipeline.errors import SentimergeError
-from pipeline.evaluate import markdown_table
-from pipeline.metrics import paired_bootstrap, spearman
-from pipeline.models import load_model
-from pipeline.prepare import load_prepared, prepared_key, prepared_model_path
-from pipeline.rundir import (RunDir, append_jsonl, digest, fresh_dir, is_done, read_jsonl, read_manifest,
+from sentimerge.merge.engine import InMemoryMerge
+from sentimerge.merge.fitness import ScoredSet, encode_set, evaluate, predict
+from sentimerge.merge.genome import Genome
+from sentimerge.merge.methods import get_method
+from sentimerge.merge.recipe import build_recipe, recipe_yaml, run_mergekit
+from sentimerge.merge.search import Strategy, one_by_one, read_log, run_cma
+from sentimerge.merge.labellers import check_labellers, labeller_for
+from sentimerge.merge.weak import sample_selection_set, sample_weak_set
+from sentimerge.pipeline.core.config import RunConfig, dump_config, positive_int
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.candidates import load_search_inputs, load_weak_sets, score_candidate
+from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, gold_examples, split_heading
+from sentimerge.pipeline.core.upstream import search_key
+from sentimerge.pipeline.core.evaluation import markdown_table
+from sentimerge.pipeline.core.metrics import paired_bootstrap, spearman
+from sentimerge.pipeline.core.upstream import prepared_key, prepared_model_path
+from sentimerge.pipeline.core.rundir import (RunDir, append_jsonl, digest, fresh_dir, is_done, read_jsonl, read_manifest,
                              write_csv_atomic, write_json_atomic, write_jsonl_atomic, write_manifest, write_text_atomic)
 
 log = logging.getLogger("sentimerge.search")
@@ -69,7 +70,7 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     tasks = list(cfg.tasks)
     _check_inputs(cfg, run)
     if is_done(run.search) and not force:
-        if stage_key(run) != _fingerprint(cfg, run):
+        if search_key(run) != _fingerprint(cfg, run):
             raise SentimergeError(f"{run.search}: finished with other experts, other prepared data or another "
                                   "config; run `sentimerge search --force` to search again")
         log.info("search: already done in %s", run.search)
@@ -116,8 +117,8 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
                                                     "group_size": genome.group_size, "parts": list(genome.parts),
                                                     "labels": genome.labels()})
 
-    def score_candidate(generation: int, index: int, candidate: np.ndarray) -> dict:
-        row = _score(merger, model, tokenizer, weak_sets, candidate, settings)
+    def score_logged(generation: int, index: int, candidate: np.ndarray) -> dict:
+        row = score_candidate(merger, model, tokenizer, weak_sets, candidate, settings)
         return after_scoring({"generation": generation, "index": index, **row})
 
     def after_scoring(row: dict) -> dict:
@@ -143,12 +144,12 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     start = start_point(baselines, genome)
     strategy = Strategy(start, settings.sigma0, settings.bounds, settings.population, seed)
     if (backend or cfg.backend) == "ray":
-        from pipeline.distributed import RayScorerPool
+        from sentimerge.pipeline.core.ray_backend import RayScorerPool
 
         pool = RayScorerPool(cfg, seed)
         evaluate = pool.evaluator(after_scoring)
     else:
-        evaluate = one_by_one(score_candidate)
+        evaluate = one_by_one(score_logged)
     try:
         finished = run_cma(strategy, settings.generations, evaluate, run.search_candidates,
                            on_generation=finish_generation, max_evaluations=max_evaluations)
@@ -190,16 +191,6 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     return run.search
 
 
-def load_search_inputs(cfg: RunConfig, run: RunDir):
-    """(resident scoring model, tokenizer, expert adapters, genome): what the driver and each Ray actor load."""
-    settings = cfg.search
-    model, tokenizer = load_model(prepared_model_path(run), dtype=settings.dtype)
-    adapters = {task.name: read_adapter(run.expert_adapter(task.name)) for task in cfg.tasks}
-    genome = Genome(tuple(adapters), model.config.num_hidden_layers, settings.layer_group_size,
-                    settings.split_attention_mlp)
-    return model, tokenizer, adapters, genome
-
-
 def _check_inputs(cfg: RunConfig, run: RunDir) -> None:
     """Every user-input problem at once, before any model loads."""
     issues = check_labellers(cfg.search.weak, list(cfg.tasks))
@@ -232,13 +223,6 @@ def _fingerprint(cfg: RunConfig, run: RunDir) -> str:
                 "experts": {task.name: read_manifest(run.expert(task.name)).get("finished_at") for task in cfg.tasks},
                 "prepare": prepared_key(run)}
     return digest(decisive)
-
-
-def stage_key(run: RunDir) -> str | None:
-    """The fingerprint a search was started with (what stage 3 hashes of stage 2), None before it started."""
-    if not run.search_state.is_file():
-        return None
-    return json.loads(run.search_state.read_text(encoding="utf-8"))["fingerprint"]
 
 
 def _check_state(cfg: RunConfig, run: RunDir) -> None:
@@ -292,16 +276,6 @@ def _label_weak_sets(run: RunDir, cfg: RunConfig, model, tokenizer, arithmetic: 
     return load_weak_sets(run, cfg, tokenizer, path_for)
 
 
-def load_weak_sets(run: RunDir, cfg: RunConfig, tokenizer, path_for=None) -> list[ScoredSet]:
-    """The labelled weak sets on disk, tokenised: what every candidate is scored on (here or on a Ray actor)."""
-    sets = []
-    for task in cfg.tasks:
-        rows = read_jsonl((path_for or run.search_weak)(task.name))
-        sets.append(encode_set(tokenizer, task, rows, [row["label"] for row in rows],
-                               cfg.search.weak.weights.get(task.name, 1.0)))
-    return sets
-
-
 def _baseline_candidates(cfg: RunConfig, genome: Genome) -> list[tuple[str, str, np.ndarray]]:
     """(name, method, genome) of the fixed baselines every run scores."""
     candidates = [("base", "task_arithmetic", genome.filled(0.0))]
@@ -341,7 +315,7 @@ def _baselines(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, genome: G
         return json.loads(run.search_baselines.read_text(encoding="utf-8"))
     baselines = {}
     for name, method, candidate in _baseline_candidates(cfg, genome):
-        row = _score(mergers[method], model, tokenizer, weak_sets, candidate, cfg.search)
+        row = score_candidate(mergers[method], model, tokenizer, weak_sets, candidate, cfg.search)
         baselines[name] = {"method": method, "coefficients": candidate.tolist(), **row}
         log.info("baseline %-20s fitness %.4f (%s)", name, row["fitness"],
                  " ".join(f"{t}={v['metric']:.3f}" for t, v in row.get("tasks", {}).items()))
@@ -350,24 +324,6 @@ def _baselines(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, genome: G
         log.info("init auto: CMA-ES starts from the uniform coefficient %g", baselines["uniform"]["coefficients"][0])
     write_json_atomic(run.search_baselines, baselines)
     return baselines
-
-
-def _score(merger: InMemoryMerge, model, tokenizer, sets: list[ScoredSet], candidate: np.ndarray, settings) -> dict:
-    """Merge `candidate` into the resident model and score it; a failure is a row with the penalty, not a crash."""
-    clock = time.perf_counter()
-    merge_seconds = 0.0
-    try:
-        merger.apply(candidate)
-        merge_seconds = time.perf_counter() - clock
-        result = evaluate(model, tokenizer, sets, settings.batch_size)
-    except Exception as error:  # any failing candidate: log it, penalise it, go on
-        return {"status": "failed", "coefficients": candidate.tolist(), "fitness": settings.failure_penalty,
-                "error": f"{type(error).__name__}: {error}", "merge_seconds": merge_seconds,
-                "score_seconds": time.perf_counter() - clock - merge_seconds,
-                "seconds": time.perf_counter() - clock}
-    return {"status": "ok", "coefficients": candidate.tolist(), "fitness": result["fitness"], "tasks": result["tasks"],
-            "examples": result["examples"], "merge_seconds": merge_seconds, "score_seconds": result["seconds"],
-            "seconds": time.perf_counter() - clock}
 
 
 def _keep_best(run: RunDir, row: dict) -> None:
@@ -402,8 +358,8 @@ def _select(run: RunDir, cfg: RunConfig, merger: InMemoryMerge, model, tokenizer
         if name in done:
             continue
         if "fitness" not in row:  # the start point: its weak fitness too, with the searched method
-            row = {**row, **_score(merger, model, tokenizer, weak_sets, start, settings)}
-        held_out = _score(merger, model, tokenizer, select_sets, np.asarray(row["coefficients"]), settings)
+            row = {**row, **score_candidate(merger, model, tokenizer, weak_sets, start, settings)}
+        held_out = score_candidate(merger, model, tokenizer, select_sets, np.asarray(row["coefficients"]), settings)
         done[name] = {"name": name, **{k: row.get(k) for k in ("generation", "index", "coefficients", "status",
                                                                   "fitness", "tasks")},
                       "select_fitness": held_out["fitness"], "select_tasks": held_out.get("tasks")}
@@ -414,30 +370,6 @@ def _select(run: RunDir, cfg: RunConfig, merger: InMemoryMerge, model, tokenizer
     write_json_atomic(run.search_selected, chosen)
     log.info("selection: the evolved merge is %s (held-out %.4f)", name, chosen["select_fitness"])
     return chosen
-
-
-def evaluation_splits(run: RunDir, cfg: RunConfig) -> list[str]:
-    """The splits every final table is scored on: dev (settings were chosen on it) and, when every task has a
-    prepared test split, test (which chose nothing)."""
-    return ["dev"] + (["test"] if all(run.data(task.name, "test").is_file() for task in cfg.tasks) else [])
-
-
-def gold_examples(run: RunDir, cfg: RunConfig, limit: int | None, salt: str, split: str = "dev") -> dict[str, list[dict]]:
-    """Each task's `split` examples: a seeded sample of `limit` when given (salt `eval`: the final table's, which
-    `export` and `report` score too, so every row of a results table is scored on the same examples), else all."""
-    data = {}
-    for task in cfg.tasks:
-        examples = load_prepared(run, task.name, split)
-        if limit is not None and len(examples) > limit:
-            examples = sample_examples(examples, limit, cfg.seed, f"{task.name}/{split}/{salt}")
-        data[task.name] = examples
-    return data
-
-
-def final_examples(run: RunDir, cfg: RunConfig, split: str = "dev") -> dict[str, list[dict]]:
-    """The examples of the final tables on `split` (`search.gold.final` per task, or all): the search's, the
-    export's and `sentimerge run`'s results table all score these."""
-    return gold_examples(run, cfg, cfg.search.gold.final, "eval", split)
 
 
 def _gold_sets(run: RunDir, cfg: RunConfig, tokenizer, limit: int | None, salt: str,
@@ -537,7 +469,7 @@ COMPARED = ("uniform", "ties")  # the baselines the evolved merge must beat
 
 def compare_final(run: RunDir, cfg: RunConfig, split: str = "dev") -> dict[str, dict] | None:
     """Evolved merge minus each of `COMPARED` on the final table's gold `split` examples: the difference of the
-    primary metric per task and of the mean, with a paired bootstrap interval (`pipeline.metrics.paired_bootstrap`;
+    primary metric per task and of the mean, with a paired bootstrap interval (`core.metrics.paired_bootstrap`;
     seeded by the run's seed) and the share of resamples where the evolved merge is better. None for a run that kept
     no predictions (made before they were kept)."""
     if not run.search_final_predictions_of(split).is_file():
@@ -565,15 +497,6 @@ def final_markdown(table: pd.DataFrame, comparison: dict[str, dict] | None, exam
         cells = [_interval(result["tasks"][task]) for task in tasks] + [_interval(result["mean"])]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['mean']['p_better']:.2f} |")
     return text + "\n".join(lines) + "\n"
-
-
-SPLIT_ROLES = {"dev": "settings were chosen on it", "test": "it chose nothing"}
-
-
-def split_heading(split: str, data: dict[str, list]) -> str:
-    """A table's heading: the split, its role, and how many examples per task every row is scored on."""
-    counts = ", ".join(f"{name} {len(rows)}" for name, rows in data.items())
-    return f"## {split} ({SPLIT_ROLES.get(split, 'gold labels')}): every row on the same examples ({counts})"
 
 
 def final_report_markdown(run: RunDir, cfg: RunConfig) -> str:
@@ -678,6 +601,6 @@ def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_module
+    from sentimerge.pipeline.cli import run_module
 
     run_module("search")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config import RunConfig
-from pipeline.data import load_task_splits
-from pipeline.models import check_model_dir, local_model_dir
-from pipeline.prepare import check_against_base_model
+from sentimerge.pipeline.core.config import RunConfig
+from sentimerge.pipeline.core.data import load_task_splits
+from sentimerge.pipeline.core.models import check_model_dir, local_model_dir
+from sentimerge.pipeline.core.models import check_against_base_model
 
 
 def main(cfg: RunConfig, *, check_data: bool = True) -> None:
@@ -44,6 +44,6 @@ def run_from_args(args: argparse.Namespace, cfg: RunConfig) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_module
+    from sentimerge.pipeline.cli import run_module
 
     run_module("validate")

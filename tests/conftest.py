@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import RunConfig, load_config
+from sentimerge.pipeline.core.config import RunConfig, load_config
 
 POSITIVE = ["wonderful", "great", "delightful", "superb", "lovely", "brilliant"]
 NEGATIVE = ["awful", "boring", "terrible", "dull", "horrible", "broken"]
@@ -85,7 +85,7 @@ def tiny_config_path(tmp_path, cache_dir) -> Path:
 @pytest.fixture
 def prepared_tiny(tiny_config_path) -> RunConfig:
     """A tiny run whose `prepare` stage is done."""
-    from pipeline import prepare
+    from sentimerge.pipeline import prepare
 
     cfg = load_config(tiny_config_path)
     prepare.main(cfg)

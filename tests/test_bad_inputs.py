@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
+from sentimerge.pipeline.cli import main
 from tests.conftest import write_tiny_config
 
 
@@ -238,8 +238,8 @@ CASES: dict[str, tuple[Callable[[Workspace], list[str] | None], str, str]] = {
 
 def _interrupted_expert(ws: Workspace) -> Path:
     """Retrain the polarity expert and interrupt it after its step-2 checkpoint, as a crash would."""
-    from pipeline import experts
-    from pipeline.config import load_config
+    from sentimerge.pipeline import experts
+    from sentimerge.pipeline.core.config import load_config
 
     def stop(task, step):
         if step == 3:

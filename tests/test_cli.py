@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import COMMANDS, main
-from pipeline.rundir import RunDir, is_done
+from sentimerge.pipeline.cli import COMMANDS, MODULES, main
+from sentimerge.pipeline.core.rundir import RunDir, is_done
 
 
 def _edit_config(path: Path, edit) -> Path:
@@ -78,8 +78,8 @@ def test_validate_checks_without_running(tiny_config_path, capsys):
 
 
 def test_validate_checks_a_local_base_model_without_loading_its_weights(prepared_tiny, tmp_path, capsys):
-    from pipeline.prepare import prepared_model_path
-    from pipeline.rundir import RunDir
+    from sentimerge.pipeline.core.upstream import prepared_model_path
+    from sentimerge.pipeline.core.rundir import RunDir
 
     model_dir = prepared_model_path(RunDir(prepared_tiny.resolved_run_dir))
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
@@ -105,9 +105,10 @@ def test_prepare_refuses_a_run_dir_prepared_with_another_config(prepared_tiny, t
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_runs_as_a_module(command, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", [f"pipeline/{command}.py", "--help"])
+    module = MODULES.get(command, command)
+    monkeypatch.setattr(sys, "argv", [f"pipeline/{module}.py", "--help"])
     with pytest.raises(SystemExit) as exited:
-        runpy.run_module(f"pipeline.{command}", run_name="__main__", alter_sys=True)
+        runpy.run_module(f"sentimerge.pipeline.{module}", run_name="__main__", alter_sys=True)
     assert exited.value.code == 0
     assert f"usage: sentimerge {command}" in capsys.readouterr().out
 
@@ -115,4 +116,9 @@ def test_every_command_runs_as_a_module(command, monkeypatch, capsys):
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "sentimerge"
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("sentimerge ")
+
+
+def test_python_m_sentimerge_is_the_cli():
+    result = subprocess.run([sys.executable, "-m", "sentimerge", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("sentimerge ")

@@ -8,10 +8,10 @@ import pytest
 import yaml
 from pydantic import Field
 
-from pipeline.config import RunConfig, load_config, load_tasks_file
-from pipeline.errors import ConfigError
-from pipeline.rundir import digest
-from pipeline.tasks import WHEN_SET, Frozen
+from sentimerge.pipeline.core.config import RunConfig, load_config, load_tasks_file
+from sentimerge.pipeline.core.errors import ConfigError
+from sentimerge.pipeline.core.rundir import digest
+from sentimerge.pipeline.core.tasks import WHEN_SET, Frozen
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))

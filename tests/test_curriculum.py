@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from curriculum.pacing import PACINGS, competence
-from curriculum.sampler import CurriculumSampler
-from curriculum.signals import (SIGNALS, TASK_SIGNALS, SignalInputs, TaskFacts, example_difficulty, label_polarities,
+from sentimerge.curriculum.pacing import PACINGS, competence
+from sentimerge.curriculum.sampler import CurriculumSampler
+from sentimerge.curriculum.signals import (SIGNALS, TASK_SIGNALS, SignalInputs, TaskFacts, example_difficulty, label_polarities,
                                 task_difficulty)
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.tasks import TaskSpec
+from sentimerge.pipeline.core.config import load_config
+from sentimerge.pipeline.core.errors import ConfigError
+from sentimerge.pipeline.core.tasks import TaskSpec
 from tests.conftest import write_tiny_config
 
 THREE_WAY = TaskSpec.model_validate({"name": "t3", "kind": "classification", "instruction": "Sentiment?",
@@ -208,7 +208,7 @@ def test_task_difficulty_uses_the_task_metadata():
 
 def test_base_losses_are_kept_per_example_not_per_id(tmp_path):
     """SemEval's aspect layout: one sentence id, two aspects, two labels; each row has its own base-model loss."""
-    from pipeline.experts import cached_base_losses
+    from sentimerge.pipeline.experts import cached_base_losses
 
     rows = [{"id": "s1", "text": "the food was good but the service slow", "aspect": aspect, "label": label}
             for aspect, label in (("food", "positive"), ("service", "negative"))]

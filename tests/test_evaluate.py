@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline import evaluate
-from pipeline.rundir import RunDir, is_done, read_jsonl
+from sentimerge.pipeline import evaluate
+from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl
 
 
 def test_evaluate_base_writes_tables_and_predictions(prepared_tiny):
@@ -26,9 +26,9 @@ def test_an_adapter_folder_evaluates_like_the_merged_model_in_memory(prepared_ti
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from pipeline.models import load_model
-    from pipeline.prepare import load_prepared, prepared_model_path
-    from pipeline.scoring import score_task
+    from sentimerge.pipeline.core.models import load_model
+    from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
+    from sentimerge.pipeline.core.scoring import score_task
 
     run = RunDir(prepared_tiny.resolved_run_dir)
     base, tokenizer = load_model(prepared_model_path(run), dtype="float32")

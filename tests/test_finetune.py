@@ -9,12 +9,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import export, finetune
-from pipeline.cli import main as cli
-from pipeline.config import load_config
-from pipeline.errors import SentimergeError
-from pipeline.prepare import load_prepared
-from pipeline.rundir import RunDir, is_done, read_jsonl, read_manifest
+from sentimerge.pipeline import export, finetune
+from sentimerge.pipeline.cli import main as cli
+from sentimerge.pipeline.core.config import load_config
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.upstream import load_prepared
+from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl, read_manifest
 from tests.conftest import write_tiny_config
 
 FINETUNE = {"start": "base", "steps": 6, "per_task": 2, "checkpoint_every": 2, "dev_examples": 4,
@@ -25,7 +25,7 @@ def _config(folder, cache_dir, **finetune_overrides):
     path = write_tiny_config(folder, cache_dir=cache_dir, finetune={**FINETUNE, **finetune_overrides},
                              export={"dtype": "float32"})
     cfg = load_config(path)
-    from pipeline import prepare
+    from sentimerge.pipeline import prepare
 
     prepare.main(cfg)
     return cfg
@@ -113,7 +113,7 @@ def test_export_loads_with_transformers_alone_and_predicts_like_the_pipeline(tmp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.scoring import score_task
+    from sentimerge.pipeline.core.scoring import score_task
 
     cfg = _config(tmp_path, cache_dir)
     finetune.main(cfg)
@@ -149,13 +149,13 @@ def test_export_loads_with_transformers_alone_and_predicts_like_the_pipeline(tmp
 def test_the_in_memory_bf16_merge_scores_exactly_like_the_reloaded_export(tmp_path, cache_dir):
     """What `report` scores in memory is what users load: RoPE's inv_freq must stay float32 as from_pretrained keeps
     it (a plain `.to(bfloat16)` rounds it and moves the scores)."""
-    from pipeline.models import load_model
-    from pipeline.scoring import score_task
+    from sentimerge.pipeline.core.models import load_model
+    from sentimerge.pipeline.core.scoring import score_task
 
     path = write_tiny_config(tmp_path, cache_dir=cache_dir, finetune={**FINETUNE, "steps": 2},
                              export={"dtype": "bfloat16"})
     cfg = load_config(path)
-    from pipeline import prepare
+    from sentimerge.pipeline import prepare
 
     prepare.main(cfg)
     finetune.main(cfg)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline import search
-from pipeline.cli import main as cli
-from pipeline.rundir import RunDir
+from sentimerge.pipeline import search
+from sentimerge.pipeline.cli import main as cli
+from sentimerge.pipeline.core.rundir import RunDir
 from tests.test_search import tiny_search
 
 PNG = b"\x89PNG\r\n\x1a\n"

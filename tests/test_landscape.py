@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from benchmarks import merge_landscape
-from pipeline import search
-from pipeline.rundir import RunDir
+from sentimerge.pipeline import search
+from sentimerge.pipeline.core.rundir import RunDir
 from tests.test_search import tiny_search
 
 
@@ -30,7 +30,7 @@ def test_the_landscape_scores_the_space_and_agrees_with_the_final_table(tmp_path
     # the density probes are TIES at another density: the same coefficients, other weights
     assert scored["probe: ties density 0.2"]["coefficients"] == scored["ties"]["coefficients"]
     assert not torch.equal(scored["probe: ties density 0.2"]["gold"]["polarity"], scored["ties"]["gold"]["polarity"])
-    from merge.genome import Genome
+    from sentimerge.merge.genome import Genome
 
     small = merge_landscape.candidates(run, Genome(tuple(genome["experts"]), genome["layers"], genome["group_size"],
                                                    len(genome["parts"]) > 1), cfg.search.density, every=3, probes=False)
@@ -53,7 +53,7 @@ def test_the_landscape_scores_the_space_and_agrees_with_the_final_table(tmp_path
 
 def test_the_test_split_benchmark_scores_every_test_example_and_its_leads_add_up(tmp_path, cache_dir):
     from benchmarks import test_split
-    from pipeline.prepare import load_prepared
+    from sentimerge.pipeline.core.upstream import load_prepared
 
     cfg = tiny_search(tmp_path, cache_dir, select={"top": 2, "per_task": 4}, generations=2)
     run = RunDir(cfg.resolved_run_dir)

@@ -10,14 +10,14 @@ import pytest
 import torch
 import yaml
 
-from merge.engine import InMemoryMerge, MergeFailed
-from merge.genome import Genome
-from merge.lora import read_adapter
-from merge.methods import METHODS, get_method
-from merge.recipe import build_recipe, run_mergekit
-from pipeline.errors import ConfigError
-from pipeline.prepare import prepared_model_path
-from pipeline.rundir import RunDir, write_json_atomic, write_manifest
+from sentimerge.merge.engine import InMemoryMerge, MergeFailed
+from sentimerge.merge.genome import Genome
+from sentimerge.merge.lora import read_adapter
+from sentimerge.merge.methods import METHODS, get_method
+from sentimerge.merge.recipe import build_recipe, run_mergekit
+from sentimerge.pipeline.core.errors import ConfigError
+from sentimerge.pipeline.core.upstream import prepared_model_path
+from sentimerge.pipeline.core.rundir import RunDir, write_json_atomic, write_manifest
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 
@@ -69,14 +69,14 @@ def _closed_form_deltas(adapters, genome: Genome, weight: str) -> torch.Tensor:
 
 
 def test_registries_list_their_parts():
-    from merge.weak import LABELLERS
+    from sentimerge.merge.labellers import LABELLERS
 
     assert sorted(METHODS.names()) == ["dare_linear", "dare_ties", "task_arithmetic", "ties"]
     assert sorted(LABELLERS.names()) == ["expert", "gold", "lexicon"]
 
 
 def test_unknown_method_fails_with_a_suggestion(tmp_path, cache_dir):
-    from pipeline.config import load_config
+    from sentimerge.pipeline.core.config import load_config
     from tests.conftest import write_tiny_config
 
     path = write_tiny_config(tmp_path, cache_dir=cache_dir, search={"method": "tie", "weak": {"labeller": "lexicn"}})
@@ -290,7 +290,7 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny_experts, monk
 def test_an_adapter_with_an_embedding_lora_is_refused_not_merged_without_it(prepared_tiny):
     """peft's embedding LoRA (lora_embedding_A/B) is no lora_A/lora_B pair: it was left out of every merge, baseline
     and recipe without a word (logits up to 0.26 from peft's own merge_and_unload)."""
-    from pipeline.errors import ModelError
+    from sentimerge.pipeline.core.errors import ModelError
 
     paths = make_experts(prepared_tiny, targets=["q_proj", "embed_tokens"])
     with pytest.raises(ModelError, match=r"not linear LoRA factors \(lora_embedding_A, lora_embedding_B"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.metrics import compute_metrics, paired_bootstrap, resampled_primary
-from pipeline.tasks import DataSource, TaskSpec
+from sentimerge.pipeline.core.metrics import compute_metrics, paired_bootstrap, resampled_primary
+from sentimerge.pipeline.core.tasks import DataSource, TaskSpec
 
 SOURCE = DataSource(path="x.jsonl")
 LABELS = ["negative", "neutral", "positive"]

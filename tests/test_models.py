@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from pipeline.config import ModelSpec
-from pipeline.errors import ModelError
-from pipeline.models import load_model, provision_base_model
+from sentimerge.pipeline.core.config import ModelSpec
+from sentimerge.pipeline.core.errors import ModelError
+from sentimerge.pipeline.core.models import load_model, provision_base_model
 
 
 def test_tiny_model_is_built_once_and_reproducibly(tmp_path):

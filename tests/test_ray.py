@@ -10,10 +10,10 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from pipeline import experts, prepare, search  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.distributed import WORKER_FAULT_ENV, RayScorerPool  # noqa: E402
-from pipeline.rundir import RunDir, read_jsonl  # noqa: E402
+from sentimerge.pipeline import experts, prepare, search  # noqa: E402
+from sentimerge.pipeline.core.config import load_config  # noqa: E402
+from sentimerge.pipeline.core.ray_backend import WORKER_FAULT_ENV, RayScorerPool  # noqa: E402
+from sentimerge.pipeline.core.rundir import RunDir, read_jsonl  # noqa: E402
 from tests.conftest import write_tiny_config  # noqa: E402
 
 DECISIVE = ("generation", "index", "status", "coefficients", "fitness", "tasks")

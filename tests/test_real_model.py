@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline import prepare
-from pipeline.config import RunConfig, load_config
-from pipeline.models import load_model
-from pipeline.prepare import load_prepared, prepared_model_path
-from pipeline.rundir import RunDir
-from pipeline.scoring import score_task
+from sentimerge.pipeline import prepare
+from sentimerge.pipeline.core.config import RunConfig, load_config
+from sentimerge.pipeline.core.models import load_model
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
+from sentimerge.pipeline.core.rundir import RunDir
+from sentimerge.pipeline.core.scoring import score_task
 from tests.conftest import write_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

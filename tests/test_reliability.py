@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from experts.loop import Loop, run_loop
-from pipeline.errors import SentimergeError
-from pipeline.faults import KillHarness, differences, snapshot
-from pipeline.rundir import read_jsonl
+from sentimerge.experts.loop import Loop, run_loop
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.killtest import KillHarness, differences, snapshot
+from sentimerge.pipeline.core.rundir import read_jsonl
 from tests.conftest import write_tiny_config
 
 

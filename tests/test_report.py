@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import report
-from pipeline.cli import main as cli
-from pipeline.config import load_config
-from pipeline.errors import SentimergeError
-from pipeline.prepare import prepared_model_path
-from pipeline.rundir import RunDir, read_manifest
+from sentimerge.pipeline import report
+from sentimerge.pipeline.cli import main as cli
+from sentimerge.pipeline.core.config import load_config
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.upstream import prepared_model_path
+from sentimerge.pipeline.core.rundir import RunDir, read_manifest
 from tests.conftest import write_tiny_config
 
 TASKS = ["polarity", "aspect3", "intensity"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from pipeline.cli import main
-from pipeline.rundir import RunDir, is_done, read_jsonl
+from sentimerge.pipeline.cli import main
+from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl
 from tests.conftest import tiny_rows, write_jsonl, write_tiny_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.errors import SentimergeError
-from pipeline.rundir import RunDir, fresh_dir, is_done, read_manifest, run_lock, write_manifest
+from sentimerge.pipeline.cli import main
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.rundir import RunDir, fresh_dir, is_done, read_manifest, run_lock, write_manifest
 
 
 def test_fresh_dir_leaves_nothing_when_the_block_fails(tmp_path):
@@ -47,7 +47,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tiny_config_path, tmp_path
 
 
 def test_an_append_after_a_crash_mid_append_cuts_the_torn_line_first(tmp_path):
-    from pipeline.rundir import append_jsonl, read_jsonl
+    from sentimerge.pipeline.core.rundir import append_jsonl, read_jsonl
 
     log = tmp_path / "log.jsonl"
     append_jsonl(log, {"step": 1})

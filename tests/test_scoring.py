@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import ModelError
-from pipeline.models import load_model
-from pipeline.prepare import load_prepared, prepared_model_path
-from pipeline.prompts import answer_tokens, prompt_ids, training_example
-from pipeline.rundir import RunDir
-from pipeline.scoring import TaskScores, score_prompts, score_task
+from sentimerge.pipeline.core.errors import ModelError
+from sentimerge.pipeline.core.models import load_model
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
+from sentimerge.pipeline.core.prompts import answer_tokens, prompt_ids, training_example
+from sentimerge.pipeline.core.rundir import RunDir
+from sentimerge.pipeline.core.scoring import TaskScores, score_prompts, score_task
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from merge.methods import METHODS, MergeMethod, weighted_sum
-from pipeline import prepare, search
-from pipeline.config import load_config
-from pipeline.errors import SentimergeError
-from pipeline.rundir import RunDir, is_done, read_jsonl, write_json_atomic, write_jsonl_atomic
+from sentimerge.merge.methods import METHODS, MergeMethod, weighted_sum
+from sentimerge.pipeline import prepare, search
+from sentimerge.pipeline.core.upstream import load_prepared
+from sentimerge.pipeline.core.config import load_config
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl, write_json_atomic, write_jsonl_atomic
 from tests.conftest import write_tiny_config
 from tests.test_merge import make_experts
 
@@ -126,11 +127,11 @@ def test_failed_candidates_are_logged_with_the_penalty_and_the_search_goes_on(tm
 
 
 def test_weak_set_excludes_the_experts_training_rows_and_never_uses_dev(tmp_path, cache_dir):
-    from merge.weak import sample_weak_set
+    from sentimerge.merge.weak import sample_weak_set
 
     cfg = tiny_search(tmp_path, cache_dir, experts=False)
     run = RunDir(cfg.resolved_run_dir)
-    train = prepare.load_prepared(run, "polarity", "train")
+    train = load_prepared(run, "polarity", "train")
     steps = [{"step": 1, "ids": [row["id"] for row in train[:12]]}, {"step": 2, "ids": [row["id"] for row in train[8:20]]}]
     write_jsonl_atomic(run.expert_schedule("polarity"), steps)  # stage 1's log of what each step trained on
     examples, summary = sample_weak_set(run, cfg.search.weak, cfg.task("polarity"), seed=0)
@@ -141,12 +142,12 @@ def test_weak_set_excludes_the_experts_training_rows_and_never_uses_dev(tmp_path
     _, summary = sample_weak_set(run, cfg.search.weak, cfg.task("aspect3"), seed=0)
     assert summary["excluded_expert_rows"] == 0 and summary["expert_rows_checked"]
     again, _ = sample_weak_set(run, cfg.search.weak, cfg.task("intensity"), seed=0)
-    assert len(again) == 6 and not {e["id"] for e in again} & {r["id"] for r in prepare.load_prepared(run, "intensity", "dev")}
+    assert len(again) == 6 and not {e["id"] for e in again} & {r["id"] for r in load_prepared(run, "intensity", "dev")}
 
 
 def test_lexicon_and_gold_labellers():
-    from merge.weak import get_labeller
-    from pipeline.tasks import TaskSpec
+    from sentimerge.merge.labellers import get_labeller
+    from sentimerge.pipeline.core.tasks import TaskSpec
 
     source = {"path": "x.jsonl"}
     polarity = TaskSpec(name="p", kind="classification", labels=["negative", "neutral", "positive"],
@@ -183,7 +184,7 @@ def test_lexicon_and_gold_labellers():
 
 
 def test_input_errors_are_reported_before_models_load(tmp_path, cache_dir, capsys):
-    from pipeline.cli import main as cli
+    from sentimerge.pipeline.cli import main as cli
 
     cfg = tiny_search(tmp_path, cache_dir, experts=False, weak={"labeller": "lexicon", "weights": {"polarty": 2}})
     with pytest.raises(SentimergeError) as error:
@@ -243,7 +244,7 @@ def test_init_auto_starts_from_the_best_scanned_uniform_merge(tmp_path, cache_di
 
 
 def test_init_outside_the_bounds_is_rejected():
-    from merge.config import SearchConfig
+    from sentimerge.merge.config import SearchConfig
 
     with pytest.raises(ValueError, match="init 2.0 is outside bounds"):
         SearchConfig(init="auto", init_grid=[0.5, 2.0], bounds=(0.0, 1.5))
@@ -296,7 +297,7 @@ def test_without_selection_the_evolved_merge_is_the_best_on_the_weak_set(tmp_pat
     if why == "no rows left":  # the experts trained on all but 6 rows of each task: the weak set takes those
         for task in ("polarity", "aspect3", "intensity"):
             write_json_atomic(run.expert(task) / "train_ids.json",
-                              [row["id"] for row in prepare.load_prepared(run, task, "train")[6:]])
+                              [row["id"] for row in load_prepared(run, task, "train")[6:]])
     search.main(cfg)
     assert not run.search_selection.exists() and not (run.search / "weak-select").exists()
     selected = json.loads(run.search_selected.read_text())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
-from pipeline.weighting import WEIGHTINGS, TaskStats, imbalance, make_weighting
+from sentimerge.pipeline.core.errors import ConfigError
+from sentimerge.pipeline.core.weighting import WEIGHTINGS, TaskStats, imbalance, make_weighting
 
 STATS = TaskStats(names=("a", "b"), sizes=(100, 100), imbalance=(0.0, 0.0))
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from pipeline.errors import ModelError
-from pipeline.tasks import TaskSpec
+from sentimerge.pipeline.core.errors import ModelError
+from sentimerge.pipeline.core.tasks import TaskSpec
 
 _PROBE = "\u00a7\u00a7answer\u00a7\u00a7"
 

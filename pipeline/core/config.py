@@ -16,10 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from experts.config import ExpertsConfig, LoraSettings
-from merge.config import SearchConfig
-from pipeline.errors import ConfigError
-from pipeline.tasks import WHEN_SET, Frozen, PypiFile, TaskList, TaskSpec, check_unique_names
+from sentimerge.experts.config import ExpertsConfig, LoraSettings
+from sentimerge.merge.config import SearchConfig
+from sentimerge.pipeline.core.errors import ConfigError
+from sentimerge.pipeline.core.tasks import WHEN_SET, Frozen, PypiFile, TaskList, TaskSpec, check_unique_names
 
 
 class TinyModel(Frozen):
@@ -70,7 +70,7 @@ class WeightingSettings(Frozen):
 
     @model_validator(mode="after")
     def _known(self) -> WeightingSettings:
-        from pipeline.weighting import WEIGHTINGS
+        from sentimerge.pipeline.core.weighting import WEIGHTINGS
 
         problem = WEIGHTINGS.problem(self.name)
         if problem:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ModelSpec, TinyModel
-from pipeline.errors import ModelError, first_line
-from pipeline.pypi import fetch_pypi_file
+from sentimerge.pipeline.core.config import ModelSpec, RunConfig, TinyModel, suggest
+from sentimerge.pipeline.core.errors import ModelError, SentimergeError, first_line
+from sentimerge.pipeline.core.pypi import fetch_pypi_file
+from sentimerge.pipeline.core.prompts import answer_tokens, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -228,3 +229,59 @@ def load_model(ref: str, *, dtype: str = "bfloat16", device: str | torch.device 
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def check_answer_tokens(cfg: RunConfig, model_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.base_model.trust_remote_code)
+    for task in cfg.tasks:
+        try:
+            answer_tokens(tokenizer, task)
+        except SentimergeError as error:
+            raise SentimergeError(f"task {task.name}: {error}") from None
+
+
+def check_against_base_model(cfg: RunConfig, model_path: str, data: dict | None = None) -> None:
+    """What the config asks of the base model, checked before anything trains, every problem in one error: each
+    LoRA `target_modules` name matches a linear layer (a typo trained nothing on it, an embedding's LoRA was left
+    out of every merge), and the longest prompt plus answer fits the model's context (`max_position_embeddings`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    trust = cfg.base_model.trust_remote_code
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    other = {name.rsplit(".", 1)[-1]: type(module).__name__ for name, module in model.named_modules()
+             if name and not isinstance(module, torch.nn.Linear)}
+    problems = []
+    for section, lora in (("experts", cfg.experts.lora), ("finetune", cfg.finetune.lora)):
+        if lora.target_modules == "all-linear":
+            continue
+        for target in lora.target_modules:
+            if target in linear:
+                continue
+            if target in other:
+                problems.append(f"{section}.lora.target_modules: {target!r} is a {other[target]}, not a linear layer; "
+                                "only linear layers' LoRA deltas are merged")
+            else:
+                problems.append(f"{section}.lora.target_modules: no module named {target!r} in the base model"
+                                f"{suggest(target, sorted(linear))}")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and data is not None:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
+        for task in cfg.tasks:
+            rows = [row for rows in data[task.name].values() for row in rows]
+            aspect = max((row.get("aspect") or "" for row in rows), key=len, default="")
+            answer = max(len(tokens) for tokens in answer_tokens(tokenizer, task).answers)
+            # the longest prompt: the instruction and answer list, the longest aspect, a text cut at max_text_tokens
+            frame = len(prompt_ids(tokenizer, task, {"text": "", "aspect": aspect or None}))
+            longest = frame + task.max_text_tokens + answer + 1
+            if longest > positions:
+                problems.append(f"task {task.name}: prompts of up to {longest} tokens (max_text_tokens "
+                                f"{task.max_text_tokens}) exceed the base model's context of {positions} positions; "
+                                f"lower max_text_tokens to {max(8, positions - frame - answer - 1)} or less")
+    if problems:
+        raise SentimergeError("\n".join(problems))

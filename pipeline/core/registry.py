@@ -7,7 +7,7 @@ import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from pipeline.errors import ConfigError
+from sentimerge.pipeline.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.errors import ModelError
-from pipeline.prompts import answer_tokens, prompt_ids
-from pipeline.tasks import TaskSpec
+from sentimerge.pipeline.core.errors import ModelError
+from sentimerge.pipeline.core.prompts import answer_tokens, prompt_ids
+from sentimerge.pipeline.core.tasks import TaskSpec
 
 log = logging.getLogger("sentimerge.scoring")
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.errors import ConfigError
-from pipeline.registry import Registry
+from sentimerge.pipeline.core.errors import ConfigError
+from sentimerge.pipeline.core.registry import Registry
 
 WEIGHTINGS: Registry[type["Weighting"]] = Registry("loss weighting")
 

@@ -8,7 +8,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, mean_squared_error
 
-from pipeline.tasks import TaskSpec
+from sentimerge.pipeline.core.tasks import TaskSpec
 
 
 def compute_metrics(task: TaskSpec, gold: list, predicted: list) -> dict[str, float]:

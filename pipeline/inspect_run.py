@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import RunConfig
-from pipeline.errors import SentimergeError
-from pipeline.evaluate import markdown_table
-from pipeline.metrics import spearman
-from pipeline.rundir import RunDir, is_done, read_jsonl, save_figure
+from sentimerge.pipeline.core.config import RunConfig
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.evaluation import markdown_table
+from sentimerge.pipeline.core.metrics import spearman
+from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl, save_figure
 
 
 def main(run_dir: str | Path) -> dict[str, Path]:
@@ -163,6 +163,6 @@ def run_from_args(args: argparse.Namespace, cfg: RunConfig | None) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_module
+    from sentimerge.pipeline.cli import run_module
 
     run_module("inspect")

@@ -17,8 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from pipeline.errors import DataError
-from pipeline.tasks import PypiFile
+from sentimerge.pipeline.core.errors import DataError
+from sentimerge.pipeline.core.tasks import PypiFile
 
 log = logging.getLogger(__name__)
 

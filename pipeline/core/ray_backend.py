@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import RunConfig
-from pipeline.errors import SentimergeError
+from sentimerge.pipeline.core.config import RunConfig
+from sentimerge.pipeline.core.errors import SentimergeError
 
 log = logging.getLogger("sentimerge.ray")
 
-# Tests set this to a fault spec (`kill@N`, see pipeline.faults) that the first actors get as SENTIMERGE_FAULT,
+# Tests set this to a fault spec (`kill@N`, see core.faults) that the first actors get as SENTIMERGE_FAULT,
 # so that a worker dies mid-candidate; replacement actors start without it.
 WORKER_FAULT_ENV = "SENTIMERGE_RAY_WORKER_FAULT"
 
@@ -64,24 +64,26 @@ def _unwrap(error: BaseException) -> BaseException:
 
 # --- stage 1 -------------------------------------------------------------------------------------------------
 
-def _train_expert_task(cfg: RunConfig, task: str, force: bool) -> str:
-    """Runs on a Ray worker: the local stage 1 for one task (same seeds, same files)."""
-    from pipeline import experts
-    from pipeline.runtime import seed_everything, set_threads, setup_logging
+def _on_worker(train: Callable[[RunConfig, str, bool], str], cfg: RunConfig, task: str, force: bool) -> str:
+    """Runs on a Ray worker: set the process up as the driver's, then `train` one task (same seeds, same files)."""
+    from sentimerge.pipeline.core.runtime import seed_everything, set_threads, setup_logging
 
     setup_logging(False)
     seed_everything(cfg.seed)
     set_threads(cfg.threads)
-    local = cfg.model_copy(update={"backend": "local"})
-    return str(experts.main(local, force=force, tasks=[task], write_run_config=False)[task])
+    return train(cfg, task, force)
 
 
-def train_experts(cfg: RunConfig, tasks: list[str], *, force: bool) -> dict[str, Path]:
-    """Train the experts of `tasks` as Ray tasks, each with `ray.cpus_per_expert` CPUs and `gpus_per_expert` GPUs."""
+def train_experts(cfg: RunConfig, tasks: list[str], train: Callable[[RunConfig, str, bool], str], *,
+                  force: bool) -> dict[str, Path]:
+    """Train the experts of `tasks` as Ray tasks, each with `ray.cpus_per_expert` CPUs and `gpus_per_expert` GPUs.
+
+    `train(cfg, task, force)` trains one expert on the worker and returns its folder (stage 1's `train_one`: the
+    stage passes it down, so this module never imports a stage)."""
     ray = init_ray(cfg)
-    remote = ray.remote(_train_expert_task).options(num_cpus=cfg.ray.cpus_per_expert,
+    remote = ray.remote(_on_worker).options(num_cpus=cfg.ray.cpus_per_expert,
                                                      num_gpus=cfg.ray.gpus_per_expert, max_retries=0)
-    refs = {task: remote.remote(cfg, task, force) for task in tasks}
+    refs = {task: remote.remote(train, cfg, task, force) for task in tasks}
     log.info("ray: %d expert(s) submitted (%g CPU, %g GPU each)", len(refs), cfg.ray.cpus_per_expert,
              cfg.ray.gpus_per_expert)
     folders, failures = {}, []
@@ -104,11 +106,11 @@ class ScoringWorker:
     """A Ray actor: the base model, the experts' deltas and one resident scoring copy; scores candidates."""
 
     def __init__(self, cfg: RunConfig, seed: int):
-        from merge.engine import InMemoryMerge
-        from merge.methods import get_method
-        from pipeline.rundir import RunDir
-        from pipeline.runtime import set_threads
-        from pipeline.search import load_search_inputs, load_weak_sets
+        from sentimerge.merge.engine import InMemoryMerge
+        from sentimerge.merge.methods import get_method
+        from sentimerge.pipeline.core.rundir import RunDir
+        from sentimerge.pipeline.core.runtime import set_threads
+        from sentimerge.pipeline.core.candidates import load_search_inputs, load_weak_sets
 
         set_threads(cfg.threads)
         run, settings = RunDir(cfg.resolved_run_dir), cfg.search
@@ -119,11 +121,11 @@ class ScoringWorker:
         self.sets = load_weak_sets(run, cfg, self.tokenizer)
 
     def score(self, generation: int, index: int, candidate: list[float]) -> dict:
-        from pipeline import faults
-        from pipeline.search import _score
+        from sentimerge.pipeline.core import faults
+        from sentimerge.pipeline.core.candidates import score_candidate
 
         faults.point("score candidate")
-        row = _score(self.merger, self.model, self.tokenizer, self.sets, np.asarray(candidate), self.settings)
+        row = score_candidate(self.merger, self.model, self.tokenizer, self.sets, np.asarray(candidate), self.settings)
         return {"generation": generation, "index": index, **row}
 
     def pid(self) -> int:

@@ -1,15 +1,6 @@
-"""Fault injection for the kill tests: make a run die with SIGKILL at a chosen write, the way a crash would.
-
-Every write of the artifact layer (`pipeline.rundir`, training checkpoints, adapters) passes a *fault point*: once
-after the bytes are on disk under their temporary name and once after the rename (or after an append). Two
-environment variables, both unset in normal use, act on those points:
-
-- `SENTIMERGE_FAULT_TRACE=FILE` appends each point's name to FILE (the kill harness counts a stage's points this way);
-- `SENTIMERGE_FAULT=kill@N` kills the process with SIGKILL at its N-th point (1-based): no cleanup, no `finally`,
-  no flush, exactly like a power cut or the OOM killer.
-
-`benchmarks/kill_resume.py` and `tests/test_kill_resume.py` use them to check that a run killed anywhere and
-resumed ends with the same artifacts as an uninterrupted one.
+"""The kill harness (`make kill-test`, `benchmarks/kill_resume.py`, the tests): run a stage, kill it with SIGKILL
+at a seeded random fault point or after a random delay, resume it, and compare the run directory with an
+uninterrupted run's. The fault points themselves live in `sentimerge.pipeline.core.faults`.
 """
 
 from __future__ import annotations
@@ -27,26 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-_count = 0
+from sentimerge.pipeline.core import faults
 
-
-def point(name: str) -> None:
-    """A place where a crash must be survivable; `name` says which write it is (for the trace)."""
-    global _count
-    trace = os.environ.get("SENTIMERGE_FAULT_TRACE")
-    fault = os.environ.get("SENTIMERGE_FAULT")
-    if not trace and not fault:
-        return
-    _count += 1
-    if trace:
-        with open(trace, "a", encoding="utf-8") as handle:
-            handle.write(f"{name}\n")
-    if fault and fault.startswith("kill@") and _count == int(fault[len("kill@"):]):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The kill harness: run a stage, kill it at a seeded random point, resume, and compare with an uninterrupted run.
 
 STAGES = ("prepare", "experts", "search", "finetune", "export")
 # Keys and files that record wall-clock time or host state: they differ between any two runs and are not compared.
@@ -128,7 +101,7 @@ class Trial:
 
 
 def sentimerge_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "sentimerge", *args]
 
 
 def _run(args: list[str], env: dict[str, str], *, kill_after: float | None = None, log: Path | None = None) -> int:
@@ -142,12 +115,11 @@ def _run(args: list[str], env: dict[str, str], *, kill_after: float | None = Non
 
 
 def _run_in_process(argv: list[str], trace: Path) -> int:
-    global _count
-    from pipeline.cli import main
+    from sentimerge.pipeline.cli import main
 
     previous = os.environ.get("SENTIMERGE_FAULT_TRACE")
     os.environ["SENTIMERGE_FAULT_TRACE"] = str(trace)
-    _count = 0
+    faults.reset()
     try:
         return main(argv)
     finally:

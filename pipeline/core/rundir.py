@@ -31,8 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline import faults
-from pipeline.errors import SentimergeError
+from sentimerge.pipeline.core import faults
+from sentimerge.pipeline.core.errors import SentimergeError
 
 log = logging.getLogger("sentimerge.rundir")
 
@@ -358,7 +358,7 @@ def read_manifest(folder: Path) -> dict:
 
 def write_manifest(folder: Path, **info: Any) -> None:
     """Mark `folder` finished. Call it last, after everything else in the folder is written."""
-    from pipeline import __version__
+    from sentimerge.pipeline.core import __version__
 
     write_json_atomic(folder / MANIFEST, {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "version": __version__, **info})
 

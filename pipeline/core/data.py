@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import DataError, first_line
-from pipeline.pypi import fetch_pypi_file
-from pipeline.tasks import SPLITS, TaskSpec
+from sentimerge.pipeline.core.errors import DataError, first_line
+from sentimerge.pipeline.core.pypi import fetch_pypi_file
+from sentimerge.pipeline.core.tasks import SPLITS, TaskSpec
 
 log = logging.getLogger(__name__)
 

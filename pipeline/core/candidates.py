@@ -1,0 +1,55 @@
+"""The search's inputs and the scoring of one merge candidate: shared by the local search (`sentimerge search`) and
+the Ray actors of `backend: ray` (`ray_backend.ScoringWorker`), so both score a candidate the same way."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from sentimerge.merge.engine import InMemoryMerge
+from sentimerge.merge.fitness import ScoredSet, encode_set, evaluate
+from sentimerge.merge.genome import Genome
+from sentimerge.merge.lora import read_adapter
+from sentimerge.pipeline.core.config import RunConfig
+from sentimerge.pipeline.core.models import load_model
+from sentimerge.pipeline.core.rundir import RunDir, read_jsonl
+from sentimerge.pipeline.core.upstream import prepared_model_path
+
+
+def load_search_inputs(cfg: RunConfig, run: RunDir):
+    """(resident scoring model, tokenizer, expert adapters, genome): what the driver and each Ray actor load."""
+    settings = cfg.search
+    model, tokenizer = load_model(prepared_model_path(run), dtype=settings.dtype)
+    adapters = {task.name: read_adapter(run.expert_adapter(task.name)) for task in cfg.tasks}
+    genome = Genome(tuple(adapters), model.config.num_hidden_layers, settings.layer_group_size,
+                    settings.split_attention_mlp)
+    return model, tokenizer, adapters, genome
+
+
+def load_weak_sets(run: RunDir, cfg: RunConfig, tokenizer, path_for=None) -> list[ScoredSet]:
+    """The labelled weak sets on disk, tokenised: what every candidate is scored on (here or on a Ray actor)."""
+    sets = []
+    for task in cfg.tasks:
+        rows = read_jsonl((path_for or run.search_weak)(task.name))
+        sets.append(encode_set(tokenizer, task, rows, [row["label"] for row in rows],
+                               cfg.search.weak.weights.get(task.name, 1.0)))
+    return sets
+
+
+def score_candidate(merger: InMemoryMerge, model, tokenizer, sets: list[ScoredSet], candidate: np.ndarray, settings) -> dict:
+    """Merge `candidate` into the resident model and score it; a failure is a row with the penalty, not a crash."""
+    clock = time.perf_counter()
+    merge_seconds = 0.0
+    try:
+        merger.apply(candidate)
+        merge_seconds = time.perf_counter() - clock
+        result = evaluate(model, tokenizer, sets, settings.batch_size)
+    except Exception as error:  # any failing candidate: log it, penalise it, go on
+        return {"status": "failed", "coefficients": candidate.tolist(), "fitness": settings.failure_penalty,
+                "error": f"{type(error).__name__}: {error}", "merge_seconds": merge_seconds,
+                "score_seconds": time.perf_counter() - clock - merge_seconds,
+                "seconds": time.perf_counter() - clock}
+    return {"status": "ok", "coefficients": candidate.tolist(), "fitness": result["fitness"], "tasks": result["tasks"],
+            "examples": result["examples"], "merge_seconds": merge_seconds, "score_seconds": result["seconds"],
+            "seconds": time.perf_counter() - clock}

@@ -1,0 +1,49 @@
+"""What a stage reads of the stages before it in the run directory: the prepared examples and base model, the keys
+that say which upstream result a finished stage was built on, and the config's checks against the base model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.models import check_model_dir
+
+from sentimerge.pipeline.core.rundir import RunDir, digest, is_done, read_jsonl, read_manifest
+
+
+def search_key(run: RunDir) -> str | None:
+    """The fingerprint a search was started with (what stage 3 hashes of stage 2), None before it started."""
+    if not run.search_state.is_file():
+        return None
+    return json.loads(run.search_state.read_text(encoding="utf-8"))["fingerprint"]
+
+
+def prepared_key(run: RunDir) -> str:
+    """What the later stages hash of stage 0: its config fingerprint and the hashes of the data it froze (a run
+    prepared before data hashes were kept: the fingerprint alone, so that it keeps its later stages)."""
+    manifest = read_manifest(run.prepare)
+    if "data" not in manifest:
+        return manifest.get("fingerprint")
+    return digest({"fingerprint": manifest.get("fingerprint"), "data": manifest["data"]})
+
+
+def load_prepared(run: RunDir, task: str, split: str) -> list[dict]:
+    """The canonical examples `prepare` froze for `task` and `split` (what every later stage reads)."""
+    path = run.data(task, split)
+    if not is_done(run.prepare):
+        raise SentimergeError(f"{run.prepare}: not prepared; run `sentimerge prepare` first")
+    if not path.is_file():
+        raise SentimergeError(f"{path}: task {task!r} has no prepared {split} split")
+    return read_jsonl(path)
+
+
+def prepared_model_path(run: RunDir) -> str:
+    read_manifest(run.prepare)
+    try:
+        path = json.loads(run.base_model.read_text(encoding="utf-8"))["path"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise SentimergeError(f"{run.base_model}: missing or corrupted; run `sentimerge prepare --force`") from None
+    check_model_dir(Path(path))
+    return path
