@@ -30,7 +30,7 @@ from sentimerge.merge.fitness import encode_set, evaluate  # noqa: E402
 from sentimerge.merge.genome import Genome  # noqa: E402
 from sentimerge.merge.lora import read_adapter  # noqa: E402
 from sentimerge.merge.methods import get_method  # noqa: E402
-from sentimerge.merge.search import read_log  # noqa: E402
+from sentimerge.merge.cmaes import read_log  # noqa: E402
 from sentimerge.pipeline.core.config import load_config  # noqa: E402
 from sentimerge.pipeline.core.models import load_model  # noqa: E402
 from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path

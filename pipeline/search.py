@@ -27,7 +27,7 @@ from sentimerge.merge.fitness import ScoredSet, encode_set, evaluate, predict
 from sentimerge.merge.genome import Genome
 from sentimerge.merge.methods import get_method
 from sentimerge.merge.recipe import build_recipe, recipe_yaml, run_mergekit
-from sentimerge.merge.search import Strategy, one_by_one, read_log, run_cma
+from sentimerge.merge.cmaes import Strategy, one_by_one, read_log, run_cma
 from sentimerge.merge.labellers import check_labellers, labeller_for
 from sentimerge.merge.weak import sample_selection_set, sample_weak_set
 from sentimerge.pipeline.core.config import RunConfig, dump_config, positive_int

@@ -133,7 +133,7 @@ class ScoringWorker:
 
 
 class RayScorerPool:
-    """The actors of stage 2, and an evaluator for `merge.search.run_cma` that spreads a generation over them."""
+    """The actors of stage 2, and an evaluator for `merge.cmaes.run_cma` that spreads a generation over them."""
 
     def __init__(self, cfg: RunConfig, seed: int):
         self.ray = init_ray(cfg)
