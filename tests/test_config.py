@@ -31,6 +31,21 @@ def test_every_shipped_yaml_validates(path):
         assert load_tasks_file(path).tasks
 
 
+@pytest.mark.parametrize("name", ["demo", "suite"])
+def test_shipped_tasks_state_their_primary_metric_and_why(name):
+    """Every task of the shipped configs names its primary metric (the tables, the search's fitness and the
+    selection all rank by it) with a reason; macro-F1 where accuracy would reward the majority class."""
+    text = (CONFIGS / "tasks" / f"{name}.yaml").read_text()
+    tasks = load_tasks_file(CONFIGS / "tasks" / f"{name}.yaml").tasks
+    stated = [line for line in text.splitlines() if line.strip().startswith("primary_metric:")]
+    assert len(stated) == len(tasks) and all("#" in line for line in stated)
+    primary = {task.name: task.primary for task in tasks}
+    expected = {"demo": {"polarity": "accuracy", "tweets3": "macro_f1", "intensity": "pearson"},
+                "suite": {"sst5": "accuracy", "subjectivity": "accuracy", "fin_headlines": "pearson",
+                          **{t: "macro_f1" for t in ("tweet_emotion", "tweet_irony", "absa", "fpb", "fin_tweets")}}}
+    assert primary == expected[name]
+
+
 def test_suite_paths_resolve_relative_to_the_config_and_data_root_overrides(tmp_path):
     cfg = load_config(CONFIGS / "suite.yaml")
     assert Path(cfg.data_root).is_absolute() and Path(cfg.data_root).name == "data"
