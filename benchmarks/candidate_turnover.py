@@ -43,9 +43,9 @@ from sentimerge.merge.recipe import build_recipe, run_mergekit  # noqa: E402
 from sentimerge.merge.weak import sample_weak_set  # noqa: E402
 from sentimerge.pipeline.core.config import load_config  # noqa: E402
 from sentimerge.pipeline.core.models import load_model  # noqa: E402
-from sentimerge.pipeline.core.upstream import prepared_model_path
 from sentimerge.pipeline.core.rundir import RunDir, write_json_atomic, write_text_atomic  # noqa: E402
 from sentimerge.pipeline.core.runtime import set_threads, setup_logging  # noqa: E402
+from sentimerge.pipeline.core.upstream import prepared_model_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

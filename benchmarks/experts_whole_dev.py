@@ -31,9 +31,9 @@ from sentimerge.merge.methods import get_method  # noqa: E402
 from sentimerge.pipeline.core.config import load_config  # noqa: E402
 from sentimerge.pipeline.core.evaluation import evaluate_model, markdown_table
 from sentimerge.pipeline.core.models import load_model  # noqa: E402
-from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from sentimerge.pipeline.core.rundir import RunDir, is_done  # noqa: E402
 from sentimerge.pipeline.core.runtime import set_threads, setup_logging  # noqa: E402
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -32,12 +32,11 @@ from sentimerge.merge.engine import InMemoryMerge  # noqa: E402
 from sentimerge.merge.fitness import encode_set  # noqa: E402
 from sentimerge.merge.methods import get_method  # noqa: E402
 from sentimerge.pipeline.core import scoring  # noqa: E402
-from sentimerge.pipeline.core.evaluation import markdown_table
+from sentimerge.pipeline.core.candidates import load_search_inputs
+from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, markdown_table
 from sentimerge.pipeline.core.metrics import compute_metrics  # noqa: E402
 from sentimerge.pipeline.core.models import load_model  # noqa: E402
 from sentimerge.pipeline.core.rundir import RunDir, is_done, write_json_atomic, write_text_atomic  # noqa: E402
-from sentimerge.pipeline.core.candidates import load_search_inputs
-from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples
 
 RESULTS = ROOT / "benchmarks" / "results"
 HEADS = {"bf16 head": lambda model: contextlib.nullcontext(), "float32 head": scoring.float32_head}

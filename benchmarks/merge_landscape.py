@@ -34,14 +34,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.summary import finished_search, machine  # noqa: E402
 from sentimerge.merge.engine import InMemoryMerge  # noqa: E402
-from sentimerge.merge.methods import get_method  # noqa: E402
 from sentimerge.merge.labellers import get_labeller  # noqa: E402
-from sentimerge.pipeline.core.evaluation import markdown_table
+from sentimerge.merge.methods import get_method  # noqa: E402
+from sentimerge.pipeline.core.candidates import load_search_inputs, load_weak_sets
+from sentimerge.pipeline.core.evaluation import gold_examples, markdown_table
 from sentimerge.pipeline.core.metrics import compute_metrics, spearman  # noqa: E402
 from sentimerge.pipeline.core.rundir import RunDir, read_jsonl, read_manifest  # noqa: E402
 from sentimerge.pipeline.core.scoring import TaskScores, score_prompts  # noqa: E402
-from sentimerge.pipeline.core.candidates import load_search_inputs, load_weak_sets
-from sentimerge.pipeline.core.evaluation import gold_examples
 from sentimerge.pipeline.search import _gold_sets
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -28,14 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.summary import machine, record  # noqa: E402
+from sentimerge.pipeline.core import scoring  # noqa: E402
 from sentimerge.pipeline.core.config import load_config  # noqa: E402
 from sentimerge.pipeline.core.models import load_model  # noqa: E402
-from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from sentimerge.pipeline.core.prompts import answer_tokens, prompt_ids  # noqa: E402
 from sentimerge.pipeline.core.rundir import RunDir  # noqa: E402
 from sentimerge.pipeline.core.runtime import set_threads  # noqa: E402
-from sentimerge.pipeline.core import scoring  # noqa: E402
 from sentimerge.pipeline.core.scoring import score_prompts  # noqa: E402
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -25,17 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.summary import machine  # noqa: E402
+from sentimerge.merge.cmaes import read_log  # noqa: E402
 from sentimerge.merge.engine import InMemoryMerge  # noqa: E402
 from sentimerge.merge.fitness import encode_set, evaluate  # noqa: E402
 from sentimerge.merge.genome import Genome  # noqa: E402
 from sentimerge.merge.lora import read_adapter  # noqa: E402
 from sentimerge.merge.methods import get_method  # noqa: E402
-from sentimerge.merge.cmaes import read_log  # noqa: E402
 from sentimerge.pipeline.core.config import load_config  # noqa: E402
 from sentimerge.pipeline.core.models import load_model  # noqa: E402
-from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from sentimerge.pipeline.core.rundir import RunDir  # noqa: E402
 from sentimerge.pipeline.core.runtime import set_threads  # noqa: E402
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 
 RESULTS = ROOT / "benchmarks" / "results"
 

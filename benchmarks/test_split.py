@@ -28,10 +28,10 @@ from benchmarks.summary import finished_search, machine  # noqa: E402
 from sentimerge.merge.engine import InMemoryMerge  # noqa: E402
 from sentimerge.merge.fitness import encode_set, evaluate  # noqa: E402
 from sentimerge.merge.methods import get_method  # noqa: E402
-from sentimerge.pipeline.core.metrics import paired_bootstrap  # noqa: E402
-from sentimerge.pipeline.core.upstream import load_prepared
-from sentimerge.pipeline.core.rundir import RunDir, write_json_atomic, write_text_atomic  # noqa: E402
 from sentimerge.pipeline.core.candidates import load_search_inputs
+from sentimerge.pipeline.core.metrics import paired_bootstrap  # noqa: E402
+from sentimerge.pipeline.core.rundir import RunDir, write_json_atomic, write_text_atomic  # noqa: E402
+from sentimerge.pipeline.core.upstream import load_prepared
 from sentimerge.pipeline.search import COMPARED, final_markdown
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -28,9 +28,9 @@ from sentimerge.experts.config import ExpertsConfig  # noqa: E402
 from sentimerge.experts.multitask import per_example_losses  # noqa: E402
 from sentimerge.experts.train import answer_loss, collate, encode, load_lora_model  # noqa: E402
 from sentimerge.pipeline.core.config import load_config  # noqa: E402
-from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from sentimerge.pipeline.core.rundir import RunDir  # noqa: E402
 from sentimerge.pipeline.core.runtime import set_threads  # noqa: E402
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 
 RESULTS = ROOT / "benchmarks" / "results"
 

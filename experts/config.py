@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from sentimerge.curriculum.config import CurriculumConfig
-from sentimerge.pipeline.core.tasks import Frozen
+from sentimerge.pipeline.core.tasks import WHEN_SET, Frozen
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -22,6 +22,21 @@ class LoraSettings(Frozen):
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: list(ALL_LINEAR),
         description="module names, or peft's `all-linear` (default: every attention and MLP projection)")
+
+
+class SharedAdapterConfig(Frozen):
+    """A shared adapter: one LoRA trained on every task at once from the base model before the experts, then merged
+    into it; the experts train on base + shared, and stage 2 merges their deltas onto base + shared (the simple form
+    of cross-task sharing; Hybrid LoRA's attention over task modules is the other). Trained like the multi-task
+    LoRA baseline: the experts' LoRA and learning rate, `per_task` examples of every task per step, equal task
+    weights. Its examples count in the pipeline's budget."""
+
+    examples: int = Field(0, ge=0, description="training examples in all (0: no shared adapter); optimizer steps = "
+                                               "examples / (per_task x tasks), rounded up")
+    per_task: int = Field(2, ge=1, description="examples of every task in each step's batch")
+
+    def total_steps(self, tasks: int) -> int:
+        return -(-self.examples // (self.per_task * tasks)) if self.examples else 0
 
 
 class ExpertsConfig(Frozen):
@@ -47,6 +62,8 @@ class ExpertsConfig(Frozen):
                             "primary dev metric (the earliest on ties; step 0, the base model, is not a candidate)")
     checkpoint_every: int = Field(20, ge=1, description="steps between resumable checkpoints")
     eval_batch_size: int = Field(16, ge=1)
+    shared: SharedAdapterConfig = Field(SharedAdapterConfig(), json_schema_extra=WHEN_SET,
+                                        description="a shared adapter the experts train on (off by default)")
 
     @model_validator(mode="after")
     def _one_budget(self) -> ExpertsConfig:

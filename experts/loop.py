@@ -23,7 +23,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sentimerge.experts.checkpoint import load_trainable_state, read_state, restore_checkpoint, save_checkpoint, trainable_state
+from sentimerge.experts.checkpoint import (
+    load_trainable_state,
+    read_state,
+    restore_checkpoint,
+    save_checkpoint,
+    trainable_state,
+)
 from sentimerge.pipeline.core.errors import SentimergeError
 from sentimerge.pipeline.core.rundir import append_jsonl, read_jsonl, write_jsonl_atomic
 

@@ -19,15 +19,22 @@ import yaml
 
 from sentimerge.experts.loop import Loop, run_loop
 from sentimerge.experts.train import autocast, collate, evaluate_dev, learning_rate, load_lora_model
-from sentimerge.pipeline.core.config import RunConfig
+from sentimerge.pipeline.core.config import RunConfig, WeightingSettings
 from sentimerge.pipeline.core.data import sample_examples
 from sentimerge.pipeline.core.models import pick_device
 from sentimerge.pipeline.core.prompts import training_example
-from sentimerge.pipeline.core.rundir import (RunDir, read_jsonl, read_manifest, save_figure, write_csv_atomic,
-                                             write_manifest, write_text_atomic)
-from sentimerge.pipeline.core.upstream import load_prepared
+from sentimerge.pipeline.core.rundir import (
+    RunDir,
+    read_jsonl,
+    read_manifest,
+    save_figure,
+    write_csv_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 from sentimerge.pipeline.core.scoring import last_positions
 from sentimerge.pipeline.core.tasks import TaskSpec
+from sentimerge.pipeline.core.upstream import load_prepared
 from sentimerge.pipeline.core.weighting import TaskStats, imbalance, make_weighting
 
 
@@ -247,3 +254,15 @@ def write_weight_history(run: RunDir) -> pd.DataFrame:
         axis.legend(fontsize=7, ncol=2)
         save_figure(figure, run.finetune / "weights.png")
     return table
+
+
+def multitask_lora_config(cfg: RunConfig, steps: int, per_task: int | None = None) -> RunConfig:
+    """`cfg` with a `finetune` section that trains one multi-task LoRA from the base model the way an expert trains:
+    the experts' LoRA (rank, alpha, targets) and learning rate, equal task weights, `steps` optimizer steps of
+    `per_task` examples of every task (default: stage 3's). The report's multi-task LoRA baseline and the shared
+    adapter (`experts.shared`) train with it, so the two differ only in their budgets."""
+    update = {"start": "base", "weighting": WeightingSettings(name="static"), "lora": cfg.experts.lora,
+              "learning_rate": cfg.experts.learning_rate, "steps": steps}
+    if per_task is not None:
+        update["per_task"] = per_task
+    return cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update=update)})

@@ -15,9 +15,9 @@ import logging
 
 from sentimerge.pipeline.core.data import sample_examples
 from sentimerge.pipeline.core.errors import SentimergeError
-from sentimerge.pipeline.core.upstream import load_prepared
 from sentimerge.pipeline.core.rundir import RunDir, read_jsonl
 from sentimerge.pipeline.core.tasks import TaskSpec
+from sentimerge.pipeline.core.upstream import load_prepared
 
 log = logging.getLogger("sentimerge.search")
 

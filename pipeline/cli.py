@@ -16,7 +16,6 @@ from typing import Literal
 
 from sentimerge.pipeline.core.errors import SentimergeError
 
-
 # Errors of the machine rather than of the code: reported as one line, exit status 2.
 ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 

@@ -18,8 +18,15 @@ from sentimerge.pipeline.core.data import load_task_splits, sample_examples
 from sentimerge.pipeline.core.errors import ModelError, SentimergeError
 from sentimerge.pipeline.core.evaluation import evaluate_model, markdown_table
 from sentimerge.pipeline.core.models import check_model_dir, load_model, pick_device
+from sentimerge.pipeline.core.rundir import (
+    RunDir,
+    fresh_dir,
+    write_csv_atomic,
+    write_jsonl_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 from sentimerge.pipeline.core.upstream import prepared_model_path
-from sentimerge.pipeline.core.rundir import RunDir, fresh_dir, write_csv_atomic, write_jsonl_atomic, write_manifest, write_text_atomic
 
 log = logging.getLogger("sentimerge.evaluate")
 

@@ -31,16 +31,33 @@ from sentimerge.curriculum.sampler import CurriculumSampler
 from sentimerge.curriculum.signals import Difficulty, SignalInputs, TaskFacts, example_difficulty, task_difficulty
 from sentimerge.experts.checkpoint import read_state, save_adapter
 from sentimerge.experts.loop import Loop, run_loop
-from sentimerge.experts.train import answer_loss, answer_losses, collate, encode, evaluate_dev, learning_rate, load_lora_model
+from sentimerge.experts.multitask import multitask_lora_config, train_multitask
+from sentimerge.experts.train import (
+    answer_loss,
+    answer_losses,
+    collate,
+    encode,
+    evaluate_dev,
+    learning_rate,
+    load_lora_model,
+)
 from sentimerge.pipeline.core.config import RunConfig, dump_config
 from sentimerge.pipeline.core.data import sample_examples
 from sentimerge.pipeline.core.errors import ConfigError, SentimergeError
-from sentimerge.pipeline.core.models import pick_device
-from sentimerge.pipeline.core.models import check_against_base_model
-from sentimerge.pipeline.core.upstream import load_prepared, prepared_key, prepared_model_path
-from sentimerge.pipeline.core.rundir import (RunDir, append_jsonl, digest, is_done, read_manifest, write_json_atomic,
-                             write_jsonl_atomic, write_manifest, write_text_atomic)
+from sentimerge.pipeline.core.models import check_against_base_model, merge_adapter_into, pick_device
+from sentimerge.pipeline.core.rundir import (
+    RunDir,
+    append_jsonl,
+    digest,
+    is_done,
+    read_manifest,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 from sentimerge.pipeline.core.tasks import TaskSpec
+from sentimerge.pipeline.core.upstream import load_prepared, merge_base_path, prepared_key, prepared_model_path
 
 log = logging.getLogger("sentimerge.experts")
 
@@ -64,6 +81,8 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
     """
     run = RunDir(cfg.resolved_run_dir)
     selected = select_tasks(cfg, tasks)
+    if cfg.experts.shared.examples and write_run_config:  # the driver trains it once, before any expert
+        train_shared_adapter(cfg, run, force=force)
     if (backend or cfg.backend) == "ray":
         from sentimerge.pipeline.core.ray_backend import train_experts
 
@@ -75,8 +94,8 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
         return {task.name: run.expert(task.name) for task in selected}
     data = {task.name: (load_prepared(run, task.name, "train"), load_prepared(run, task.name, "dev"))
             for task in selected}
-    base_path = prepared_model_path(run)
-    check_against_base_model(cfg, base_path)  # the LoRA targets, also when they changed since prepare
+    check_against_base_model(cfg, prepared_model_path(run))  # the LoRA targets, also when they changed since prepare
+    base_path = merge_base_path(run, bool(cfg.experts.shared.examples))
     prepared = prepared_key(run)
     if write_run_config:  # Ray workers do not: the driver did, and workers write only their own task's files
         write_text_atomic(run.config, dump_config(cfg))
@@ -98,6 +117,42 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
                      on_step=(lambda step, name=task.name: on_step(name, step)) if on_step else None)
         folders[task.name] = folder
     return folders
+
+
+def shared_fingerprint(cfg: RunConfig, run: RunDir) -> str:
+    """What decides the shared adapter: its settings and training config, the tasks, the seed, the prepared data."""
+    training = multitask_lora_config(cfg, cfg.experts.shared.total_steps(len(cfg.tasks)), cfg.experts.shared.per_task)
+    return digest({"shared": cfg.experts.shared.decisive(), "finetune": training.finetune.decisive(),
+                   "tasks": [task.decisive() for task in cfg.tasks], "seed": cfg.seed, "prepared": prepared_key(run)})
+
+
+def train_shared_adapter(cfg: RunConfig, run: RunDir, *, force: bool = False) -> Path:
+    """The shared adapter (`experts.shared`): one LoRA trained on every task from the base model (resuming an
+    interrupted training), merged into the base and saved as `<run>/shared/model`, the model every expert then
+    trains on. Skipped when finished with the same settings; refused when finished with others (unless `force`)."""
+    settings = cfg.experts.shared
+    key = shared_fingerprint(cfg, run)
+    if is_done(run.shared) and not force:
+        if read_manifest(run.shared).get("fingerprint") != key:
+            raise SentimergeError(f"{run.shared}: the shared adapter finished with other settings or data; run "
+                                  "`sentimerge experts --force` to train it (and the experts on it) again")
+        log.info("shared adapter: already done (%s)", run.shared)
+        return run.shared_model
+    if force or is_done(run.shared):
+        shutil.rmtree(run.shared, ignore_errors=True)
+    steps = settings.total_steps(len(cfg.tasks))
+    training_cfg = multitask_lora_config(cfg, steps, settings.per_task)
+    base = prepared_model_path(run)
+    log.info("shared adapter: %d steps x %d per task x %d tasks = %d examples, from %s", steps, settings.per_task,
+             len(cfg.tasks), steps * settings.per_task * len(cfg.tasks), base)
+    training = train_multitask(training_cfg, RunDir(run.root, finetune=run.shared_training), start=base,
+                               fingerprint=key, seed=cfg.seed, manifest={"stage": "shared adapter"})
+    merge_adapter_into(run.shared_training / "adapter", run.shared_model, dtype=cfg.base_model.dtype)
+    write_manifest(run.shared, stage="shared adapter", fingerprint=key, base_model=base, steps=training["steps"],
+                   examples=training["examples"], dev=training["dev"], zero_shot=training["zero_shot"])
+    log.info("shared adapter: mean dev primary %.3f (base %.3f) -> %s", training["dev"]["primary"],
+             training["zero_shot"]["primary"], run.shared_model)
+    return run.shared_model
 
 
 def train_one(cfg: RunConfig, task: str, force: bool) -> str:

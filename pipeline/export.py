@@ -24,13 +24,27 @@ import yaml
 from sentimerge.pipeline.core import __version__
 from sentimerge.pipeline.core.config import RunConfig, dump_config
 from sentimerge.pipeline.core.errors import SentimergeError
-from sentimerge.pipeline.core.evaluation import evaluate_model, markdown_table
+from sentimerge.pipeline.core.evaluation import (
+    evaluate_model,
+    evaluation_splits,
+    final_examples,
+    markdown_table,
+    split_heading,
+)
 from sentimerge.pipeline.core.models import DTYPES, cast_weights, load_model, pick_device
-from sentimerge.pipeline.core.upstream import prepared_model_path
-from sentimerge.pipeline.core.rundir import (EXPORT_TASKS, RunDir, digest, fresh_dir, is_done, read_manifest, write_csv_atomic,
-                             write_json_atomic, write_manifest, write_text_atomic)
-from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, split_heading
-from sentimerge.pipeline.core.upstream import search_key
+from sentimerge.pipeline.core.rundir import (
+    EXPORT_TASKS,
+    RunDir,
+    digest,
+    fresh_dir,
+    is_done,
+    read_manifest,
+    write_csv_atomic,
+    write_json_atomic,
+    write_manifest,
+    write_text_atomic,
+)
+from sentimerge.pipeline.core.upstream import prepared_model_path, search_key
 
 log = logging.getLogger("sentimerge.export")
 
@@ -157,6 +171,9 @@ def _provenance(cfg: RunConfig, run: RunDir, start: str, adapter: Path | None) -
         "sentimerge_version": __version__, "git_revision": git_revision(),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": cfg.seed,
         "base_model": {"spec": cfg.base_model.model_dump(mode="json"), "path": prepared_model_path(run)},
+        "shared_adapter": ({"model": str(run.shared_model), **{k: v for k, v in read_manifest(run.shared).items()
+                                                              if k in ("steps", "examples", "fingerprint")}}
+                           if cfg.experts.shared.examples else None),
         "merged_model": start, "finetune_adapter": str(adapter) if adapter else None,
         "data": {name: {"source": task["source"],
                         "splits": {split: {"examples": info["examples"], "sha256": info["sha256"]}

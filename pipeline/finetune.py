@@ -17,12 +17,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-
 from sentimerge.experts.multitask import train_multitask
 from sentimerge.pipeline.core.config import RunConfig
 from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.rundir import RunDir, digest, is_done, read_manifest
 from sentimerge.pipeline.core.upstream import prepared_key, prepared_model_path
-from sentimerge.pipeline.core.rundir import (RunDir, digest, is_done, read_manifest)
 
 log = logging.getLogger("sentimerge.finetune")
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from sentimerge.pipeline.core import faults
 
-
 STAGES = ("prepare", "experts", "search", "finetune", "export")
 # Keys and files that record wall-clock time or host state: they differ between any two runs and are not compared.
 VOLATILE_KEYS = re.compile(r"seconds|(^|_)(per_s|ex_s)$|_at$|(^|_)(ms|s)_per_")

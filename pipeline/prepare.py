@@ -18,11 +18,19 @@ from pathlib import Path
 from sentimerge.pipeline.core.config import RunConfig, dump_config
 from sentimerge.pipeline.core.data import find_conflicts, find_leaks, load_task_splits, source_location
 from sentimerge.pipeline.core.errors import SentimergeError
-from sentimerge.pipeline.core.models import check_against_base_model, check_answer_tokens
-from sentimerge.pipeline.core.models import provision_base_model
+from sentimerge.pipeline.core.models import check_against_base_model, check_answer_tokens, provision_base_model
 from sentimerge.pipeline.core.prompts import user_message
-from sentimerge.pipeline.core.rundir import (RunDir, digest, fresh_dir, is_done, read_manifest, write_json_atomic,
-                             write_jsonl_atomic, write_manifest, write_text_atomic)
+from sentimerge.pipeline.core.rundir import (
+    RunDir,
+    digest,
+    fresh_dir,
+    is_done,
+    read_manifest,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 
 log = logging.getLogger("sentimerge.prepare")
 

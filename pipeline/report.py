@@ -30,19 +30,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sentimerge.experts.multitask import multitask_lora_config
 from sentimerge.pipeline import finetune
 from sentimerge.pipeline.core.config import RunConfig, WeightingSettings, positive_int
 from sentimerge.pipeline.core.errors import SentimergeError
-from sentimerge.pipeline.core.evaluation import evaluate_model, markdown_table
+from sentimerge.pipeline.core.evaluation import evaluate_model, gold_examples, markdown_table, merge_labels
+from sentimerge.pipeline.core.rundir import (
+    RunDir,
+    digest,
+    is_done,
+    read_manifest,
+    write_csv_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from sentimerge.pipeline.run import main as run_pipeline
-from sentimerge.pipeline.core.rundir import (RunDir, digest, is_done, read_manifest, write_csv_atomic, write_json_atomic,
-                             write_text_atomic)
-from sentimerge.pipeline.core.evaluation import gold_examples
 
 log = logging.getLogger("sentimerge.report")
 
 WEIGHTINGS = ("dao", "static", "uncertainty", "dwa", "famo")
-MERGES = {"base": "zero-shot base", "uniform": "uniform task arithmetic", "ties": "TIES", "evolved": "evolved merge"}
 EXPERTS = "each expert on its own task"
 MULTITASK = "multi-task LoRA on base"
 # bumped when the way a variant is scored changes, so that cached scores are scored again (2: the in-memory model
@@ -126,18 +132,24 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
 
 
 def budgets(cfg: RunConfig) -> dict:
-    """Training examples of each part; the multi-task LoRA gets the experts' and stage 3's together, in whole steps."""
+    """The training budget of each part in examples, with its optimizer steps: the experts (steps x batch size per
+    task), the shared adapter (`experts.shared`) and stage 3 (steps x per_task x tasks). The multi-task LoRA gets
+    all of them together, in whole steps of stage 3's batch (so at least as many examples, never fewer)."""
     tasks, per_task = len(cfg.tasks), cfg.finetune.per_task
     expert = cfg.experts.total_steps * cfg.experts.batch_size  # each expert step draws one batch of its task
+    shared = cfg.experts.shared
+    shared_examples = shared.total_steps(tasks) * shared.per_task * tasks
     stage3 = cfg.finetune.steps * per_task * tasks
-    pipeline_examples = expert * tasks + stage3
+    pipeline_examples = expert * tasks + shared_examples + stage3
     steps = math.ceil(pipeline_examples / (per_task * tasks))
-    return {"tasks": tasks, "experts_examples_per_task": expert, "experts_examples": expert * tasks,
+    return {"tasks": tasks, "experts_examples_per_task": expert, "experts_steps_per_task": cfg.experts.total_steps,
+            "experts_examples": expert * tasks,
+            "shared_examples": shared_examples, "shared_steps": shared.total_steps(tasks),
             "search_population": cfg.search.population, "search_generations": cfg.search.generations,
             "search_weak_examples_per_task": cfg.search.weak.per_task,
             "finetune_steps": cfg.finetune.steps, "finetune_per_task": per_task, "finetune_examples": stage3,
-            "pipeline_examples": pipeline_examples, "multitask_steps": steps,
-            "multitask_examples": steps * per_task * tasks}
+            "pipeline_examples": pipeline_examples, "expert_share": round(expert * tasks / pipeline_examples, 4),
+            "multitask_steps": steps, "multitask_examples": steps * per_task * tasks}
 
 
 def _seeded(run: RunDir, label: str, key: str, folder: Path, cfg: RunConfig, offset: int) -> Variant:
@@ -165,11 +177,7 @@ def weighting_variant(cfg: RunConfig, run: RunDir, name: str, offset: int = 0) -
 
 def multitask_variant(cfg: RunConfig, run: RunDir, steps: int, offset: int = 0) -> Variant:
     """A multi-task LoRA on the base model, trained like an expert (its LoRA and learning rate), equal task weights."""
-    settings = cfg.finetune.model_copy(update={
-        "start": "base", "weighting": WeightingSettings(name="static"), "lora": cfg.experts.lora,
-        "learning_rate": cfg.experts.learning_rate, "steps": steps})
-    return _seeded(run, MULTITASK, "multitask-base", run.report_multitask,
-                   cfg.model_copy(update={"finetune": settings}), offset)
+    return _seeded(run, MULTITASK, "multitask-base", run.report_multitask, multitask_lora_config(cfg, steps), offset)
 
 
 def train(variant: Variant, run: RunDir) -> dict:
@@ -217,8 +225,8 @@ def load_finetuned(variant: Variant):
     """(model, tokenizer): the adapter merged into its start model as `export` writes it (in memory here)."""
     from transformers import AutoTokenizer
 
-    from sentimerge.pipeline.export import merged_model
     from sentimerge.pipeline.core.models import pick_device
+    from sentimerge.pipeline.export import merged_model
 
     cfg = variant.cfg
     start = read_manifest(variant.folder)["start"]
@@ -235,7 +243,8 @@ def quality_table(cfg: RunConfig, run: RunDir, scores: dict[str, pd.DataFrame]) 
     """Table (a): primary dev metric per task and mean, per model; `retention` vs each expert on its own task."""
     names = [task.name for task in cfg.tasks]
     search = pd.read_csv(run.search / "final.csv").set_index("model")
-    rows = [{"model": MERGES[key], **{n: float(search.loc[key, n]) for n in names}} for key in MERGES]
+    merges = merge_labels(bool(cfg.experts.shared.examples))
+    rows = [{"model": merges[key], **{n: float(search.loc[key, n]) for n in names}} for key in merges]
     rows.insert(1, {"model": EXPERTS, **{n: float(search.loc[f"expert:{n}", n]) for n in names}})
     for label, scored in scores.items():
         primary = scored.set_index("task")["primary"]
@@ -244,7 +253,7 @@ def quality_table(cfg: RunConfig, run: RunDir, scores: dict[str, pd.DataFrame]) 
     table["mean"] = table[names].mean(axis=1)
     # a ratio of means, as benchmarks/demo_report.py: per-task ratios explode where an expert scores near zero
     experts_mean = float(table.set_index("model").loc[EXPERTS, "mean"])
-    table["retention"] = (table["mean"] / experts_mean).where(~table["model"].isin([MERGES["base"], EXPERTS]))
+    table["retention"] = (table["mean"] / experts_mean).where(~table["model"].isin([merges["base"], EXPERTS]))
     return table
 
 
@@ -322,13 +331,17 @@ def markdown(cfg: RunConfig, facts: dict, table: pd.DataFrame, strategies: pd.Da
         (f"- config: `{cfg.name}` (resolved: `{facts['resolved_config']}`); run dir `{facts['run_dir']}`; "
          f"seed {facts['seed']}"),
         f"- command: `{facts['command']}`; {facts['date']}",
-        f"- experts: {b['experts_examples_per_task']} training examples per task ({b['experts_examples']} in all)",
+        (f"- experts: {b['experts_steps_per_task']} steps, {b['experts_examples_per_task']} training examples per task "
+         f"({b['experts_examples']} in all, {b['expert_share']:.0%} of the pipeline's examples)"),
+        *([f"- shared adapter: {b['shared_steps']} steps, {b['shared_examples']} examples"] if b.get("shared_examples")
+          else []),
         (f"- search: population {b['search_population']} x {b['search_generations']} generations, "
          f"{b['search_weak_examples_per_task']} weak-labelled examples per task"),
         (f"- stage 3: {b['finetune_steps']} steps x {b['finetune_per_task']} per task x {b['tasks']} tasks = "
          f"{b['finetune_examples']} examples, the same for every weighting"),
         (f"- multi-task LoRA on base: {b['multitask_steps']} steps x {b['finetune_per_task']} per task x "
-         f"{b['tasks']} tasks = {b['multitask_examples']} examples (experts + stage 3 = {b['pipeline_examples']}, "
+         f"{b['tasks']} tasks = {b['multitask_examples']} examples (experts + shared adapter + stage 3 = "
+         f"{b['pipeline_examples']}, "
          "rounded up to whole steps); the experts' LoRA and learning rate, equal task weights"),
         f"- dev examples scored per task: {scored}", "",
         "## Primary dev metric per task", "",

@@ -14,9 +14,8 @@ import time
 import pandas as pd
 
 from sentimerge.pipeline.core.config import RunConfig
-from sentimerge.pipeline.core.evaluation import markdown_table
+from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, markdown_table, merge_labels
 from sentimerge.pipeline.core.rundir import RunDir, is_done, write_csv_atomic, write_json_atomic, write_text_atomic
-from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples
 
 log = logging.getLogger("sentimerge.run")
 
@@ -79,7 +78,7 @@ def results_table(cfg: RunConfig, run: RunDir) -> pd.DataFrame:
     Every row of a split is scored on the same examples (`core.evaluation.final_examples`): dev, on which settings
     were chosen, and test, which chose nothing, where every task has one."""
     names = [task.name for task in cfg.tasks]
-    label = {"base": "zero-shot base", "uniform": "uniform task arithmetic", "ties": "TIES", "evolved": "evolved merge"}
+    label = merge_labels(bool(cfg.experts.shared.examples))
     rows = []
     for split in evaluation_splits(run, cfg):
         search = pd.read_csv(run.search_final_table(split)).set_index("model")

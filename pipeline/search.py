@@ -22,24 +22,40 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sentimerge.merge.cmaes import Strategy, one_by_one, read_log, run_cma
 from sentimerge.merge.engine import InMemoryMerge
 from sentimerge.merge.fitness import ScoredSet, encode_set, evaluate, predict
 from sentimerge.merge.genome import Genome
+from sentimerge.merge.labellers import check_labellers, labeller_for
 from sentimerge.merge.methods import get_method
 from sentimerge.merge.recipe import build_recipe, recipe_yaml, run_mergekit
-from sentimerge.merge.cmaes import Strategy, one_by_one, read_log, run_cma
-from sentimerge.merge.labellers import check_labellers, labeller_for
 from sentimerge.merge.weak import sample_selection_set, sample_weak_set
+from sentimerge.pipeline.core.candidates import load_search_inputs, load_weak_sets, score_candidate
 from sentimerge.pipeline.core.config import RunConfig, dump_config, positive_int
 from sentimerge.pipeline.core.errors import SentimergeError
-from sentimerge.pipeline.core.candidates import load_search_inputs, load_weak_sets, score_candidate
-from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, gold_examples, split_heading
-from sentimerge.pipeline.core.upstream import search_key
-from sentimerge.pipeline.core.evaluation import markdown_table
+from sentimerge.pipeline.core.evaluation import (
+    evaluation_splits,
+    final_examples,
+    gold_examples,
+    markdown_table,
+    split_heading,
+)
 from sentimerge.pipeline.core.metrics import paired_bootstrap, spearman
-from sentimerge.pipeline.core.upstream import prepared_key, prepared_model_path
-from sentimerge.pipeline.core.rundir import (RunDir, append_jsonl, digest, fresh_dir, is_done, read_jsonl, read_manifest,
-                             write_csv_atomic, write_json_atomic, write_jsonl_atomic, write_manifest, write_text_atomic)
+from sentimerge.pipeline.core.rundir import (
+    RunDir,
+    append_jsonl,
+    digest,
+    fresh_dir,
+    is_done,
+    read_jsonl,
+    read_manifest,
+    write_csv_atomic,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_manifest,
+    write_text_atomic,
+)
+from sentimerge.pipeline.core.upstream import merge_base_path, prepared_key, search_key
 
 log = logging.getLogger("sentimerge.search")
 BASELINE_METHODS = ("task_arithmetic", "ties")
@@ -94,7 +110,7 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     timer = Timer(json.loads((run.search / "timing.json").read_text())["seconds"]
                   if (run.search / "timing.json").is_file() else None)
     with timer.phase("load"):
-        base_path = prepared_model_path(run)
+        base_path = merge_base_path(run, bool(cfg.experts.shared.examples))
         model, tokenizer, adapters, genome = load_search_inputs(cfg, run)
     with timer.phase("precompute"):
         # a baseline's method is merged only a few times: its dense deltas are recomputed then, not kept resident

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from sentimerge.pipeline.core.config import RunConfig
 from sentimerge.pipeline.core.data import load_task_splits
-from sentimerge.pipeline.core.models import check_model_dir, local_model_dir
-from sentimerge.pipeline.core.models import check_against_base_model
+from sentimerge.pipeline.core.models import check_against_base_model, check_model_dir, local_model_dir
 
 
 def main(cfg: RunConfig, *, check_data: bool = True) -> None:

@@ -78,8 +78,8 @@ def test_validate_checks_without_running(tiny_config_path, capsys):
 
 
 def test_validate_checks_a_local_base_model_without_loading_its_weights(prepared_tiny, tmp_path, capsys):
-    from sentimerge.pipeline.core.upstream import prepared_model_path
     from sentimerge.pipeline.core.rundir import RunDir
+    from sentimerge.pipeline.core.upstream import prepared_model_path
 
     model_dir = prepared_model_path(RunDir(prepared_tiny.resolved_run_dir))
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())

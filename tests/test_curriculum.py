@@ -10,8 +10,15 @@ import pytest
 
 from sentimerge.curriculum.pacing import PACINGS, competence
 from sentimerge.curriculum.sampler import CurriculumSampler
-from sentimerge.curriculum.signals import (SIGNALS, TASK_SIGNALS, SignalInputs, TaskFacts, example_difficulty, label_polarities,
-                                task_difficulty)
+from sentimerge.curriculum.signals import (
+    SIGNALS,
+    TASK_SIGNALS,
+    SignalInputs,
+    TaskFacts,
+    example_difficulty,
+    label_polarities,
+    task_difficulty,
+)
 from sentimerge.pipeline.core.config import load_config
 from sentimerge.pipeline.core.errors import ConfigError
 from sentimerge.pipeline.core.tasks import TaskSpec

@@ -27,8 +27,8 @@ def test_an_adapter_folder_evaluates_like_the_merged_model_in_memory(prepared_ti
     from peft import LoraConfig, get_peft_model
 
     from sentimerge.pipeline.core.models import load_model
-    from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
     from sentimerge.pipeline.core.scoring import score_task
+    from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 
     run = RunDir(prepared_tiny.resolved_run_dir)
     base, tokenizer = load_model(prepared_model_path(run), dtype="float32")

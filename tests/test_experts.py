@@ -13,8 +13,8 @@ from sentimerge.experts.train import answer_loss, collate, encode, learning_rate
 from sentimerge.pipeline import cli, experts, prepare
 from sentimerge.pipeline.core.config import load_config, load_tasks_file
 from sentimerge.pipeline.core.errors import SentimergeError
-from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl, read_manifest
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from tests.conftest import write_tiny_config
 
 # 6 steps of 4 examples, a checkpoint every 2 steps, dev evaluations at steps 3 and 6; dropout on (RNG matters).

@@ -13,8 +13,8 @@ from sentimerge.pipeline import export, finetune
 from sentimerge.pipeline.cli import main as cli
 from sentimerge.pipeline.core.config import load_config
 from sentimerge.pipeline.core.errors import SentimergeError
-from sentimerge.pipeline.core.upstream import load_prepared
 from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl, read_manifest
+from sentimerge.pipeline.core.upstream import load_prepared
 from tests.conftest import write_tiny_config
 
 FINETUNE = {"start": "base", "steps": 6, "per_task": 2, "checkpoint_every": 2, "dev_examples": 4,

@@ -16,8 +16,8 @@ from sentimerge.merge.lora import read_adapter
 from sentimerge.merge.methods import METHODS, get_method
 from sentimerge.merge.recipe import build_recipe, run_mergekit
 from sentimerge.pipeline.core.errors import ConfigError
-from sentimerge.pipeline.core.upstream import prepared_model_path
 from sentimerge.pipeline.core.rundir import RunDir, write_json_atomic, write_manifest
+from sentimerge.pipeline.core.upstream import prepared_model_path
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 

@@ -15,9 +15,9 @@ import yaml
 from sentimerge.pipeline import prepare
 from sentimerge.pipeline.core.config import RunConfig, load_config
 from sentimerge.pipeline.core.models import load_model
-from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from sentimerge.pipeline.core.rundir import RunDir
 from sentimerge.pipeline.core.scoring import score_task
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from tests.conftest import write_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -11,8 +11,8 @@ import torch
 
 from sentimerge.experts.loop import Loop, run_loop
 from sentimerge.pipeline.core.errors import SentimergeError
-from sentimerge.pipeline.killtest import KillHarness, differences, snapshot
 from sentimerge.pipeline.core.rundir import read_jsonl
+from sentimerge.pipeline.killtest import KillHarness, differences, snapshot
 from tests.conftest import write_tiny_config
 
 

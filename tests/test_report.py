@@ -13,8 +13,8 @@ from sentimerge.pipeline import report
 from sentimerge.pipeline.cli import main as cli
 from sentimerge.pipeline.core.config import load_config
 from sentimerge.pipeline.core.errors import SentimergeError
-from sentimerge.pipeline.core.upstream import prepared_model_path
 from sentimerge.pipeline.core.rundir import RunDir, read_manifest
+from sentimerge.pipeline.core.upstream import prepared_model_path
 from tests.conftest import write_tiny_config
 
 TASKS = ["polarity", "aspect3", "intensity"]

@@ -7,10 +7,10 @@ import torch
 
 from sentimerge.pipeline.core.errors import ModelError
 from sentimerge.pipeline.core.models import load_model
-from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from sentimerge.pipeline.core.prompts import answer_tokens, prompt_ids, training_example
 from sentimerge.pipeline.core.rundir import RunDir
 from sentimerge.pipeline.core.scoring import TaskScores, score_prompts, score_task
+from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import torch
 
 from sentimerge.merge.methods import METHODS, MergeMethod, weighted_sum
 from sentimerge.pipeline import prepare, search
-from sentimerge.pipeline.core.upstream import load_prepared
 from sentimerge.pipeline.core.config import load_config
 from sentimerge.pipeline.core.errors import SentimergeError
 from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl, write_json_atomic, write_jsonl_atomic
+from sentimerge.pipeline.core.upstream import load_prepared
 from tests.conftest import write_tiny_config
 from tests.test_merge import make_experts
 

@@ -103,3 +103,13 @@ def split_heading(split: str, data: dict[str, list]) -> str:
     """A table's heading: the split, its role, and how many examples per task every row is scored on."""
     counts = ", ".join(f"{name} {len(rows)}" for name, rows in data.items())
     return f"## {split} ({SPLIT_ROLES.get(split, 'gold labels')}): every row on the same examples ({counts})"
+
+
+MERGE_LABELS = {"base": "zero-shot base", "uniform": "uniform task arithmetic", "ties": "TIES",
+                "evolved": "evolved merge"}
+
+
+def merge_labels(shared: bool) -> dict[str, str]:
+    """The results tables' names of stage 2's rows; with a shared adapter (`shared`), the all-zero merge is base +
+    shared adapter, not the zero-shot base model, and is named so."""
+    return {**MERGE_LABELS, "base": "base + shared adapter"} if shared else dict(MERGE_LABELS)

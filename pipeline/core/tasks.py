@@ -30,12 +30,12 @@ class Frozen(BaseModel):
         dumped = self.model_dump(mode="json")
         for name, field in type(self).model_fields.items():
             value = getattr(self, name)
-            if isinstance(value, Frozen):
+            if field.json_schema_extra == WHEN_SET and value == field.get_default(call_default_factory=True):
+                del dumped[name]
+            elif isinstance(value, Frozen):
                 dumped[name] = value.decisive()
             elif isinstance(value, (list, tuple)) and value and all(isinstance(item, Frozen) for item in value):
                 dumped[name] = [item.decisive() for item in value]
-            elif field.json_schema_extra == WHEN_SET and value == field.get_default(call_default_factory=True):
-                del dumped[name]
         return dumped
 
 

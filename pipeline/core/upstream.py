@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from sentimerge.pipeline.core.errors import SentimergeError
 from sentimerge.pipeline.core.models import check_model_dir
-
 from sentimerge.pipeline.core.rundir import RunDir, digest, is_done, read_jsonl, read_manifest
 
 
@@ -47,3 +45,16 @@ def prepared_model_path(run: RunDir) -> str:
         raise SentimergeError(f"{run.base_model}: missing or corrupted; run `sentimerge prepare --force`") from None
     check_model_dir(Path(path))
     return path
+
+
+def merge_base_path(run: RunDir, shared: bool) -> str:
+    """The model the experts train on and stage 2 merges their deltas onto: the prepared base model, or with a
+    shared adapter (`shared`: `experts.shared.examples` > 0) base + shared adapter (`<run>/shared/model`).
+
+    Raises: `SentimergeError` when the shared adapter has not finished (run `sentimerge experts`)."""
+    if not shared:
+        return prepared_model_path(run)
+    if not is_done(run.shared):
+        raise SentimergeError(f"{run.shared}: the shared adapter has not finished; run `sentimerge experts` first")
+    check_model_dir(run.shared_model)
+    return str(run.shared_model)
