@@ -125,16 +125,17 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model, target: Path) -> None:
-    """The adapter in peft's own format, written under a temporary name and renamed into place."""
+    """The adapter in peft's own format, written under a temporary name and renamed into place (a model holding
+    several named adapters, as Hybrid LoRA's, gets one subfolder per adapter: peft's layout)."""
     sweep_leftovers(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    config = tmp / "adapter_config.json"  # peft writes target_modules from a set: sort it, for identical files
-    settings = json.loads(config.read_text(encoding="utf-8"))
-    if isinstance(settings.get("target_modules"), list):
-        settings["target_modules"] = sorted(settings["target_modules"])
-        config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for config in sorted(tmp.rglob("adapter_config.json")):  # peft writes target_modules from a set: sort it
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        if isinstance(settings.get("target_modules"), list):
+            settings["target_modules"] = sorted(settings["target_modules"])
+            config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     faults.point("built adapter/")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

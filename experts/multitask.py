@@ -133,7 +133,10 @@ def gradient_norms(losses: torch.Tensor, representation: torch.Tensor) -> torch.
 
 
 def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str, seed: int,
-                    before_step: Callable[[int], None] | None = None, manifest: dict | None = None) -> dict:
+                    before_step: Callable[[int], None] | None = None, manifest: dict | None = None,
+                    build_model: Callable[[], tuple] | None = None,
+                    set_task: Callable[[torch.Tensor | int], None] | None = None,
+                    after_training: Callable[[object, object], None] | None = None) -> dict:
     """Multi-task LoRA training with `cfg.finetune`'s settings from the checkpoint `start` into `run.finetune` (a
     folder of its own: `RunDir(root, finetune=folder)`), resuming from its last checkpoint; returns its manifest.
 
@@ -141,7 +144,11 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
     report trains the multi-task LoRA baseline with it. Every step has `per_task` examples of every task
     (`TaskBalancedSampler`); the weighting strategy combines the task losses. Writes the adapter (peft format),
     metrics.jsonl, weights.csv/png, config.yaml, and DONE.json last with `manifest`'s entries and the counts:
-    optimizer `steps` and training `examples` (steps x per_task x tasks)."""
+    optimizer `steps` and training `examples` (steps x per_task x tasks).
+
+    Hybrid LoRA (`experts.hybrid`) trains with it too: `build_model()` gives its (model, tokenizer) instead of one
+    fresh LoRA on `start`, `set_task` gets each forward's task indices (the batch's, or the evaluated task's), and
+    `after_training(model, tokenizer)` writes what else the folder holds before the manifest is written."""
     settings = cfg.finetune
     tasks = list(cfg.tasks)
     train = {task.name: load_prepared(run, task.name, "train") for task in tasks}
@@ -155,8 +162,11 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
         {"finetune": settings.model_dump(mode="json"), "start": start, "seed": seed, "fingerprint": fingerprint},
         sort_keys=False))
     device = pick_device(cfg.device)
-    model, tokenizer = load_lora_model(start, settings.lora, dtype=cfg.base_model.dtype, device=device, seed=seed,
-                                       trust_remote_code=cfg.base_model.trust_remote_code)
+    if build_model is not None:
+        model, tokenizer = build_model()
+    else:
+        model, tokenizer = load_lora_model(start, settings.lora, dtype=cfg.base_model.dtype, device=device,
+                                           seed=seed, trust_remote_code=cfg.base_model.trust_remote_code)
     encoded: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
 
     def encode(task_index: int, example_index: int):
@@ -173,6 +183,8 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
     def step(step_index: int) -> dict:
         drawn = sampler.next_batch()
         batch = collate([encode(t, i) for t, i in drawn], tokenizer.pad_token_id)
+        if set_task is not None:
+            set_task(torch.tensor([t for t, _ in drawn]))
         measure = weighting.needs_grad_norms and step_index % settings.weighting.grad_norm_every == 0
         capture = [] if measure else None
         losses = per_example_losses(model, batch, device, use_autocast=settings.autocast, capture=capture)
@@ -190,10 +202,14 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
                 **({"grad_norm": {n: round(v, 6) for n, v in zip(names, pending["norms"].tolist())}}
                    if pending["norms"] is not None else {})}
 
+    def evaluate_task(index: int, task) -> dict:
+        if set_task is not None:
+            set_task(index)
+        return evaluate_dev(model, tokenizer, task, dev[task.name], device, use_autocast=settings.autocast,
+                            batch_size=settings.eval_batch_size)
+
     def evaluate() -> dict:
-        metrics = {task.name: evaluate_dev(model, tokenizer, task, dev[task.name], device,
-                                           use_autocast=settings.autocast, batch_size=settings.eval_batch_size)
-                   for task in tasks}
+        metrics = {task.name: evaluate_task(index, task) for index, task in enumerate(tasks)}
         return {"primary": float(np.mean([m["primary"] for m in metrics.values()])), "tasks": metrics}
 
     total_steps = settings.total_steps
@@ -216,6 +232,8 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
     from sentimerge.experts.checkpoint import save_adapter
 
     save_adapter(model, run.finetune_adapter)
+    if after_training is not None:
+        after_training(model, tokenizer)
     weights = write_weight_history(run)
     kept = state["kept"]
     write_manifest(run.finetune, **(manifest or {}), fingerprint=fingerprint, start=start,

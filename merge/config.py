@@ -83,9 +83,11 @@ class SearchConfig(Frozen):
     layer_group_size: int = Field(6, ge=1, description="layers sharing one coefficient (1: every layer)")
     split_attention_mlp: bool = Field(False, description="separate coefficients for attention and MLP")
     bounds: tuple[float, float] = Field((0.0, 1.5), description="coefficient range; below 0 allowed if asked")
-    init: float | Literal["auto"] = Field(
+    init: float | Literal["auto", "hybrid"] = Field(
         1.0, description="start point of every coefficient, also the uniform baseline's weight; `auto`: the value of "
-                         "`init_grid` whose uniform merge scores best on the weak set")
+                         "`init_grid` whose uniform merge scores best on the weak set; `hybrid` (with experts.mode "
+                         "hybrid): the per-layer coefficients of the Hybrid LoRA attention, uniform chosen as with "
+                         "`auto`")
     init_grid: tuple[float, ...] = Field((0.125, 0.25, 0.5, 0.75, 1.0), min_length=1,
                                          description="uniform coefficients tried when `init` is auto")
     sigma0: float = Field(0.2, gt=0, description="CMA-ES initial step size")
@@ -112,7 +114,7 @@ class SearchConfig(Frozen):
         low, high = self.bounds
         if not low < high:
             raise ValueError(f"bounds must be [low, high] with low < high (got {list(self.bounds)})")
-        starts = self.init_grid if self.init == "auto" else (self.init,)
+        starts = self.init_grid if self.init in ("auto", "hybrid") else (self.init,)
         outside = [value for value in starts if not low <= value <= high]
         if outside:
             raise ValueError(f"init {outside[0]} is outside bounds {list(self.bounds)}")

@@ -30,8 +30,9 @@ import yaml
 from sentimerge.curriculum.sampler import CurriculumSampler
 from sentimerge.curriculum.signals import Difficulty, SignalInputs, TaskFacts, example_difficulty, task_difficulty
 from sentimerge.experts.checkpoint import read_state, save_adapter
+from sentimerge.experts.hybrid import layer_coefficients, load_hybrid_model, record_attention
 from sentimerge.experts.loop import Loop, run_loop
-from sentimerge.experts.multitask import multitask_lora_config, train_multitask
+from sentimerge.experts.multitask import TaskBalancedSampler, multitask_lora_config, train_multitask
 from sentimerge.experts.train import (
     answer_loss,
     answer_losses,
@@ -49,6 +50,7 @@ from sentimerge.pipeline.core.rundir import (
     RunDir,
     append_jsonl,
     digest,
+    fresh_dir,
     is_done,
     read_manifest,
     write_json_atomic,
@@ -83,6 +85,12 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
     selected = select_tasks(cfg, tasks)
     if cfg.experts.shared.examples and write_run_config:  # the driver trains it once, before any expert
         train_shared_adapter(cfg, run, force=force)
+    if cfg.experts.mode == "hybrid":
+        if tasks:
+            raise ConfigError("experts.mode hybrid trains every task's module together: drop --tasks")
+        if write_run_config:
+            write_text_atomic(run.config, dump_config(cfg))
+        return train_hybrid_experts(cfg, run, force=force)
     if (backend or cfg.backend) == "ray":
         from sentimerge.pipeline.core.ray_backend import train_experts
 
@@ -153,6 +161,99 @@ def train_shared_adapter(cfg: RunConfig, run: RunDir, *, force: bool = False) ->
     log.info("shared adapter: mean dev primary %.3f (base %.3f) -> %s", training["dev"]["primary"],
              training["zero_shot"]["primary"], run.shared_model)
     return run.shared_model
+
+
+def hybrid_fingerprint(cfg: RunConfig, run: RunDir) -> str:
+    """What decides the hybrid experts: the experts section, the tasks, the seed, the prepared data (and the shared
+    adapter they train on)."""
+    shared = read_manifest(run.shared).get("fingerprint") if cfg.experts.shared.examples else None
+    return digest({"experts": cfg.experts.decisive(), "tasks": [task.decisive() for task in cfg.tasks],
+                   "seed": cfg.seed, "prepared": prepared_key(run), "shared": shared})
+
+
+def _hybrid_training_config(cfg: RunConfig) -> RunConfig:
+    """The joint training's settings: the multi-task LoRA's (the experts' LoRA and learning rate, equal task
+    weights), the experts' step count, batch (`hybrid.per_task` of every task) and evaluation schedule."""
+    settings = cfg.experts
+    training = multitask_lora_config(cfg, settings.total_steps, settings.hybrid.per_task)
+    return training.model_copy(update={"finetune": training.finetune.model_copy(update={
+        "dev_examples": settings.dev_examples, "evaluations": settings.evaluations,
+        "checkpoint_every": settings.checkpoint_every, "eval_batch_size": settings.eval_batch_size})})
+
+
+def train_hybrid_experts(cfg: RunConfig, run: RunDir, *, force: bool = False) -> dict[str, Path]:
+    """Stage 1 in mode `hybrid` (Hybrid LoRA, `sentimerge.experts.hybrid`): every task's LoRA module trained together
+    with attention over them, on `experts.examples` examples of each task; then each module is written as that
+    task's expert (a plain peft adapter, with the ids of the rows it trained on) and the attention, averaged over
+    each task's examples, as stage 2's per-layer coefficients (`<run>/hybrid/coefficients.json`)."""
+    settings, names = cfg.experts, [task.name for task in cfg.tasks]
+    key = hybrid_fingerprint(cfg, run)
+    finished = [name for name in names if is_done(run.expert(name))]
+    if len(finished) == len(names) and is_done(run.hybrid) and not force:
+        if any(read_manifest(run.expert(name)).get("fingerprint") != key for name in names):
+            raise SentimergeError(f"{run.experts}: the hybrid experts finished with another config or other data; "
+                                  "run `sentimerge experts --force` to train them again")
+        log.info("hybrid experts: already done (%s)", run.hybrid)
+        return {name: run.expert(name) for name in names}
+    if force or is_done(run.hybrid):
+        shutil.rmtree(run.hybrid, ignore_errors=True)
+    for name in finished:
+        shutil.rmtree(run.expert(name))
+    base_path = merge_base_path(run, bool(settings.shared.examples))
+    train = {task.name: load_prepared(run, task.name, "train") for task in cfg.tasks}
+    device = pick_device(cfg.device)
+    built: dict = {}
+
+    def build():
+        model, tokenizer = load_hybrid_model(
+            base_path, names, settings.lora, dim=settings.hybrid.router_dim, own_bias=settings.hybrid.own_bias,
+            dtype=cfg.base_model.dtype, device=device, seed=cfg.seed,
+            trust_remote_code=cfg.base_model.trust_remote_code)
+        built["routing"] = model.hybrid_routing
+        return model, tokenizer
+
+    def after_training(model, tokenizer) -> None:
+        sample = {task.name: sample_examples(train[task.name], settings.hybrid.coefficient_examples, cfg.seed,
+                                             f"{task.name}/hybrid/coefficients")
+                  if len(train[task.name]) > settings.hybrid.coefficient_examples else train[task.name]
+                  for task in cfg.tasks}
+        attention = record_attention(model, tokenizer, built["routing"], list(cfg.tasks), sample, device,
+                                     batch_size=settings.eval_batch_size, use_autocast=settings.autocast)
+        layers = model.get_base_model().config.num_hidden_layers
+        coefficients = layer_coefficients(attention, names, layers)
+        write_json_atomic(run.hybrid_coefficients, {
+            "experts": names, "num_layers": layers, "parts": ["attention", "mlp"],
+            "coefficients": np.round(coefficients, 6).tolist(),
+            "attention": {name: np.round(mean, 6).tolist() for name, mean in attention.items()},
+            "examples_per_task": {name: len(rows) for name, rows in sample.items()}})
+
+    manifest = train_multitask(_hybrid_training_config(cfg), RunDir(run.root, finetune=run.hybrid), start=base_path,
+                               fingerprint=key, seed=cfg.seed, build_model=build,
+                               set_task=lambda task: built["routing"].set_task(task), after_training=after_training,
+                               manifest={"stage": "hybrid experts", "base_model": base_path})
+    trained = _drawn_ids(train, names, settings.hybrid.per_task, cfg.seed, manifest["steps"])
+    for task in cfg.tasks:
+        with fresh_dir(run.expert(task.name), overwrite=True) as folder:
+            shutil.copytree(run.hybrid / "adapter" / task.name, folder / "adapter")
+            write_json_atomic(folder / "train_ids.json", trained[task.name])
+            write_manifest(folder, stage="experts", mode="hybrid", task=task.name, fingerprint=key,
+                           base_model=base_path, steps=manifest["steps"],
+                           examples=manifest["steps"] * settings.hybrid.per_task,
+                           dev={"primary": manifest["dev"]["tasks"][task.name]["primary"]},
+                           zero_shot={"primary": manifest["zero_shot"]["tasks"][task.name]["primary"]})
+    log.info("hybrid experts: mean dev primary %.3f (zero-shot %.3f); coefficients in %s", manifest["dev"]["primary"],
+             manifest["zero_shot"]["primary"], run.hybrid_coefficients)
+    return {name: run.expert(name) for name in names}
+
+
+def _drawn_ids(train: dict[str, list[dict]], names: list[str], per_task: int, seed: int, steps: int) -> dict:
+    """The ids of each task's rows the joint training drew (its sampler replayed), sorted."""
+    sampler = TaskBalancedSampler([len(train[name]) for name in names], per_task, seed)
+    drawn: dict[str, set] = {name: set() for name in names}
+    for _ in range(steps):
+        for task, index in sampler.next_batch():
+            drawn[names[task]].add(train[names[task]][index]["id"])
+    return {name: sorted(ids) for name, ids in drawn.items()}
 
 
 def train_one(cfg: RunConfig, task: str, force: bool) -> str:

@@ -136,7 +136,7 @@ def budgets(cfg: RunConfig) -> dict:
     task), the shared adapter (`experts.shared`) and stage 3 (steps x per_task x tasks). The multi-task LoRA gets
     all of them together, in whole steps of stage 3's batch (so at least as many examples, never fewer)."""
     tasks, per_task = len(cfg.tasks), cfg.finetune.per_task
-    expert = cfg.experts.total_steps * cfg.experts.batch_size  # each expert step draws one batch of its task
+    expert = cfg.experts.examples_per_task  # separate: steps x batch size; hybrid: steps x per_task
     shared = cfg.experts.shared
     shared_examples = shared.total_steps(tasks) * shared.per_task * tasks
     stage3 = cfg.finetune.steps * per_task * tasks
@@ -244,7 +244,8 @@ def quality_table(cfg: RunConfig, run: RunDir, scores: dict[str, pd.DataFrame]) 
     names = [task.name for task in cfg.tasks]
     search = pd.read_csv(run.search / "final.csv").set_index("model")
     merges = merge_labels(bool(cfg.experts.shared.examples))
-    rows = [{"model": merges[key], **{n: float(search.loc[key, n]) for n in names}} for key in merges]
+    rows = [{"model": merges[key], **{n: float(search.loc[key, n]) for n in names}} for key in merges
+            if key in search.index]
     rows.insert(1, {"model": EXPERTS, **{n: float(search.loc[f"expert:{n}", n]) for n in names}})
     for label, scored in scores.items():
         primary = scored.set_index("task")["primary"]

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sentimerge.experts.hybrid import genome_coefficients
 from sentimerge.merge.cmaes import Strategy, one_by_one, read_log, run_cma
 from sentimerge.merge.engine import InMemoryMerge
 from sentimerge.merge.fitness import ScoredSet, encode_set, evaluate, predict
@@ -292,16 +293,21 @@ def _label_weak_sets(run: RunDir, cfg: RunConfig, model, tokenizer, arithmetic: 
     return load_weak_sets(run, cfg, tokenizer, path_for)
 
 
-def _baseline_candidates(cfg: RunConfig, genome: Genome) -> list[tuple[str, str, np.ndarray]]:
-    """(name, method, genome) of the fixed baselines every run scores."""
+def _baseline_candidates(cfg: RunConfig, genome: Genome, run: RunDir) -> list[tuple[str, str, np.ndarray]]:
+    """(name, method, genome) of the fixed baselines every run scores (with `init: hybrid`, also the Hybrid LoRA
+    attention's coefficients, `hybrid`, where CMA-ES starts)."""
     candidates = [("base", "task_arithmetic", genome.filled(0.0))]
     candidates += [(f"expert:{name}", "task_arithmetic", genome.one_hot(name)) for name in genome.experts]
-    if cfg.search.init == "auto":
+    if cfg.search.init in ("auto", "hybrid"):
         candidates += [(f"uniform@{value:g}", "task_arithmetic", genome.filled(value))
                        for value in cfg.search.init_grid]
     else:
         candidates.append(("uniform", "task_arithmetic", genome.filled(cfg.search.init)))
     candidates.append(("ties", "ties", genome.filled(1.0)))
+    if cfg.search.init == "hybrid":
+        saved = json.loads(run.hybrid_coefficients.read_text(encoding="utf-8"))
+        candidates.append(("hybrid", "task_arithmetic", genome_coefficients(
+            np.asarray(saved["coefficients"], dtype=float), genome, cfg.search.bounds)))
     return candidates
 
 
@@ -321,8 +327,10 @@ def _choose_uniform(baselines: dict[str, dict]) -> dict[str, dict]:
 
 
 def start_point(baselines: dict[str, dict], genome: Genome) -> np.ndarray:
-    """CMA-ES's start: the uniform baseline's coefficients (`init`, or the one `init: auto` chose)."""
-    return np.asarray(baselines["uniform"]["coefficients"], dtype=float).reshape(genome.size)
+    """CMA-ES's start: the Hybrid LoRA coefficients (`init: hybrid`), else the uniform baseline's (`init`, or the one
+    `init: auto` chose)."""
+    start = baselines["hybrid"] if "hybrid" in baselines else baselines["uniform"]
+    return np.asarray(start["coefficients"], dtype=float).reshape(genome.size)
 
 
 def _baselines(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, genome: Genome,
@@ -330,7 +338,7 @@ def _baselines(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, genome: G
     if run.search_baselines.is_file():
         return json.loads(run.search_baselines.read_text(encoding="utf-8"))
     baselines = {}
-    for name, method, candidate in _baseline_candidates(cfg, genome):
+    for name, method, candidate in _baseline_candidates(cfg, genome, run):
         row = score_candidate(mergers[method], model, tokenizer, weak_sets, candidate, cfg.search)
         baselines[name] = {"method": method, "coefficients": candidate.tolist(), **row}
         log.info("baseline %-20s fitness %.4f (%s)", name, row["fitness"],

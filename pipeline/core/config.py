@@ -151,6 +151,8 @@ class RunConfig(Frozen):
     @model_validator(mode="after")
     def _unique_tasks(self) -> RunConfig:
         check_unique_names(self.tasks)
+        if self.search.init == "hybrid" and self.experts.mode != "hybrid":
+            raise ValueError("search.init hybrid starts from the Hybrid LoRA attention: set experts.mode: hybrid")
         return self
 
     @property

@@ -106,7 +106,7 @@ def split_heading(split: str, data: dict[str, list]) -> str:
 
 
 MERGE_LABELS = {"base": "zero-shot base", "uniform": "uniform task arithmetic", "ties": "TIES",
-                "evolved": "evolved merge"}
+                "hybrid": "Hybrid LoRA attention coefficients", "evolved": "evolved merge"}
 
 
 def merge_labels(shared: bool) -> dict[str, str]:

@@ -91,6 +91,16 @@ class RunDir:
         return self.shared / "model"
 
     @property
+    def hybrid(self) -> Path:
+        """Stage 1 in mode `hybrid`: the joint training of the task modules and their routers (adapter/<task>/,
+        metrics, `coefficients.json`: the attention averaged into stage 2's per-layer coefficients)."""
+        return self.root / "hybrid"
+
+    @property
+    def hybrid_coefficients(self) -> Path:
+        return self.hybrid / "coefficients.json"
+
+    @property
     def experts(self) -> Path:
         return self.root / "experts"
 
