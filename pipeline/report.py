@@ -34,14 +34,23 @@ from sentimerge.experts.multitask import multitask_lora_config
 from sentimerge.pipeline import finetune
 from sentimerge.pipeline.core.config import RunConfig, WeightingSettings, positive_int
 from sentimerge.pipeline.core.errors import SentimergeError
-from sentimerge.pipeline.core.evaluation import evaluate_model, gold_examples, markdown_table, merge_labels
+from sentimerge.pipeline.core.evaluation import (
+    evaluate_model,
+    evaluation_splits,
+    final_examples,
+    markdown_table,
+    merge_labels,
+)
+from sentimerge.pipeline.core.metrics import paired_bootstrap
 from sentimerge.pipeline.core.rundir import (
     RunDir,
     digest,
     is_done,
+    read_jsonl,
     read_manifest,
     write_csv_atomic,
     write_json_atomic,
+    write_jsonl_atomic,
     write_text_atomic,
 )
 from sentimerge.pipeline.run import main as run_pipeline
@@ -97,11 +106,18 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
         rounds.append([weighting_variant(cfg, run, name, offset) for name in weightings]
                       + ([multitask_variant(cfg, run, budget["multitask_steps"], offset)] if multitask else []))
     variants = [variant for round_ in rounds for variant in round_]
-    data = dev_examples(cfg, run)
-    scores, trained = {}, {}
+    splits = evaluation_splits(run, cfg)
+    examples = {split: final_examples(run, cfg, split) for split in splits}  # stage 2's final tables' examples
+    data = examples["dev"]
+    scored, trained = {}, {}
     for variant in variants:
         trained[variant.label] = train(variant, run)
-        scores[variant.label] = evaluate_variant(variant, run, data, force=force)
+        for split in splits:
+            scored[variant.label, split] = evaluate_variant(variant, run, examples[split], force=force, split=split)
+    scores = {label: tables for (label, split), (tables, _) in scored.items() if split == "dev"}
+    by_split = {split: quality_table(cfg, run, {v.label: scored[v.label, split][0] for v in rounds[0]}, split)
+                for split in splits}
+    versus_multitask = final_minus_multitask(cfg, rounds, scored, examples)
 
     table = quality_table(cfg, run, {variant.label: scores[variant.label] for variant in rounds[0]})
     strategies = strategy_table(cfg, {name: scores[f"final ({name})"] for name in weightings})
@@ -110,8 +126,8 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
     searched = json.loads(run.search_report.read_text(encoding="utf-8"))
     spearman = searched["weak_vs_gold_spearman"]
     leads = searched.get("gold_dev_comparison")  # stage 2's evolved merge against uniform and TIES, as it wrote them
-    command = command or (f"sentimerge.pipeline.report.main({cfg.name}, weightings={list(weightings)}, multitask={multitask}, "
-                          f"seeds={seeds})")
+    command = command or (f"sentimerge.pipeline.report.main({cfg.name}, weightings={list(weightings)}, "
+                          f"multitask={multitask}, seeds={seeds})")
     facts = {"config": cfg.name, "resolved_config": str(run.config), "run_dir": str(run.root), "seed": cfg.seed,
              "date": time.strftime("%Y-%m-%d %H:%M:%S%z"), "command": command, "budgets": budget,
              "dev_examples": {name: len(rows) for name, rows in data.items()}, "stage3_seeds": seeds}
@@ -121,11 +137,14 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
         "strategies": _records(strategies), "versus_static": versus_static(cfg, strategies),
         "seeds": {"count": seeds, "table": _records(across)} if across is not None else {"count": 1},
         "weak_vs_gold_spearman": spearman, "evolved_vs_baselines": leads,
+        "tables_by_split": {split: _records(frame) for split, frame in by_split.items()},
+        "final_minus_multitask": versus_multitask,
         "variants": {v.label: {"folder": str(v.folder), **{k: trained[v.label].get(k) for k in
                                                            ("start", "weighting", "steps", "examples",
                                                             "train_seconds")}}
                      for v in variants}})
-    write_text_atomic(run.report / "report.md", markdown(cfg, facts, table, strategies, spearman, leads, across))
+    write_text_atomic(run.report / "report.md", markdown(cfg, facts, table, strategies, spearman, leads, across)
+                      + splits_markdown(by_split, versus_multitask, {s: len(r) for s, r in examples.items()}))
     print(f"\nQuality of {cfg.name} (primary dev metric per task; {run.report / 'report.md'}):\n")
     print(markdown_table(table))
     return table
@@ -190,27 +209,25 @@ def train(variant: Variant, run: RunDir) -> dict:
     return finetune.main(variant.cfg, folder=variant.folder)
 
 
-def dev_examples(cfg: RunConfig, run: RunDir) -> dict[str, list[dict]]:
-    """Each task's dev examples that stage 2's final table scored."""
-    return gold_examples(run, cfg, cfg.search.gold.final, "eval")
-
-
-def evaluate_variant(variant: Variant, run: RunDir, data: dict[str, list[dict]], *,
-                     force: bool = False) -> pd.DataFrame:
-    """The variant's metrics table (`evaluate_model`'s), from the cache unless it was retrained or the sample moved."""
+def evaluate_variant(variant: Variant, run: RunDir, data: dict[str, list[dict]], *, force: bool = False,
+                     split: str = "dev") -> tuple[pd.DataFrame, dict[str, list[dict]]]:
+    """The variant's metrics table (`evaluate_model`'s) on `split`'s examples and its predictions per task, from the
+    cache unless it was retrained or the examples moved."""
     cfg = variant.cfg
-    path = run.report_eval(variant.key)
+    path = run.report_eval(variant.key if split == "dev" else f"{variant.key}-{split}")
+    kept = path.with_suffix(".predictions.jsonl")
     key = _score_key(variant, data)
-    if path.is_file() and not force:
+    if path.is_file() and kept.is_file() and not force:
         cached = pd.read_csv(path, dtype={"fingerprint": str})
         if "fingerprint" in cached and cached["fingerprint"].iloc[0] == key:
-            return cached
+            return cached, {row["task"]: row["predictions"] for row in read_jsonl(kept)}
     model, tokenizer = load_finetuned(variant)
-    log.info("report: scoring %s on %s dev examples", variant.label, sum(map(len, data.values())))
-    table, _ = evaluate_model(model, tokenizer, list(cfg.tasks), data, batch_size=cfg.evaluate.batch_size)
+    log.info("report: scoring %s on %s %s examples", variant.label, sum(map(len, data.values())), split)
+    table, predictions = evaluate_model(model, tokenizer, list(cfg.tasks), data, batch_size=cfg.evaluate.batch_size)
     table["fingerprint"] = key
-    write_csv_atomic(path, table)
-    return table
+    write_jsonl_atomic(kept, [{"task": name, "predictions": rows} for name, rows in predictions.items()])
+    write_csv_atomic(path, table)  # after the predictions: its presence with the key means both are current
+    return table, predictions
 
 
 def _score_key(variant: Variant, data: dict[str, list[dict]]) -> str:
@@ -239,10 +256,10 @@ def load_finetuned(variant: Variant):
     return model, tokenizer
 
 
-def quality_table(cfg: RunConfig, run: RunDir, scores: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Table (a): primary dev metric per task and mean, per model; `retention` vs each expert on its own task."""
+def quality_table(cfg: RunConfig, run: RunDir, scores: dict[str, pd.DataFrame], split: str = "dev") -> pd.DataFrame:
+    """Table (a): primary metric per task and mean on `split`, per model; `retention` vs each expert on its task."""
     names = [task.name for task in cfg.tasks]
-    search = pd.read_csv(run.search / "final.csv").set_index("model")
+    search = pd.read_csv(run.search_final_table(split)).set_index("model")
     merges = merge_labels(bool(cfg.experts.shared.examples))
     rows = [{"model": merges[key], **{n: float(search.loc[key, n]) for n in names}} for key in merges
             if key in search.index]
@@ -316,6 +333,60 @@ def seed_table(cfg: RunConfig, by_seed: dict[str, list[pd.DataFrame]]) -> pd.Dat
             row["ahead of static"] = f"{int((gaps > 0).sum())} of {seeds}"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def final_minus_multitask(cfg: RunConfig, rounds: list[list[Variant]], scored: dict, examples: dict) -> dict:
+    """Per split: the final model (the run's weighting) minus the multi-task LoRA, seed by seed, on the same
+    examples: the difference of each task's primary metric and of their mean, with a paired bootstrap interval
+    (`core.metrics.paired_bootstrap`, seeded by the run's seed); and the mean and sd of the mean difference over the
+    seeds. Empty when the report trained no multi-task LoRA or not the run's weighting."""
+    own = f"finetune-{cfg.finetune.weighting.name}"
+    result = {}
+    for split, data in examples.items():
+        gold = {name: [row["label"] for row in rows] for name, rows in data.items()}
+        seeds = []
+        for offset, round_ in enumerate(rounds):
+            final = next((v for v in round_ if v.key.split("-seed")[0] == own), None)
+            multitask = next((v for v in round_ if v.key.startswith("multitask-base")), None)
+            if final is None or multitask is None:
+                continue
+            predictions = [{name: [row["prediction"] for row in rows] for name, rows in kept.items()}
+                           for kept in (scored[final.label, split][1], scored[multitask.label, split][1])]
+            comparison = paired_bootstrap(list(cfg.tasks), gold, predictions[0], predictions[1], seed=cfg.seed)
+            seeds.append({**comparison, "stage3_seed": cfg.seed + offset})
+        if seeds:
+            differences = [row["mean"]["difference"] for row in seeds]
+            result[split] = {"seeds": seeds, "mean_difference": round(float(np.mean(differences)), 6),
+                             "sd": round(float(np.std(differences, ddof=1)), 6) if len(seeds) > 1 else None,
+                             "ahead": f"{sum(d > 0 for d in differences)} of {len(seeds)}"}
+    return result
+
+
+def splits_markdown(tables: dict[str, pd.DataFrame], versus: dict, counts: dict[str, dict]) -> str:
+    """The primary-metric table of every split (test: it chose nothing) and the final model minus the multi-task
+    LoRA on each, seed by seed."""
+    lines = []
+    for split, table in tables.items():
+        if split != "dev":  # dev's table is above
+            lines += ["", f"## Primary metric per task on {split} (it chose nothing)", "", markdown_table(table)]
+    if versus:
+        names = list(next(iter(versus.values()))["seeds"][0]["tasks"])
+        lines += ["", "## Final model minus the multi-task LoRA (same examples, paired bootstrap 95% interval)", "",
+                  "| split | seed | " + " | ".join(names) + " | mean | P(final better) |",
+                  "|---|---|" + "---|" * (len(names) + 2)]
+        for split, entry in versus.items():
+            for row in entry["seeds"]:
+                cells = [_interval(row["tasks"][name]) for name in names] + [_interval(row["mean"])]
+                lines.append(f"| {split} | {row['stage3_seed']} | " + " | ".join(cells)
+                             + f" | {row['mean']['p_better']:.2f} |")
+        lines += [""] + [f"- {split}: mean over seeds {entry['mean_difference']:+.3f}"
+                         + (f" (sd {entry['sd']:.3f})" if entry["sd"] is not None else "")
+                         + f", final ahead in {entry['ahead']} seeds" for split, entry in versus.items()]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _interval(summary: dict) -> str:
+    return f"{summary['difference']:+.3f} [{summary['low']:+.3f}, {summary['high']:+.3f}]"
 
 
 def _percent(value: float, reference: float) -> float | None:

@@ -65,6 +65,27 @@ def test_report_writes_its_files_and_compares_every_model(reported):
     assert read_manifest(run.report_finetune("static"))["weighting"] == "static"
 
 
+def test_final_minus_multitask_is_the_difference_of_their_scores_with_an_interval(reported):
+    """The row a user decides by: the final model minus the multi-task LoRA on the same examples, per task and in
+    the mean, with a paired bootstrap interval; its difference is the difference of the two table rows."""
+    cfg, table = reported
+    run = RunDir(cfg.resolved_run_dir)
+    result = json.loads((run.report / "report.json").read_text())
+    entry = result["final_minus_multitask"]["dev"]
+    (seed,) = entry["seeds"]
+    final, multitask = (table.set_index("model").loc[row] for row in ("final (dao)", MULTITASK))
+    assert seed["stage3_seed"] == cfg.seed and set(seed["tasks"]) == set(TASKS)
+    assert seed["mean"]["difference"] == pytest.approx(final["mean"] - multitask["mean"], abs=1e-6)
+    for task in TASKS:
+        summary = seed["tasks"][task]
+        assert summary["difference"] == pytest.approx(final[task] - multitask[task], abs=1e-6)
+        assert summary["low"] <= summary["difference"] <= summary["high"]
+    assert entry["mean_difference"] == pytest.approx(seed["mean"]["difference"]) and entry["sd"] is None
+    assert "## Final model minus the multi-task LoRA" in (run.report / "report.md").read_text()
+    kept = (run.report / "eval-multitask-base.predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["task"] for line in kept] == TASKS
+
+
 
 def test_multitask_lora_starts_from_the_base_model_with_the_pipelines_budget(reported):
     cfg, _ = reported
