@@ -83,6 +83,7 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
     """
     run = RunDir(cfg.resolved_run_dir)
     selected = select_tasks(cfg, tasks)
+    check_against_base_model(cfg, prepared_model_path(run))  # the LoRA targets, also when they changed since prepare
     if cfg.experts.shared.examples and write_run_config:  # the driver trains it once, before any expert
         train_shared_adapter(cfg, run, force=force)
     if cfg.experts.mode == "hybrid":
@@ -102,7 +103,6 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
         return {task.name: run.expert(task.name) for task in selected}
     data = {task.name: (load_prepared(run, task.name, "train"), load_prepared(run, task.name, "dev"))
             for task in selected}
-    check_against_base_model(cfg, prepared_model_path(run))  # the LoRA targets, also when they changed since prepare
     base_path = merge_base_path(run, bool(cfg.experts.shared.examples))
     prepared = prepared_key(run)
     if write_run_config:  # Ray workers do not: the driver did, and workers write only their own task's files

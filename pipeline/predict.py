@@ -59,13 +59,14 @@ def predict(model, tokenizer, task: TaskSpec, inputs: list[dict], *, batch_size:
     """Label (with its probability) or score (with the level distribution) per input."""
     from sentimerge.pipeline.core.scoring import score_task
 
-    return _rows(task, inputs, score_task(model, tokenizer, task, inputs, batch_size=batch_size))
+    scores = score_task(model, tokenizer, task, inputs, batch_size=batch_size)
+    return _rows(task, inputs, scores, scores.predictions)
 
 
-def _rows(task: TaskSpec, inputs: list[dict], scores) -> list[dict]:
+def _rows(task: TaskSpec, inputs: list[dict], scores, predictions: list) -> list[dict]:
     probs, ties = scores.probs, scores.ties.tolist()
     results = []
-    for row, (item, prediction) in enumerate(zip(inputs, scores.predictions)):
+    for row, (item, prediction) in enumerate(zip(inputs, predictions)):
         result = {"text": item["text"], **({"aspect": item["aspect"]} if item.get("aspect") else {})}
         if task.kind == "classification":
             result.update(label=prediction, probability=round(float(probs[row].max()), 4))
@@ -107,14 +108,16 @@ class SentimentModel:
         if "aspect" in spec.input_fields and any(not item.get("aspect") for item in inputs):
             raise SentimergeError(f"task {task} needs an aspect for every text")
         try:
-            return spec, score_task(self.model, self.tokenizer, spec, inputs, batch_size=batch_size)
+            scores = score_task(self.model, self.tokenizer, spec, inputs, batch_size=batch_size)
+            predictions = scores.predictions  # raises ModelError on non-finite scores: named with the folder here
         except ModelError as error:
             raise ModelError(f"{self.folder}: {error}") from None
+        return spec, scores, predictions
 
     def predict_rows(self, task: str, inputs: list[dict], *, batch_size: int = 16) -> list[dict]:
         """One dict per input row `{"text": ..., "aspect": ...}`: what `sentimerge predict` prints."""
-        spec, scores = self._scores(task, inputs, batch_size)
-        return _rows(spec, inputs, scores)
+        spec, scores, predictions = self._scores(task, inputs, batch_size)
+        return _rows(spec, inputs, scores, predictions)
 
     def predict(self, texts: str | Sequence[str], task: str, *, aspects: str | Sequence[str] | None = None,
                 batch_size: int = 16) -> pd.DataFrame:
@@ -133,15 +136,15 @@ class SentimentModel:
         if len(aspects) != len(texts):
             raise SentimergeError(f"predict: {len(texts)} texts but {len(aspects)} aspects")
         inputs = [{"text": text, "aspect": aspect} for text, aspect in zip(texts, aspects)]
-        spec, scores = self._scores(task, inputs, batch_size)
+        spec, scores, predictions = self._scores(task, inputs, batch_size)
         probs = scores.probs.float().numpy()
         frame = pd.DataFrame({"text": texts, **({"aspect": aspects} if any(aspects) else {})})
         if spec.kind == "classification":
-            frame["label"] = list(scores.predictions)
+            frame["label"] = list(predictions)
             frame["probability"] = probs.max(axis=1).round(4)
             frame["tie"] = scores.ties.numpy().astype(bool)
         else:
-            frame["score"] = [round(float(value), 4) for value in scores.predictions]
+            frame["score"] = [round(float(value), 4) for value in predictions]
         for column, answer in enumerate(spec.answers):
             frame[f"p({answer})"] = probs[:, column].round(4)
         return frame

@@ -99,3 +99,18 @@ def test_validate_raises_a_config_error_naming_the_key(tmp_path):
     bad.write_text((ROOT / "configs" / "tiny.yaml").read_text().replace("seed: 0", "sede: 0"))
     with pytest.raises(sentimerge.ConfigError, match="sede"):
         sentimerge.validate(bad)
+
+
+def test_predict_refuses_non_finite_scores_naming_the_model(tiny_run, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.chdir(tiny_run)
+    broken = tmp_path / "broken"
+    shutil.copytree(sentimerge.export_dir(sentimerge.load_config("configs/tiny.yaml")), broken)
+    weights = next(broken.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(key for key in tensors if key.endswith("down_proj.weight"))
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(sentimerge.ModelError, match=rf"{broken}: task polarity: .*not finite"):
+        sentimerge.load_model(broken).predict(["a fine film"], task="polarity")

@@ -175,6 +175,20 @@ CASES: dict[str, tuple[Callable[[Workspace], list[str] | None], str, str]] = {
     "base model: a LoRA target that is a typo": (
         lambda ws: ws.edit(_set("experts", "lora", "target_modules", value=["q_prj", "v_proj"])), "prepare",
         r"experts\.lora\.target_modules: no module named 'q_prj' in the base model \(did you mean 'q_proj'\?\)"),
+    "config: unknown experts mode": (lambda ws: ws.edit(_set("experts", "mode", value="mixed")), "experts",
+                                     r"config\.yaml: experts\.mode: "),
+    "config: negative shared adapter budget": (lambda ws: ws.edit(_set("experts", "shared", "examples", value=-1)),
+                                               "experts", r"config\.yaml: experts\.shared\.examples: "),
+    "config: hybrid start without hybrid experts": (
+        lambda ws: ws.edit(_set("search", "init", value="hybrid")), "search",
+        r"config\.yaml: .*search\.init hybrid starts from the Hybrid LoRA attention: set experts\.mode: hybrid"),
+    "run: hybrid experts for a subset of tasks": (
+        lambda ws: (ws.edit(_set("experts", "mode", value="hybrid")), ["--tasks", "polarity"])[1], "experts",
+        r"experts\.mode hybrid trains every task's module together: drop --tasks"),
+    "run: an embedding as a hybrid LoRA target": (
+        lambda ws: ws.edit(lambda c: c.setdefault("experts", {}).update(
+            mode="hybrid", lora={"target_modules": ["q_proj", "embed_tokens"]})), "experts",
+        r"experts\.lora\.target_modules: 'embed_tokens' is a Embedding, not a linear layer"),
     "base model: an embedding as a LoRA target": (
         lambda ws: ws.edit(_set("finetune", "lora", "target_modules", value=["q_proj", "embed_tokens"])), "prepare",
         r"finetune\.lora\.target_modules: 'embed_tokens' is a Embedding, not a linear layer"),
