@@ -152,7 +152,8 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
     settings = cfg.finetune
     tasks = list(cfg.tasks)
     train = {task.name: load_prepared(run, task.name, "train") for task in tasks}
-    dev = {task.name: _dev_sample(load_prepared(run, task.name, "dev"), settings.dev_examples, cfg.seed, task.name)
+    dev = {task.name: _dev_sample(load_prepared(run, task.name, "dev"), settings.dev_examples, cfg.resolved_data_seed,
+                                  task.name)
            for task in tasks}
     weighting = make_weighting(settings.weighting.name, task_stats(tasks, train), settings.weighting.options)
     names = [task.name for task in tasks]

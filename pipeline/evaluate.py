@@ -38,7 +38,7 @@ def main(cfg: RunConfig | None, *, model: str = "base", tasks_file: str | None =
     if cfg is None and (tasks_file is None or model == "base"):
         raise SentimergeError("evaluate: without a run config, give --tasks FILE and --model M")
     settings = cfg.evaluate if cfg else EvaluateConfig()
-    seed = cfg.seed if cfg else 0
+    seed = cfg.resolved_data_seed if cfg else 0
     cache_dir = cfg.resolved_cache_dir if cfg else RunConfig.default_cache_dir()
     run = RunDir(run_dir or (cfg.resolved_run_dir if cfg else "runs/evaluate"))
     split, limit = split or settings.split, limit or settings.limit

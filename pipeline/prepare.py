@@ -37,7 +37,7 @@ log = logging.getLogger("sentimerge.prepare")
 
 def fingerprint(cfg: RunConfig) -> str:
     """Hash of what decides the prepared data and model: a run dir prepared with another one is not reused."""
-    decisive = {"seed": cfg.seed, "base_model": cfg.base_model.decisive(), "data_root": cfg.data_root,
+    decisive = {"seed": cfg.resolved_data_seed, "base_model": cfg.base_model.decisive(), "data_root": cfg.data_root,
                 "tasks": [task.decisive() for task in cfg.tasks]}
     return digest(decisive)
 
@@ -51,7 +51,7 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
     data = {}
     for task in cfg.tasks:  # read every time: a finished prepare is reused only while its data is unchanged
         data[task.name] = load_task_splits(task, data_root=cfg.data_root, cache_dir=cfg.resolved_cache_dir,
-                                           seed=cfg.seed)
+                                           seed=cfg.resolved_data_seed)
     hashes = data_hashes(data)
     if is_done(run.prepare) and not force:
         prepared = read_manifest(run.prepare).get("data")

@@ -22,7 +22,7 @@ def main(cfg: RunConfig, *, check_data: bool = True) -> None:
         summary = f"{task.kind}, {len(task.labels)} labels" if task.labels else f"{task.kind} in {list(task.range)}"
         if check_data:
             data[task.name] = load_task_splits(task, data_root=cfg.data_root, cache_dir=cfg.resolved_cache_dir,
-                                               seed=cfg.seed)
+                                               seed=cfg.resolved_data_seed)
             summary += "; " + ", ".join(f"{split} {len(rows)}" for split, rows in data[task.name].items())
         lines.append(f"  {task.name}: {summary}")
     model_dir = local_model_dir(cfg.base_model, cfg.resolved_cache_dir)

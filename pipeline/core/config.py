@@ -133,6 +133,10 @@ class RunConfig(Frozen):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     seed: int = 0
+    data_seed: int | None = Field(
+        None, json_schema_extra=WHEN_SET,
+        description="seed of the data: carved splits, capped samples and the evaluation samples (final tables, dev "
+                    "samples); default: `seed`. Fix it to train with several seeds on the same examples")
     run_dir: str | None = Field(None, description="default: runs/<name>")
     cache_dir: str | None = Field(None, description="default: $SENTIMERGE_CACHE or ~/.cache/sentimerge")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -154,6 +158,10 @@ class RunConfig(Frozen):
         if self.search.init == "hybrid" and self.experts.mode != "hybrid":
             raise ValueError("search.init hybrid starts from the Hybrid LoRA attention: set experts.mode: hybrid")
         return self
+
+    @property
+    def resolved_data_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def resolved_run_dir(self) -> Path:

@@ -85,7 +85,7 @@ def gold_examples(run: RunDir, cfg: RunConfig, limit: int | None, salt: str, spl
     for task in cfg.tasks:
         examples = load_prepared(run, task.name, split)
         if limit is not None and len(examples) > limit:
-            examples = sample_examples(examples, limit, cfg.seed, f"{task.name}/{split}/{salt}")
+            examples = sample_examples(examples, limit, cfg.resolved_data_seed, f"{task.name}/{split}/{salt}")
         data[task.name] = examples
     return data
 
