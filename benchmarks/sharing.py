@@ -1,0 +1,160 @@
+"""Which way of sharing knowledge across tasks, at which budget split, beats one multi-task LoRA trained with the
+same examples? Every variant of a config, over several training seeds, on the same examples.
+
+    python benchmarks/sharing.py configs/demo.yaml --runs-root runs/sharing --seeds 0,1,2 \\
+        --variant separate \\
+        --variant "shared25: experts.examples=768, experts.shared.examples=768" \\
+        --variant "hybrid: experts.mode=hybrid, search.init=hybrid"
+
+A variant is a name and dotted overrides of the config (values are YAML). Each variant and seed is a run of its own
+(`<runs-root>/<variant>/seed<s>`, `seed` = s, `data_seed` = the config's seed, so every run is scored on the same
+dev and test examples) followed by `sentimerge report` with the run's weighting and the multi-task LoRA. The
+multi-task LoRA depends only on the seed and the total budget: a variant whose budget equals an earlier one's reuses
+its trained baseline and scores (copied, then checked by the report's own fingerprints).
+
+Writes benchmarks/results/sharing_<name>.{md,json}: per variant, seed and split the final model's mean primary
+metric, the multi-task LoRA's, their difference with its paired bootstrap interval, the evolved merge's, the
+experts' share of the budget and the examples and optimizer steps; then per variant and split the mean and sd over
+the seeds and the seeds where the final model is ahead. With `--record VARIANT`, that variant's mean differences go
+to summary.json as `<name>_final_minus_multitask_<split>` and its expert share as `<name>_expert_budget_share`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.summary import record  # noqa: E402
+from sentimerge.pipeline import report  # noqa: E402
+from sentimerge.pipeline.api import session  # noqa: E402
+from sentimerge.pipeline.core.config import RunConfig, load_config  # noqa: E402
+from sentimerge.pipeline.core.errors import ConfigError  # noqa: E402
+from sentimerge.pipeline.core.evaluation import markdown_table  # noqa: E402
+from sentimerge.pipeline.core.rundir import RunDir, is_done  # noqa: E402
+from sentimerge.pipeline.core.runtime import setup_logging  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, object]]:
+    """`name: a.b=1, c=x` -> (name, {"a.b": 1, "c": "x"}); a bare name has no overrides."""
+    name, _, body = text.partition(":")
+    overrides = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {text!r}: {item!r} is not KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name.strip(), overrides
+
+
+def variant_config(cfg: RunConfig, overrides: dict[str, object], seed: int, run_dir: Path) -> RunConfig:
+    """`cfg` with the dotted overrides, training seed `seed`, the data of `cfg.seed`, and its own run directory;
+    validated as a config file would be."""
+    raw = cfg.model_dump(mode="json", exclude_unset=True)  # as written: a default never conflicts with an override
+    for key, value in overrides.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    raw.update(seed=seed, data_seed=cfg.resolved_data_seed, run_dir=str(run_dir))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValueError as error:
+        raise ConfigError(f"variant overrides {overrides}: {error}") from None
+
+
+def reuse_multitask(run: RunDir, done: dict[tuple[int, int], RunDir], seed: int, examples: int) -> None:
+    """Copy the multi-task LoRA (and its scores) of an earlier run with the same seed and budget."""
+    earlier = done.get((seed, examples))
+    if earlier is None or is_done(run.report_multitask) or not is_done(earlier.report_multitask):
+        return
+    shutil.copytree(earlier.report_multitask, run.report_multitask)
+    for path in earlier.report.glob("eval-multitask-base*"):
+        shutil.copy2(path, run.report / path.name)
+
+
+def rows_of(name: str, seed: int, result: dict) -> list[dict]:
+    budgets = result["budgets"]
+    rows = []
+    for split, table in result["tables_by_split"].items():
+        means = {row["model"]: row["mean"] for row in table}
+        final = next(label for label in means if label.startswith("final ("))
+        versus = result["final_minus_multitask"].get(split, {}).get("seeds", [{}])[0].get("mean", {})
+        rows.append({"variant": name, "seed": seed, "split": split, "final": means[final],
+                     "multitask": means.get(report.MULTITASK), "difference": versus.get("difference"),
+                     "low": versus.get("low"), "high": versus.get("high"), "evolved": means.get("evolved merge"),
+                     "experts": means.get(report.EXPERTS), "expert_share": budgets["expert_share"],
+                     "examples": budgets["pipeline_examples"], "multitask_steps": budgets["multitask_steps"]})
+    return rows
+
+
+def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
+    out = []
+    for (name, split), group in rows.groupby(["variant", "split"], sort=False):
+        gaps = group["difference"].dropna()
+        out.append({"variant": name, "split": split, "seeds": len(group),
+                    "final": group["final"].mean(), "final sd": group["final"].std(ddof=1),
+                    "multitask": group["multitask"].mean(), "final - multitask": gaps.mean(),
+                    "sd": gaps.std(ddof=1), "final ahead": f"{int((gaps > 0).sum())} of {len(gaps)}",
+                    "expert share": group["expert_share"].iloc[0], "examples": int(group["examples"].iloc[0])})
+    return pd.DataFrame(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--runs-root", required=True)
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
+    parser.add_argument("--variant", action="append", required=True, help="NAME[: key=value, ...]")
+    parser.add_argument("--record", help="a variant whose figures go to summary.json")
+    args = parser.parse_args()
+    setup_logging()
+    base = load_config(args.config)
+    variants = [parse_variant(text) for text in args.variant]
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    configs = {(name, seed): variant_config(base, overrides, seed, Path(args.runs_root) / name / f"seed{seed}")
+               for name, overrides in variants for seed in seeds}  # every override checked before anything trains
+    command = "python " + shlex.join(["benchmarks/sharing.py", *sys.argv[1:]])
+    rows, done = [], {}
+    for (name, seed), cfg in configs.items():
+        run = RunDir(cfg.resolved_run_dir)
+        examples = report.budgets(cfg)["multitask_examples"]
+        run.report.mkdir(parents=True, exist_ok=True)
+        reuse_multitask(run, done, seed, examples)
+        with session(cfg):
+            report.main(cfg, weightings=(cfg.finetune.weighting.name,), multitask=True, command=command)
+        done.setdefault((seed, examples), run)
+        rows += rows_of(name, seed, json.loads((run.report / "report.json").read_text(encoding="utf-8")))
+    table = pd.DataFrame(rows)
+    summary = summary_table(table)
+    text = (f"# Sharing and budget split: {base.name}\n\n`{command}`\n\nPer seed (primary metric, mean over tasks; "
+            "difference: final - multi-task LoRA, paired bootstrap 95% interval):\n\n" + markdown_table(table)
+            + "\nOver the seeds:\n\n" + markdown_table(summary))
+    (RESULTS / f"sharing_{base.name}.md").write_text(text, encoding="utf-8")
+    (RESULTS / f"sharing_{base.name}.json").write_text(json.dumps(
+        {"command": command, "rows": table.replace({np.nan: None}).to_dict("records"),
+         "summary": summary.replace({np.nan: None}).to_dict("records")}, indent=2) + "\n", encoding="utf-8")
+    print(text)
+    if args.record:
+        chosen = summary[summary["variant"] == args.record]
+        values = {f"{base.name}_final_minus_multitask_{row['split']}": row["final - multitask"]
+                  for row in chosen.to_dict("records")}
+        values[f"{base.name}_expert_budget_share"] = float(chosen["expert share"].iloc[0])
+        record(values, command=command)
+
+
+if __name__ == "__main__":
+    main()
