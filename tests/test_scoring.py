@@ -156,3 +156,20 @@ def test_batch_size_below_one_is_refused(tiny):
     task = cfg.task("polarity")
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         score_task(model, tokenizer, task, load_prepared(run, "polarity", "dev"), batch_size=0)
+
+
+def test_scoring_uses_the_current_cache_argument(tiny):
+    """The KV cache goes to the model under the name this transformers release documents (`past_key_values` is
+    deprecated in 5.2x and printed a warning per run): no deprecation warning from the shared-prefix cache path or
+    from multi-token answers."""
+    import warnings
+
+    cfg, run, model, tokenizer = tiny
+    task = cfg.task("aspect3")
+    examples = load_prepared(run, "aspect3", "dev")[:5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        scores = score_prompts(model, [prompt_ids(tokenizer, task, e) for e in examples],
+                               answer_tokens(tokenizer, task).answers, pad_id=tokenizer.pad_token_id, batch_size=2,
+                               reuse_prefix=True)
+    assert torch.isfinite(scores).all()
