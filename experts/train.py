@@ -22,7 +22,7 @@ from sentimerge.pipeline.core.tasks import TaskSpec
 def load_lora_model(base_path: str, lora: LoraSettings, *, dtype: str, device: torch.device, seed: int,
                     trust_remote_code: bool = False):
     """(peft model with a fresh, seeded LoRA adapter, tokenizer) on the base model at `base_path`."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
@@ -32,11 +32,19 @@ def load_lora_model(base_path: str, lora: LoraSettings, *, dtype: str, device: t
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                         target_modules=lora.target_modules, bias="none")
     torch.manual_seed(seed)
-    with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecates
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(base, config)
+    model = peft_model(base, config)
     model.to(device)
     return model, tokenizer
+
+
+def peft_model(base, config, adapter_name: str = "default"):
+    """peft's `get_peft_model`, without the deprecation warning it triggers in transformers 5 (peft calls
+    `is_gradient_checkpointing`; nothing on our side to fix)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(base, config, adapter_name=adapter_name)
 
 
 def autocast(device: torch.device, enabled: bool):

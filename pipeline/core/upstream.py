@@ -38,6 +38,9 @@ def load_prepared(run: RunDir, task: str, split: str) -> list[dict]:
 
 
 def prepared_model_path(run: RunDir) -> str:
+    """The prepared base model's folder. Raises `SentimergeError` before `prepare` finished or when it is gone."""
+    if not is_done(run.prepare):
+        raise SentimergeError(f"{run.prepare}: not prepared; run `sentimerge prepare` first")
     read_manifest(run.prepare)
     try:
         path = json.loads(run.base_model.read_text(encoding="utf-8"))["path"]
