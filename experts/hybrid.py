@@ -135,26 +135,12 @@ def load_hybrid_model(base_path: str, tasks: list[str], lora, *, dim: int, own_b
                       device: torch.device, seed: int, trust_remote_code: bool = False):
     """(peft model with one seeded LoRA adapter per task, all active and trainable, and its `HybridRouting` as the
     submodule `hybrid_routing`; tokenizer)."""
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sentimerge.experts.train import load_lora_model
 
-    from sentimerge.experts.train import peft_model
-    from sentimerge.pipeline.core.models import DTYPES
-
-    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
-                        target_modules=lora.target_modules, bias="none")
-    torch.manual_seed(seed)
-    model = peft_model(base, config, adapter_name=tasks[0])
-    for task in tasks[1:]:
-        model.add_adapter(task, config)
-    model.base_model.set_adapter(list(tasks))  # every task module active and trainable
+    model, tokenizer = load_lora_model(base_path, lora, dtype=dtype, device=device, seed=seed,
+                                       trust_remote_code=trust_remote_code, adapter_names=tuple(tasks))
     routing = HybridRouting(model, tasks, dim=dim, own_bias=own_bias)
     model.add_module("hybrid_routing", routing)
-    model.to(device)
     return model, tokenizer
 
 

@@ -20,8 +20,9 @@ from sentimerge.pipeline.core.tasks import TaskSpec
 
 
 def load_lora_model(base_path: str, lora: LoraSettings, *, dtype: str, device: torch.device, seed: int,
-                    trust_remote_code: bool = False):
-    """(peft model with a fresh, seeded LoRA adapter, tokenizer) on the base model at `base_path`."""
+                    trust_remote_code: bool = False, adapter_names: tuple[str, ...] = ("default",)):
+    """(peft model with a fresh, seeded LoRA adapter per name in `adapter_names`, all active, tokenizer) on the base
+    model at `base_path`."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,7 +33,11 @@ def load_lora_model(base_path: str, lora: LoraSettings, *, dtype: str, device: t
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                         target_modules=lora.target_modules, bias="none")
     torch.manual_seed(seed)
-    model = peft_model(base, config)
+    model = peft_model(base, config, adapter_name=adapter_names[0])
+    for name in adapter_names[1:]:  # several adapters (Hybrid LoRA's task modules): all active and trainable
+        model.add_adapter(name, config)
+    if len(adapter_names) > 1:
+        model.base_model.set_adapter(list(adapter_names))
     model.to(device)
     return model, tokenizer
 
