@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 
 import numpy as np
 import torch
 
 from sentimerge.experts.config import ExpertsConfig, LoraSettings
 from sentimerge.pipeline.core.metrics import compute_metrics
-from sentimerge.pipeline.core.models import DTYPES
+from sentimerge.pipeline.core.models import DTYPES, peft_quietly
 from sentimerge.pipeline.core.prompts import training_example
 from sentimerge.pipeline.core.scoring import last_positions, score_task
 from sentimerge.pipeline.core.tasks import TaskSpec
@@ -47,8 +46,7 @@ def peft_model(base, config, adapter_name: str = "default"):
     `is_gradient_checkpointing`; nothing on our side to fix)."""
     from peft import get_peft_model
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with peft_quietly():
         return get_peft_model(base, config, adapter_name=adapter_name)
 
 

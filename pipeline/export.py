@@ -31,7 +31,7 @@ from sentimerge.pipeline.core.evaluation import (
     markdown_table,
     split_heading,
 )
-from sentimerge.pipeline.core.models import DTYPES, cast_weights, load_model, pick_device
+from sentimerge.pipeline.core.models import DTYPES, cast_weights, load_model, peft_quietly, pick_device
 from sentimerge.pipeline.core.rundir import (
     EXPORT_TASKS,
     RunDir,
@@ -145,7 +145,8 @@ def merged_model(start: str, adapter: Path | None, cfg: RunConfig):
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        with peft_quietly():
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return cast_weights(model, DTYPES[cfg.export.dtype])  # not .to(dtype): RoPE's inv_freq stays float32
 
 

@@ -218,3 +218,30 @@ def test_a_model_with_non_finite_weights_is_refused_not_scored(tmp_path, cache_d
     assert cli(["predict", "--model", str(broken), "--task", "polarity", "fine"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "are not finite" in captured.err
+
+
+def test_loading_an_adapter_prints_no_dependency_warning(tmp_path, cache_dir):
+    """peft's constructors read a transformers attribute that transformers 5 deprecates: the one warning a run
+    printed for every adapter it loaded is silenced where peft is called (by message, nothing else)."""
+    import warnings
+
+    from peft import LoraConfig
+
+    from sentimerge.experts.config import LoraSettings
+    from sentimerge.experts.train import load_lora_model
+    from sentimerge.pipeline import prepare
+    from sentimerge.pipeline.core.config import load_config
+    from sentimerge.pipeline.core.models import load_model
+    from sentimerge.pipeline.core.rundir import RunDir
+    from sentimerge.pipeline.core.upstream import prepared_model_path
+
+    cfg = load_config(write_tiny_config(tmp_path, cache_dir=cache_dir))
+    prepare.main(cfg)
+    base = prepared_model_path(RunDir(cfg.resolved_run_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model, _ = load_lora_model(base, LoraSettings(r=2, alpha=4), dtype="float32", device=torch.device("cpu"),
+                                   seed=0)
+        model.save_pretrained(tmp_path / "adapter")
+        merged, _ = load_model(str(tmp_path / "adapter"), dtype="float32")
+    assert isinstance(LoraConfig.from_pretrained(tmp_path / "adapter"), LoraConfig) and merged is not None

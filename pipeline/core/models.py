@@ -8,11 +8,13 @@ id, a peft adapter folder, or an exported model, in the dtype asked for.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -198,6 +200,15 @@ def _save_atomic(model, tokenizer, target: Path, provenance: dict) -> None:
     os.replace(tmp, target)
 
 
+@contextlib.contextmanager
+def peft_quietly():
+    """Around peft's model constructors: peft reads `is_gradient_checkpointing`, which transformers 5 deprecates
+    with a FutureWarning on every run; nothing on our side to fix, so that one warning, by message, is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def load_model(ref: str, *, dtype: str = "bfloat16", device: str | torch.device = "cpu", merge_adapter: bool = True,
                trust_remote_code: bool = False):
     """(model, tokenizer) from a checkpoint directory, a hub id, or a peft adapter folder, in eval mode."""
@@ -214,7 +225,8 @@ def load_model(ref: str, *, dtype: str = "bfloat16", device: str | torch.device 
             base_ref = PeftConfig.from_pretrained(path).base_model_name_or_path
             base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=DTYPES[dtype],
                                                         trust_remote_code=trust_remote_code)
-            model = PeftModel.from_pretrained(base, path)
+            with peft_quietly():
+                model = PeftModel.from_pretrained(base, path)
             if merge_adapter:
                 model = model.merge_and_unload()
             tokenizer_ref = path if (path / "tokenizer_config.json").is_file() else base_ref
