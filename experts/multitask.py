@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 import yaml
 
+from sentimerge.experts.checkpoint import save_adapter
 from sentimerge.experts.loop import Loop, run_loop
 from sentimerge.experts.train import autocast, collate, evaluate_dev, learning_rate, load_lora_model
 from sentimerge.pipeline.core.config import RunConfig, WeightingSettings
@@ -229,9 +230,6 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
                                   weight_decay=settings.weight_decay)
     started = time.time()
     state = run_loop(loop, model, optimizer, device)
-
-    from sentimerge.experts.checkpoint import save_adapter
-
     save_adapter(model, run.finetune_adapter)
     if after_training is not None:
         after_training(model, tokenizer)

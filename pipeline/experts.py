@@ -149,12 +149,14 @@ def train_shared_adapter(cfg: RunConfig, run: RunDir, *, force: bool = False) ->
     if force or is_done(run.shared):
         shutil.rmtree(run.shared, ignore_errors=True)
     steps = settings.total_steps(len(cfg.tasks))
-    training_cfg = multitask_lora_config(cfg, steps, settings.per_task)
     base = prepared_model_path(run)
-    log.info("shared adapter: %d steps x %d per task x %d tasks = %d examples, from %s", steps, settings.per_task,
-             len(cfg.tasks), steps * settings.per_task * len(cfg.tasks), base)
-    training = train_multitask(training_cfg, RunDir(run.root, finetune=run.shared_training), start=base,
-                               fingerprint=key, seed=cfg.seed, manifest={"stage": "shared adapter"})
+    training = _finished_training(run.shared_training, key)  # a crash after the training lost nothing of it
+    if training is None:
+        log.info("shared adapter: %d steps x %d per task x %d tasks = %d examples, from %s", steps,
+                 settings.per_task, len(cfg.tasks), steps * settings.per_task * len(cfg.tasks), base)
+        training = train_multitask(multitask_lora_config(cfg, steps, settings.per_task),
+                                   RunDir(run.root, finetune=run.shared_training), start=base, fingerprint=key,
+                                   seed=cfg.seed, manifest={"stage": "shared adapter"})
     merge_adapter_into(run.shared_training / "adapter", run.shared_model, dtype=cfg.base_model.dtype)
     write_manifest(run.shared, stage="shared adapter", fingerprint=key, base_model=base, steps=training["steps"],
                    examples=training["examples"], dev=training["dev"], zero_shot=training["zero_shot"])
@@ -195,9 +197,12 @@ def train_hybrid_experts(cfg: RunConfig, run: RunDir, *, force: bool = False) ->
                                   "run `sentimerge experts --force` to train them again")
         log.info("hybrid experts: already done (%s)", run.hybrid)
         return {name: run.expert(name) for name in names}
-    if force or is_done(run.hybrid):
+    if is_done(run.hybrid) and read_manifest(run.hybrid).get("fingerprint") != key and not force:
+        raise SentimergeError(f"{run.hybrid}: the hybrid training finished with another config or other data; run "
+                              "`sentimerge experts --force` to train it again")
+    if force:
         shutil.rmtree(run.hybrid, ignore_errors=True)
-    for name in finished:
+    for name in finished:  # written again from the joint training below
         shutil.rmtree(run.expert(name))
     base_path = merge_base_path(run, bool(settings.shared.examples))
     train = {task.name: load_prepared(run, task.name, "train") for task in cfg.tasks}
@@ -227,10 +232,10 @@ def train_hybrid_experts(cfg: RunConfig, run: RunDir, *, force: bool = False) ->
             "attention": {name: np.round(mean, 6).tolist() for name, mean in attention.items()},
             "examples_per_task": {name: len(rows) for name, rows in sample.items()}})
 
-    manifest = train_multitask(_hybrid_training_config(cfg), RunDir(run.root, finetune=run.hybrid), start=base_path,
-                               fingerprint=key, seed=cfg.seed, build_model=build,
-                               set_task=lambda task: built["routing"].set_task(task), after_training=after_training,
-                               manifest={"stage": "hybrid experts", "base_model": base_path})
+    manifest = _finished_training(run.hybrid, key) or train_multitask(
+        _hybrid_training_config(cfg), RunDir(run.root, finetune=run.hybrid), start=base_path, fingerprint=key,
+        seed=cfg.seed, build_model=build, set_task=lambda task: built["routing"].set_task(task),
+        after_training=after_training, manifest={"stage": "hybrid experts", "base_model": base_path})
     trained = _drawn_ids(train, names, settings.hybrid.per_task, cfg.seed, manifest["steps"])
     for task in cfg.tasks:
         with fresh_dir(run.expert(task.name), overwrite=True) as folder:
@@ -244,6 +249,19 @@ def train_hybrid_experts(cfg: RunConfig, run: RunDir, *, force: bool = False) ->
     log.info("hybrid experts: mean dev primary %.3f (zero-shot %.3f); coefficients in %s", manifest["dev"]["primary"],
              manifest["zero_shot"]["primary"], run.hybrid_coefficients)
     return {name: run.expert(name) for name in names}
+
+
+def _finished_training(folder: Path, key: str) -> dict | None:
+    """The manifest of a joint training (shared adapter, Hybrid LoRA) that finished with fingerprint `key`, so that a
+    crash after it (merging, writing the experts) does not train it again; a finished one with another key is
+    removed, None then."""
+    if not is_done(folder):
+        return None
+    manifest = read_manifest(folder)
+    if manifest.get("fingerprint") == key:
+        return manifest
+    shutil.rmtree(folder)
+    return None
 
 
 def _drawn_ids(train: dict[str, list[dict]], names: list[str], per_task: int, seed: int, steps: int) -> dict:

@@ -142,3 +142,22 @@ def test_search_init_hybrid_needs_hybrid_experts(tmp_path, cache_dir):
     path = write_tiny_config(tmp_path, cache_dir=cache_dir, search={"init": "hybrid"})
     with pytest.raises(ConfigError, match="search.init hybrid .*experts.mode: hybrid"):
         load_config(path)
+
+
+def test_a_crash_while_writing_the_experts_does_not_train_again(hybrid_run, tmp_path):
+    """Killed after the joint training, before every expert folder was written: the next `experts` writes them from
+    the finished training (the same adapters), without training again."""
+    import shutil
+
+    from sentimerge.pipeline import experts
+
+    shutil.copytree(load_config(hybrid_run).resolved_run_dir, tmp_path / "run")
+    cfg = load_config(hybrid_run, run_dir=str(tmp_path / "run"))
+    run = RunDir(cfg.resolved_run_dir)
+    adapter = (run.expert_adapter("aspect3") / "adapter_model.safetensors").read_bytes()
+    metrics = (run.hybrid / "metrics.jsonl").read_bytes()
+    shutil.rmtree(run.expert("aspect3"))
+    experts.main(cfg)
+    assert (run.hybrid / "metrics.jsonl").read_bytes() == metrics
+    assert (run.expert_adapter("aspect3") / "adapter_model.safetensors").read_bytes() == adapter
+    assert all(is_done(run.expert(task)) for task in TASKS)

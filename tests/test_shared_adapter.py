@@ -91,3 +91,24 @@ def test_budgets_add_up_to_the_multitask_loras(tmp_path, cache_dir, shared, expe
     assert b["pipeline_examples"] <= b["multitask_examples"] < b["pipeline_examples"] + 6
     assert b["multitask_examples"] == b["multitask_steps"] * 6
     assert b["expert_share"] == pytest.approx(b["experts_examples"] / b["pipeline_examples"], abs=1e-4)
+
+
+def test_a_crash_after_the_training_does_not_train_it_again(shared_run, tmp_path):
+    """Killed between the shared adapter's training and its merge: the next `experts` merges the finished training
+    instead of training it again, and ends with the same model."""
+    import shutil
+
+    from sentimerge.pipeline import experts
+
+    source = load_config(shared_run)
+    shutil.copytree(source.resolved_run_dir, tmp_path / "run")
+    cfg = load_config(shared_run, run_dir=str(tmp_path / "run"))
+    run = RunDir(cfg.resolved_run_dir)
+    before = _weights(run.shared_model)
+    metrics = (run.shared_training / "metrics.jsonl").read_bytes()
+    (run.shared / "DONE.json").unlink()
+    shutil.rmtree(run.shared_model)
+    experts.train_shared_adapter(cfg, run)
+    assert is_done(run.shared) and (run.shared_training / "metrics.jsonl").read_bytes() == metrics
+    after = _weights(run.shared_model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
