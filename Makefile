@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+CORE_STAMP := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench report kill-test env clean
@@ -14,13 +15,18 @@ env: $(STAMP)
 
 CONSTRAINTS ?= constraints.txt
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+# the demo needs the package alone; tests and benchmarks add pytest and Ray (the extras)
+$(CORE_STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e .
+	touch $(CORE_STAMP)
+
+$(STAMP): $(CORE_STAMP)
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev,ray]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(CORE_STAMP)
 	$(BIN)/sentimerge run configs/demo.yaml
 
 test: $(STAMP)

@@ -3,7 +3,10 @@
     python benchmarks/training_throughput.py configs/demo.yaml --run-dir RUN [--examples 64] [--batch-size 8]
 
 sentimerge's loop: bf16 base weights and bf16 autocast (LoRA weights and optimizer in fp32), batches grouped by
-length, loss logits only at the answer positions, no LoRA dropout. The plain loop: what a user writes from the peft
+length, loss logits only at the answer positions, no LoRA dropout, the prompt prefix every example of a batch shares
+(system turn, instruction, answer list) computed once per batch, eager attention on CPU. Stage 1 rows train batches
+of one task (as the experts do), stage 3 rows batches that mix the tasks; the rows without the shared prefix or
+with sdpa attention show what each of the two contributes. The plain loop: what a user writes from the peft
 docs: the model in fp32, every example padded to the longest one, full logits and the model's own loss, the same LoRA
 rank and targets (peft's usual dropout 0.05). Both train the same examples for the same number of steps, timed on
 a second pass (the first, untimed, builds each batch shape's kernels); tokens/s counts the real (non-pad) tokens.
@@ -28,6 +31,7 @@ from sentimerge.experts.config import ExpertsConfig  # noqa: E402
 from sentimerge.experts.multitask import per_example_losses  # noqa: E402
 from sentimerge.experts.train import answer_loss, collate, encode, load_lora_model  # noqa: E402
 from sentimerge.pipeline.core.config import load_config  # noqa: E402
+from sentimerge.pipeline.core.models import set_attention  # noqa: E402
 from sentimerge.pipeline.core.rundir import RunDir  # noqa: E402
 from sentimerge.pipeline.core.runtime import set_threads  # noqa: E402
 from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
@@ -38,6 +42,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 def batches_by_length(encoded, batch_size: int):
     ordered = sorted(encoded, key=lambda pair: len(pair[0]))
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def batches_by_task(encoded_by_task: list[list], batch_size: int):
+    """Stage 1's batches: one task each, grouped by length within the task."""
+    return [batch for encoded in encoded_by_task for batch in batches_by_length(encoded, batch_size)]
 
 
 def timed(steps, run_step) -> float:
@@ -51,13 +60,18 @@ def timed(steps, run_step) -> float:
     return time.perf_counter() - started
 
 
-def ours(base: str, encoded, batch_size: int, pad_id: int, lora, *, per_example: bool) -> float:
-    model, _ = load_lora_model(base, lora, dtype="bfloat16", device=torch.device("cpu"), seed=0)
+def ours(base: str, batches, pad_id: int, lora, *, per_example: bool, share_prefix: bool = True,
+         attention: str = "auto") -> float:
+    set_attention(attention)
+    try:
+        model, _ = load_lora_model(base, lora, dtype="bfloat16", device=torch.device("cpu"), seed=0)
+    finally:
+        set_attention("auto")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
     def step(pairs):
-        batch = collate(pairs, pad_id)
+        batch = collate(pairs, pad_id, share_prefix=share_prefix)
         if per_example:
             loss = per_example_losses(model, batch, torch.device("cpu"), use_autocast=True).mean()
         else:
@@ -66,7 +80,7 @@ def ours(base: str, encoded, batch_size: int, pad_id: int, lora, *, per_example:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(batches_by_length(encoded, batch_size), step)
+    return timed(batches, step)
 
 
 def plain_peft(base: str, encoded, batch_size: int, pad_id: int, lora) -> float:
@@ -112,19 +126,31 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     per_task = -(-args.examples // len(cfg.tasks))
-    encoded = [pair for task in cfg.tasks for pair in encode(tokenizer, task, load_prepared(run, task.name, "train")[:per_task])]
-    encoded = encoded[:args.examples]
+    by_task = [encode(tokenizer, task, load_prepared(run, task.name, "train")[:per_task]) for task in cfg.tasks]
+    encoded = [pair for rows in by_task for pair in rows]
     tokens = sum(len(ids) for ids, _ in encoded)
     lora = cfg.experts.lora if cfg.experts else ExpertsConfig().lora
+    one_task, mixed = batches_by_task(by_task, args.batch_size), batches_by_length(encoded, args.batch_size)
 
     rows = {}
-    for name, measure in [("sentimerge stage 1 (answer loss)", lambda: ours(base, encoded, args.batch_size, pad_id, lora, per_example=False)),
-                          ("sentimerge stage 3 (per-example losses)", lambda: ours(base, encoded, args.batch_size, pad_id, lora, per_example=True)),
-                          ("plain peft, fp32, padded to the longest", lambda: plain_peft(base, encoded, args.batch_size, pad_id, lora))]:
+    variants = [
+        ("sentimerge stage 1 (answer loss)", lambda: ours(base, one_task, pad_id, lora, per_example=False)),
+        ("stage 1 without the shared prefix", lambda: ours(base, one_task, pad_id, lora, per_example=False,
+                                                            share_prefix=False)),
+        ("stage 1 with sdpa attention", lambda: ours(base, one_task, pad_id, lora, per_example=False,
+                                                      attention="sdpa")),
+        ("stage 1 as before (no shared prefix, sdpa)", lambda: ours(base, one_task, pad_id, lora, per_example=False,
+                                                                    share_prefix=False, attention="sdpa")),
+        ("sentimerge stage 3 (per-example losses, mixed tasks)", lambda: ours(base, mixed, pad_id, lora,
+                                                                             per_example=True)),
+        ("plain peft, fp32, padded to the longest", lambda: plain_peft(base, encoded, args.batch_size, pad_id, lora)),
+    ]
+    for name, measure in variants:
         seconds = measure()
         rows[name] = {"seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
                       "examples_per_s": round(len(encoded) / seconds, 2)}
-        print(f"{name:45s} {seconds:7.1f} s  {tokens / seconds:8.1f} tokens/s  {len(encoded) / seconds:6.2f} ex/s", flush=True)
+        print(f"{name:52s} {seconds:7.1f} s  {tokens / seconds:8.1f} tokens/s  {len(encoded) / seconds:6.2f} ex/s",
+              flush=True)
     plain = rows["plain peft, fp32, padded to the longest"]["tokens_per_s"]
     for row in rows.values():
         row["speedup"] = round(row["tokens_per_s"] / plain, 2)
@@ -137,7 +163,9 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "training_throughput.md").write_text(header + "\n".join(lines) + "\n")
     (RESULTS / "training_throughput.json").write_text(json.dumps({"examples": len(encoded), "tokens": tokens, "rows": rows}, indent=2) + "\n")
-    record({"training_speedup_vs_plain_peft": rows["sentimerge stage 1 (answer loss)"]["speedup"]})
+    before = rows["stage 1 as before (no shared prefix, sdpa)"]["tokens_per_s"]
+    record({"training_speedup_vs_plain_peft": rows["sentimerge stage 1 (answer loss)"]["speedup"],
+            "training_speedup_shared_prefix_eager": rows["sentimerge stage 1 (answer loss)"]["tokens_per_s"] / before})
     print("\n".join(lines))
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from sentimerge.experts.checkpoint import save_adapter
 from sentimerge.experts.loop import Loop, run_loop
-from sentimerge.experts.train import autocast, collate, evaluate_dev, learning_rate, load_lora_model
+from sentimerge.experts.train import answer_logits, collate, evaluate_dev, learning_rate, load_lora_model
 from sentimerge.pipeline.core.config import RunConfig, WeightingSettings
 from sentimerge.pipeline.core.data import sample_examples
 from sentimerge.pipeline.core.models import pick_device
@@ -33,7 +33,6 @@ from sentimerge.pipeline.core.rundir import (
     write_manifest,
     write_text_atomic,
 )
-from sentimerge.pipeline.core.scoring import last_positions
 from sentimerge.pipeline.core.tasks import TaskSpec
 from sentimerge.pipeline.core.upstream import load_prepared
 from sentimerge.pipeline.core.weighting import TaskStats, imbalance, make_weighting
@@ -90,26 +89,13 @@ def class_balance_weights(task: TaskSpec, examples: list[dict]) -> np.ndarray:
 
 def per_example_losses(model, batch: dict, device: torch.device, *, use_autocast: bool,
                        capture: list | None = None) -> torch.Tensor:
-    """Mean cross-entropy over each example's answer tokens, shape [batch].
+    """Mean cross-entropy over each example's answer tokens of a `collate` batch, shape [batch].
 
     With `capture`, the input of the output embedding (the last shared representation, at the answer positions) is
     appended to it so that per-task gradient norms can be taken there.
     """
-    input_ids = batch["input_ids"].to(device)
-    attention = batch["attention_mask"].to(device)
-    keep = batch["answer_width"]
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    hook = None
-    if capture is not None:
-        hook = model.get_output_embeddings().register_forward_hook(lambda module, args, output: capture.append(args[0]))
-    try:
-        with autocast(device, use_autocast):
-            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                           logits_to_keep=last_positions(input_ids, keep + 1), use_cache=False).logits
-    finally:
-        if hook is not None:
-            hook.remove()
-    targets = batch["labels"][:, -keep:].to(device)
+    logits = answer_logits(model, batch, device, use_autocast=use_autocast, capture=capture)
+    targets = batch["labels"][:, -batch["answer_width"]:].to(device)
     token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
                                                      ignore_index=-100, reduction="none")
     counted = (targets != -100).sum(-1).clamp(min=1)
@@ -184,7 +170,8 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
 
     def step(step_index: int) -> dict:
         drawn = sampler.next_batch()
-        batch = collate([encode(t, i) for t, i in drawn], tokenizer.pad_token_id)
+        # the tasks' common prefix (system turn) once per batch; Hybrid LoRA routes every row by its own task
+        batch = collate([encode(t, i) for t, i in drawn], tokenizer.pad_token_id, share_prefix=set_task is None)
         if set_task is not None:
             set_task(torch.tensor([t for t, _ in drawn]))
         measure = weighting.needs_grad_norms and step_index % settings.weighting.grad_norm_every == 0

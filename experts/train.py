@@ -12,7 +12,7 @@ import torch
 
 from sentimerge.experts.config import ExpertsConfig, LoraSettings
 from sentimerge.pipeline.core.metrics import compute_metrics
-from sentimerge.pipeline.core.models import DTYPES, peft_quietly
+from sentimerge.pipeline.core.models import DTYPES, attention_kwargs, peft_quietly
 from sentimerge.pipeline.core.prompts import training_example
 from sentimerge.pipeline.core.scoring import last_positions, score_task
 from sentimerge.pipeline.core.tasks import TaskSpec
@@ -28,7 +28,8 @@ def load_lora_model(base_path: str, lora: LoraSettings, *, dtype: str, device: t
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                **attention_kwargs(device))
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                         target_modules=lora.target_modules, bias="none")
     torch.manual_seed(seed)
@@ -62,30 +63,85 @@ def encode(tokenizer, task: TaskSpec, examples: list[dict]) -> list[tuple[list[i
     return [training_example(tokenizer, task, example) for example in examples]
 
 
-def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded batch: every sequence ends at the last column, so the answers sit in the last few positions."""
-    width = max(len(ids) for ids, _ in encoded)
+MIN_SHARED_PREFIX = 8  # tokens: a shorter common prefix is not worth its own forward
+
+
+def shared_prefix_length(encoded: list[tuple[list[int], list[int]]]) -> int:
+    """Tokens every sequence of a batch starts with (system turn, instruction, answer list), stopping one token
+    before the earliest answer token, so that every logit the loss needs comes from the rows' own part; 0 when
+    shorter than `MIN_SHARED_PREFIX`."""
+    first_answer = min(next((i for i, t in enumerate(targets) if t != -100), len(targets)) for _, targets in encoded)
+    limit = min(first_answer - 1, *(len(ids) - 1 for ids, _ in encoded))
+    reference = encoded[0][0]
+    length = 0
+    while length < limit and all(ids[length] == reference[length] for ids, _ in encoded):
+        length += 1
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, *,
+            share_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """Left-padded batch: every sequence ends at the last column, so the answers sit in the last few positions.
+
+    With `share_prefix`, the tokens all sequences start with (`shared_prefix_length`) go to `prefix_ids` [P] and
+    the rows hold only what follows, left-padded; `answer_logits` then computes the prefix once per batch (an exact
+    rewrite: the same loss and gradients, with P x (batch - 1) fewer positions through the model). `prefix_ids` is
+    None otherwise."""
+    prefix = shared_prefix_length(encoded) if share_prefix and len(encoded) > 1 else 0
+    width = max(len(ids) for ids, _ in encoded) - prefix
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
     attention = torch.zeros((len(encoded), width), dtype=torch.long)
     for row, (ids, targets) in enumerate(encoded):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        labels[row, width - len(ids):] = torch.tensor(targets)
-        attention[row, width - len(ids):] = 1
+        input_ids[row, width - len(ids) + prefix:] = torch.tensor(ids[prefix:])
+        labels[row, width - len(ids) + prefix:] = torch.tensor(targets[prefix:])
+        attention[row, width - len(ids) + prefix:] = 1
     answer_width = int((labels != -100).float().cumsum(-1).gt(0).sum(-1).max())  # from the first answer token on
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "answer_width": answer_width}
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "answer_width": answer_width,
+            "prefix_ids": torch.tensor(encoded[0][0][:prefix]) if prefix else None}
+
+
+def answer_logits(model, batch: dict, device: torch.device, *, use_autocast: bool,
+                  capture: list | None = None) -> torch.Tensor:
+    """Logits [batch, answer_width + 1, vocab] of the last positions of a `collate` batch: those whose next token is
+    an answer or end-of-turn token (`labels[:, -answer_width:]`), plus one.
+
+    Only those positions reach the LM head (`logits_to_keep`). A batch with `prefix_ids` computes the shared prefix
+    once (batch 1), repeats its KV cache over the rows, and runs the rows on top of it; gradients flow through the
+    cache into the prefix's forward, summed over the rows, as if every row had computed it. With `capture`, the input
+    of the output embedding at the kept positions is appended to it (per-task gradient norms are taken there)."""
+    from sentimerge.pipeline.core.scoring import cache_keyword, returned_cache
+
+    input_ids = batch["input_ids"].to(device)
+    attention = batch["attention_mask"].to(device)
+    keep = last_positions(input_ids, batch["answer_width"] + 1)
+    prefix = batch.get("prefix_ids")
+    with autocast(device, use_autocast):
+        extra = {"use_cache": False}
+        if prefix is not None:
+            prefix = prefix.to(device)[None]
+            cache = returned_cache(model(input_ids=prefix, use_cache=True, logits_to_keep=last_positions(prefix)))
+            cache.batch_repeat_interleave(len(input_ids))
+            attention = torch.cat([torch.ones((len(input_ids), prefix.shape[1]), dtype=attention.dtype,
+                                              device=device), attention], dim=-1)
+            extra = {cache_keyword(model): cache, "use_cache": True}
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, attention.shape[1] - input_ids.shape[1]:]
+        hook = None
+        if capture is not None:
+            hook = model.get_output_embeddings().register_forward_hook(
+                lambda module, args, output: capture.append(args[0]))
+        try:
+            return model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep,
+                         **extra).logits
+        finally:
+            if hook is not None:
+                hook.remove()
 
 
 def answer_loss(model, batch: dict, device: torch.device, *, use_autocast: bool) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens. Only the last positions' logits are computed (`logits_to_keep`)."""
-    input_ids = batch["input_ids"].to(device)
-    attention = batch["attention_mask"].to(device)
-    keep = batch["answer_width"]
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    with autocast(device, use_autocast):
-        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                       logits_to_keep=last_positions(input_ids, keep + 1), use_cache=False).logits
-    targets = batch["labels"][:, -keep:].to(device)
+    """Mean cross-entropy over the answer tokens of a `collate` batch (with or without a shared prefix)."""
+    logits = answer_logits(model, batch, device, use_autocast=use_autocast)
+    targets = batch["labels"][:, -batch["answer_width"]:].to(device)
     return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                              targets.reshape(-1), ignore_index=-100)
 

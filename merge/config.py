@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from sentimerge.curriculum.config import check_polarities
-from sentimerge.pipeline.core.tasks import Frozen
+from sentimerge.pipeline.core.tasks import WHEN_SET, Frozen
 
 
 class WeakConfig(Frozen):
@@ -59,6 +59,10 @@ class GoldConfig(Frozen):
 
     per_generation: int = Field(48, ge=0, description="dev examples per task for each generation's best (0: off)")
     final: int | None = Field(None, ge=1, description="dev examples per task in the final table (default: all)")
+    experts: Literal["all", "own"] = Field(
+        "all", json_schema_extra=WHEN_SET, description="the final tables score each expert on every task (all: how much it transfers) or on "
+                           "its own task only (own: a third of the experts' scoring with 3 tasks; their mean is "
+                           "then blank, and the weak-vs-gold Spearman is over the models scored on every task)")
 
 
 class SelectConfig(Frozen):
@@ -99,7 +103,12 @@ class SearchConfig(Frozen):
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="the resident scoring copy")
     compile: bool = Field(True, description="torch.compile the searched dense method's combine (ties, dare): one "
                                             "fused pass per weight; eager, with a warning, where compiling fails")
-    export: bool = Field(True, description="write the best merge through mergekit to <run>/search/merged")
+    export: bool = Field(True, description="write the best merge to <run>/search/merged (stage 3 starts there)")
+    writer: Literal["mergekit", "in_memory"] = Field(
+        "mergekit", json_schema_extra=WHEN_SET, description="who writes <run>/search/merged: mergekit runs the recipe (and the search measures "
+                                "its distance to the in-memory merge); in_memory saves the in-memory merge with "
+                                "transformers, equal to mergekit's output (tested) without mergekit's peak memory "
+                                "(3.1 GB for 3 experts on SmolLM2-135M: it writes each LoRA merge in float32)")
     weak: WeakConfig = WeakConfig()
     gold: GoldConfig = GoldConfig()
     select: SelectConfig = SelectConfig()

@@ -23,6 +23,7 @@ compiling fails (no C++ compiler, an unsupported backend) the merge warns once a
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,7 +174,13 @@ class InMemoryMerge:
             target.param.copy_(target.base)
 
     @torch.no_grad()
+    def iter_merged(self, genome: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
+        """(weight name, merged float32 value) of each adapted weight of the candidate, one at a time (the model is
+        untouched): a writer holds one merged weight at once."""
+        coefficients = self.genome.layer_coefficients(genome)
+        for target, weights in zip(self.targets, self._expert_weights(coefficients)):
+            yield target.weight, self.merged_weight(target, weights)
+
     def merged_state(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
         """The candidate's merged adapted weights in float32 (for checks and exports; the model is untouched)."""
-        coefficients = self.genome.layer_coefficients(genome)
-        return {t.weight: self.merged_weight(t, w) for t, w in zip(self.targets, self._expert_weights(coefficients))}
+        return dict(self.iter_merged(genome))

@@ -43,11 +43,13 @@ def _config(config: ConfigLike) -> RunConfig:
 def session(cfg: RunConfig, *, writes: bool = True) -> Iterator[RunDir]:
     """What every command runs inside (the CLI's too): the run's seed and thread count set, and, for a command that
     writes, the run directory's lock held (a second writer gets a one-line error instead of a corrupted run)."""
+    from sentimerge.pipeline.core.models import set_attention
     from sentimerge.pipeline.core.rundir import run_lock
     from sentimerge.pipeline.core.runtime import seed_everything, set_threads
 
     seed_everything(cfg.seed)
     set_threads(cfg.threads)
+    set_attention(cfg.attention)
     run = RunDir(cfg.resolved_run_dir)
     if not writes:
         yield run

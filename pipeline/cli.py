@@ -73,8 +73,9 @@ def _module(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sentimerge.pipeline.core.runtime import setup_logging
+    from sentimerge.pipeline.core.runtime import limit_kernel_cache, setup_logging
 
+    limit_kernel_cache()
     setup_logging(args.verbose)
     try:
         cfg = None

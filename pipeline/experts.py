@@ -58,6 +58,7 @@ from sentimerge.pipeline.core.rundir import (
     write_manifest,
     write_text_atomic,
 )
+from sentimerge.pipeline.core.runtime import release_memory
 from sentimerge.pipeline.core.tasks import TaskSpec
 from sentimerge.pipeline.core.upstream import load_prepared, merge_base_path, prepared_key, prepared_model_path
 
@@ -123,6 +124,7 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
         train, dev = data[task.name]
         train_expert(cfg, run, task, train, dev, base_path, fingerprint=fingerprint,
                      on_step=(lambda step, name=task.name: on_step(name, step)) if on_step else None)
+        release_memory()  # the expert's model, optimizer and the allocator's free pages, before the next one loads
         folders[task.name] = folder
     return folders
 
@@ -344,8 +346,8 @@ def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict],
     def train_step(step: int) -> dict:
         drawn = sampler.next_batch(step)
         tick = time.time()
-        loss = answer_loss(model, collate([encoded[i] for i in drawn["indices"]], tokenizer.pad_token_id), device,
-                           use_autocast=settings.autocast)
+        batch = collate([encoded[i] for i in drawn["indices"]], tokenizer.pad_token_id, share_prefix=True)
+        loss = answer_loss(model, batch, device, use_autocast=settings.autocast)
         loss.backward()
         append_jsonl(run.expert_schedule(task.name), _schedule_row(step + 1, drawn, pool, difficulty))
         return {"loss": round(loss.item(), 5),

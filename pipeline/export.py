@@ -31,7 +31,14 @@ from sentimerge.pipeline.core.evaluation import (
     markdown_table,
     split_heading,
 )
-from sentimerge.pipeline.core.models import DTYPES, cast_weights, load_model, peft_quietly, pick_device
+from sentimerge.pipeline.core.models import (
+    DTYPES,
+    attention_kwargs,
+    cast_weights,
+    load_model,
+    peft_quietly,
+    pick_device,
+)
 from sentimerge.pipeline.core.rundir import (
     EXPORT_TASKS,
     RunDir,
@@ -141,7 +148,8 @@ def merged_model(start: str, adapter: Path | None, cfg: RunConfig):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32,
-                                                 trust_remote_code=cfg.base_model.trust_remote_code)
+                                                 trust_remote_code=cfg.base_model.trust_remote_code,
+                                                 **attention_kwargs(pick_device(cfg.device)))
     if adapter is not None:
         from peft import PeftModel
 

@@ -16,6 +16,7 @@ import pandas as pd
 from sentimerge.pipeline.core.config import RunConfig
 from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, markdown_table, merge_labels
 from sentimerge.pipeline.core.rundir import RunDir, is_done, write_csv_atomic, write_json_atomic, write_text_atomic
+from sentimerge.pipeline.core.runtime import release_memory
 
 log = logging.getLogger("sentimerge.run")
 
@@ -39,6 +40,7 @@ def main(cfg: RunConfig) -> pd.DataFrame:
             skipped.append(name)
         started = time.time()
         stage(cfg)
+        release_memory()  # what the stage loaded: the next stage starts from the memory of an idle process
         seconds[name] = round(time.time() - started, 1)
     # wall time per stage of the invocation that ran it, and the peak memory of those invocations: a stage finished
     # earlier (skipped now: say which) keeps what the earlier run.json recorded, so a second `run` loses nothing

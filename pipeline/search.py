@@ -42,6 +42,7 @@ from sentimerge.pipeline.core.evaluation import (
     split_heading,
 )
 from sentimerge.pipeline.core.metrics import paired_bootstrap, spearman
+from sentimerge.pipeline.core.models import DTYPES
 from sentimerge.pipeline.core.rundir import (
     RunDir,
     append_jsonl,
@@ -56,6 +57,7 @@ from sentimerge.pipeline.core.rundir import (
     write_manifest,
     write_text_atomic,
 )
+from sentimerge.pipeline.core.runtime import release_memory
 from sentimerge.pipeline.core.upstream import merge_base_path, prepared_key, search_key
 
 log = logging.getLogger("sentimerge.search")
@@ -197,7 +199,7 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     export = None
     if settings.export:
         with timer.phase("export"):
-            export = _export(run, cfg, recipe, merger, np.asarray(best["coefficients"]), best, final)
+            export = _export(run, cfg, recipe, merger, np.asarray(best["coefficients"]), best, final, base_path)
     report = _report(run, cfg, best, baselines, final, generations, export, timer)
     write_json_atomic(run.search_report, report)
     write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
@@ -224,14 +226,15 @@ def _check_inputs(cfg: RunConfig, run: RunDir) -> None:
 
 def _fingerprint(cfg: RunConfig, run: RunDir) -> str:
     """What decides the search's log: a resumed search must have the same."""
-    # the number of generations, the final table and the export do not change the candidates already logged
+    # the number of generations, the final table and the export (and its writer) do not change the candidates logged
     # left out too: `compile` (the same weights bit for bit) and the lexicon's label polarities unless a task is
     # labelled by the lexicon, so that settings which do not change a candidate's score never block a resume
     weak = cfg.search.weak
     search = cfg.search.decisive()
-    for name in ("export", "generations", "select", "compile"):
-        del search[name]
-    del search["gold"]["final"]
+    for name in ("export", "writer", "generations", "select", "compile"):
+        search.pop(name, None)
+    for name in ("final", "experts"):
+        search["gold"].pop(name, None)
     if "lexicon" not in {weak.labeller, *weak.labellers.values()}:
         del search["weak"]["label_polarity"]
     decisive = {"search": search,
@@ -445,9 +448,13 @@ def _final_table(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, best: d
     entries = [(name, b["method"], b["coefficients"], b["fitness"]) for name, b in baselines.items()
                if not name.startswith("uniform@")]  # the scan of `init: auto`: its chosen one is `uniform`
     entries.append(("evolved", cfg.search.method, best["coefficients"], best["fitness"]))
+    own_only = cfg.search.gold.experts == "own"
     for name, method, candidate, weak_fitness in entries:
-        gold = _gold_score(mergers[method], model, tokenizer, sets, candidate, cfg.search.batch_size)
-        rows.append({"model": name, **gold["tasks"], "mean": gold["mean"], "weak_fitness": weak_fitness})
+        scored = [s for s in sets if s.task.name == name.removeprefix("expert:")] \
+            if own_only and name.startswith("expert:") else sets
+        gold = _gold_score(mergers[method], model, tokenizer, scored, candidate, cfg.search.batch_size)
+        mean = gold["mean"] if len(scored) == len(sets) else float("nan")
+        rows.append({"model": name, **gold["tasks"], "mean": mean, "weak_fitness": weak_fitness})
         predictions.append({"model": name, "predictions": gold["predictions"]})
         log.info("gold %s %-20s mean %.4f (%s)", split, name, gold["mean"],
                  " ".join(f"{t}={v:.3f}" for t, v in gold["tasks"].items()))
@@ -538,8 +545,11 @@ def _interval(summary: dict) -> str:
 
 
 def _export(run: RunDir, cfg: RunConfig, recipe: dict, merger: InMemoryMerge, candidate: np.ndarray, best: dict,
-            final: pd.DataFrame) -> dict:
-    """Write the best merge through mergekit and measure how far it is from the in-memory merge."""
+            final: pd.DataFrame, base_path: str) -> dict:
+    """Write the best merge to `search/merged`: through mergekit, measuring how far it is from the in-memory merge,
+    or (`search.writer: in_memory`) from the in-memory merge itself."""
+    if cfg.search.writer == "in_memory":
+        return _export_in_memory(run, cfg, merger, candidate, best, final, base_path)
     from safetensors.torch import load_file
 
     cache = run.search / ".mergekit_cache"
@@ -562,7 +572,42 @@ def _export(run: RunDir, cfg: RunConfig, recipe: dict, merger: InMemoryMerge, ca
     shutil.rmtree(cache, ignore_errors=True)
     log.info("export: mergekit wrote %s in %.1fs; max |mergekit - in-memory| = %.3g", run.search_merged, seconds,
              difference)
-    return {"path": str(run.search_merged), "mergekit_seconds": seconds, "max_abs_difference": difference}
+    return {"path": str(run.search_merged), "writer": "mergekit", "mergekit_seconds": seconds,
+            "max_abs_difference": difference}
+
+
+def _export_in_memory(run: RunDir, cfg: RunConfig, merger: InMemoryMerge, candidate: np.ndarray, best: dict,
+                      final: pd.DataFrame, base_path: str) -> dict:
+    """The in-memory merge saved with transformers: the base checkpoint with each adapted weight replaced by its
+    float32 merge cast to `search.dtype`, as mergekit writes the recipe (`recipe.yml` reproduces it with
+    `mergekit-yaml`); the tokenizer beside it. One weight at a time, so the peak is the base model plus one weight."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = DTYPES[cfg.search.dtype]
+    with fresh_dir(run.search_merged, overwrite=True) as folder:
+        clock = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
+                                                     trust_remote_code=cfg.base_model.trust_remote_code)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in merger.iter_merged(candidate):
+                params[name].copy_(value.to(dtype))
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.base_model.trust_remote_code).save_pretrained(
+            folder)
+        del model, params
+        seconds = time.perf_counter() - clock
+        (folder / "README.md").write_text(
+            f"# {run.search_merged.name}\n\nThe evolved merge of the experts {', '.join(merger.genome.experts)} "
+            f"({cfg.search.method}), written by sentimerge from its in-memory merge. `mergekit-yaml "
+            f"{run.search_recipe.name} OUT` reproduces it.\n", encoding="utf-8")
+        write_json_atomic(folder / "sentimerge_search.json", {
+            "best": {k: best[k] for k in ("generation", "index", "fitness", "coefficients", "tasks")},
+            "gold_dev": final.to_dict(orient="records"), "max_abs_difference_vs_in_memory": 0.0})
+        write_manifest(folder, stage="search-export", tool="sentimerge (in memory)", seconds=round(seconds, 2))
+    release_memory()
+    log.info("export: wrote the in-memory merge to %s in %.1fs", run.search_merged, seconds)
+    return {"path": str(run.search_merged), "writer": "in_memory", "seconds": seconds, "max_abs_difference": 0.0}
 
 
 def _normalise_card(readme: Path, written_as: str, name: str) -> None:
@@ -602,7 +647,8 @@ def _report(run: RunDir, cfg: RunConfig, best: dict, baselines: dict, final: pd.
         **_test_report(run, cfg),
         "weak_vs_gold_spearman": {
             "generation_bests": spearman([g["best"] for g in gold], [g["gold_best"] for g in gold]) if gold else None,
-            "final_table": spearman(final["weak_fitness"].tolist(), final["mean"].tolist()),
+            "final_table": spearman(*(final.dropna(subset=["mean"])[column].tolist()  # models scored on every task
+                                      for column in ("weak_fitness", "mean"))),
         },
         "throughput": {"merge_ms_per_candidate": merge_ms, "scoring_s_per_candidate": score_s,
                        "examples_per_s": examples / len(rows) / score_s if rows else None,

@@ -173,3 +173,26 @@ def test_scoring_uses_the_current_cache_argument(tiny):
                                answer_tokens(tokenizer, task).answers, pad_id=tokenizer.pad_token_id, batch_size=2,
                                reuse_prefix=True)
     assert torch.isfinite(scores).all()
+
+
+def test_attention_setting_picks_the_kernel_and_both_score_alike(prepared_tiny):
+    """`attention: auto` loads eager attention on CPU (faster for short prompts); sdpa scores the same."""
+    from sentimerge.pipeline.core.models import attention_kwargs, set_attention
+
+    run = RunDir(prepared_tiny.resolved_run_dir)
+    task = prepared_tiny.task("aspect3")
+    examples = load_prepared(run, "aspect3", "dev")
+    scores = {}
+    try:
+        for name in ("auto", "sdpa", "eager"):
+            set_attention(name)
+            model, tokenizer = load_model(prepared_model_path(run), dtype="float32")
+            scores[name] = (model.config._attn_implementation, score_task(model, tokenizer, task, examples).logprobs)
+        set_attention("auto")
+        assert attention_kwargs("cuda") == {} and attention_kwargs("cpu") == {"attn_implementation": "eager"}
+        with pytest.raises(ValueError, match="auto, eager or sdpa"):
+            set_attention("flash")
+    finally:
+        set_attention("auto")
+    assert [scores[name][0] for name in ("auto", "sdpa", "eager")] == ["eager", "sdpa", "eager"]
+    torch.testing.assert_close(scores["sdpa"][1], scores["eager"][1], atol=2e-4, rtol=1e-4)

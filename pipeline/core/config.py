@@ -141,6 +141,9 @@ class RunConfig(Frozen):
     cache_dir: str | None = Field(None, description="default: $SENTIMERGE_CACHE or ~/.cache/sentimerge")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+    attention: Literal["auto", "eager", "sdpa"] = Field(
+        "auto", description="attention kernel of every model the run loads; auto: eager on CPU (faster there for "
+                            "short prompts), transformers' default (sdpa) on GPU")
     base_model: ModelSpec
     data_root: str | None = None
     tasks: list[TaskSpec] = Field(min_length=1)

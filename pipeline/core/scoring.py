@@ -143,7 +143,7 @@ def _prefix(model, prompts: list[list[int]], device) -> _Prefix | None:
         return None
     ids = torch.tensor([prompts[0][:length]], device=device)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=last_positions(ids))
-    return _Prefix(length, _returned_cache(out))
+    return _Prefix(length, returned_cache(out))
 
 
 def _score_batch(model, prompts, answers, pad_id, device, prefix: _Prefix | None = None) -> torch.Tensor:
@@ -163,30 +163,32 @@ def _score_batch(model, prompts, answers, pad_id, device, prefix: _Prefix | None
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     longer = [i for i, answer in enumerate(answers) if len(answer) > 1]
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions[:, skip:],
-                **{_cache_name(model): cache}, use_cache=bool(longer) or cache is not None,
+                **{cache_keyword(model): cache}, use_cache=bool(longer) or cache is not None,
                 logits_to_keep=last_positions(input_ids))
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     scores = first[:, [answer[0] for answer in answers]]
     if longer:
-        scores[:, longer] += _continuations(model, _returned_cache(out), attention, positions,
+        scores[:, longer] += _continuations(model, returned_cache(out), attention, positions,
                                             [answers[i] for i in longer], pad_id)
     return scores.cpu()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_argument(model_class: type) -> str:
     parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def _cache_name(model) -> str:
-    """The forward's name for the KV cache: `cache` where transformers has renamed it (5.2x: `past_key_values` is
-    deprecated there), `past_key_values` in the earlier releases pyproject allows."""
+def cache_keyword(model) -> str:
+    """The forward's keyword for the KV cache, which scoring and the prefix-sharing training forward pass: `cache`
+    where transformers has renamed it (5.2x: `past_key_values` is deprecated there), `past_key_values` in the
+    earlier releases pyproject allows."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _cache_argument(type(base))
 
 
-def _returned_cache(out):
+def returned_cache(out):
+    """The KV cache a forward returned (`out.cache` where transformers has renamed it, else `out.past_key_values`)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 
@@ -220,7 +222,7 @@ def _continuations(model, cache, attention, positions, answers, pad_id) -> torch
     mask = torch.cat([attention.repeat_interleave(count, 0), torch.ones_like(feed)], dim=-1)
     start = positions[:, -1:].repeat_interleave(count, 0) + 1
     steps_positions = start + torch.arange(steps, device=device)
-    logits = model(input_ids=feed, attention_mask=mask, position_ids=steps_positions, **{_cache_name(model): cache}).logits
+    logits = model(input_ids=feed, attention_mask=mask, position_ids=steps_positions, **{cache_keyword(model): cache}).logits
     logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return (logprobs * valid).sum(-1).view(batch, count)
 
