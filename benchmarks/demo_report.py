@@ -27,11 +27,20 @@ from sentimerge.pipeline.core.evaluation import markdown_table
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def _examples(run: Path) -> str:
+    """Examples per task of the final tables' dev split, counted from the kept predictions."""
+    from sentimerge.pipeline.core.rundir import read_jsonl
+
+    rows = read_jsonl(run / "search" / "final_predictions.jsonl")
+    return ", ".join(f"{task} {len(labels)}" for task, labels in rows[0]["predictions"].items()) if rows else "?"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--no-timing", action="store_true",
-                        help="leave demo_wall_seconds and demo_peak_rss_mb as they are (a run timed beside other jobs)")
+                        help="leave demo_wall_seconds and demo_peak_rss_mb as they are (a run timed beside other jobs, or "
+                             "one benchmarks/fresh_demo.py timed as a whole `make demo`)")
     args = parser.parse_args()
     run = Path(args.run_dir)
     results = pd.read_csv(run / "results.csv")
@@ -60,15 +69,16 @@ def main() -> None:
     command = f"sentimerge run configs/demo.yaml --run-dir {run}; python benchmarks/demo_report.py {run}"
     record(values, command=command)
     bests = "none" if spearman["generation_bests"] is None else f"{spearman['generation_bests']:.3f}"
+    examples = _examples(run)
     text = f"""# The demo pipeline end to end
 
 `sentimerge run configs/demo.yaml --run-dir {run}` from an empty run directory, then
 `python benchmarks/demo_report.py {' '.join(sys.argv[1:])}`; {time.strftime('%Y-%m-%d')}, {machine()}. Primary
-metric per task (accuracy; Pearson for intensity), seed 0; every row of a split on the same examples (the whole
-split, 200 per task). Settings were chosen on dev; the test split chose nothing.
+metric per task (as the tasks file states it), seed 0; every row of a split on the same examples (the whole
+split, or `search.gold.final` examples per task: {examples}). Settings were chosen on dev; the test split chose nothing.
 
 {markdown_table(results)}
-{"Timings below come from a run made beside other jobs: not a measurement of speed. " if args.no_timing else ""}Wall time per stage (s): {', '.join(f'{k} {v}' for k, v in info['seconds'].items())}; total {info['total_seconds']} s
+{"Timings: not recorded as the demo's (--no-timing). " if args.no_timing else ""}Wall time per stage (s): {', '.join(f'{k} {v}' for k, v in info['seconds'].items())}; total {info['total_seconds']} s
 ({info['total_seconds'] / 60:.1f} min), each stage timed by the invocation that ran it.
 Peak resident memory: {info['peak_rss_mb']:.0f} MB.
 

@@ -122,3 +122,17 @@ def test_console_script_is_installed():
 def test_python_m_sentimerge_is_the_cli():
     result = subprocess.run([sys.executable, "-m", "sentimerge", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("sentimerge ")
+
+
+def test_the_cli_caps_the_kernel_cache_unless_the_user_set_it(monkeypatch):
+    """oneDNN reads ONEDNN_PRIMITIVE_CACHE_CAPACITY at its first kernel: the CLI sets 64 first, a user's value stays."""
+    import os
+
+    from sentimerge.pipeline.core.runtime import KERNEL_CACHE_CAPACITY
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert main(["inspect", "/nonexistent-run"]) == 2
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == KERNEL_CACHE_CAPACITY
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    assert main(["inspect", "/nonexistent-run"]) == 2
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
