@@ -24,8 +24,10 @@ $(CORE_STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install --quiet --no-compile -c $(CONSTRAINTS) -e .
 	touch $(CORE_STAMP)
 
+# the tests start many processes (CLI runs, Ray workers) that would each compile what they import: compile once here
 $(STAMP): $(CORE_STAMP)
 	$(BIN)/pip install --quiet --no-compile -c $(CONSTRAINTS) -e ".[dev,ray]"
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(STAMP)
 
 demo: $(CORE_STAMP)
