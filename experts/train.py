@@ -14,7 +14,7 @@ from sentimerge.experts.config import ExpertsConfig, LoraSettings
 from sentimerge.pipeline.core.metrics import compute_metrics
 from sentimerge.pipeline.core.models import DTYPES, attention_kwargs, peft_quietly
 from sentimerge.pipeline.core.prompts import training_example
-from sentimerge.pipeline.core.scoring import last_positions, score_task
+from sentimerge.pipeline.core.scoring import cache_keyword, last_positions, returned_cache, score_task
 from sentimerge.pipeline.core.tasks import TaskSpec
 
 
@@ -110,8 +110,6 @@ def answer_logits(model, batch: dict, device: torch.device, *, use_autocast: boo
     once (batch 1), repeats its KV cache over the rows, and runs the rows on top of it; gradients flow through the
     cache into the prefix's forward, summed over the rows, as if every row had computed it. With `capture`, the input
     of the output embedding at the kept positions is appended to it (per-task gradient norms are taken there)."""
-    from sentimerge.pipeline.core.scoring import cache_keyword, returned_cache
-
     input_ids = batch["input_ids"].to(device)
     attention = batch["attention_mask"].to(device)
     keep = last_positions(input_ids, batch["answer_width"] + 1)

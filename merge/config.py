@@ -60,9 +60,10 @@ class GoldConfig(Frozen):
     per_generation: int = Field(48, ge=0, description="dev examples per task for each generation's best (0: off)")
     final: int | None = Field(None, ge=1, description="dev examples per task in the final table (default: all)")
     experts: Literal["all", "own"] = Field(
-        "all", json_schema_extra=WHEN_SET, description="the final tables score each expert on every task (all: how much it transfers) or on "
-                           "its own task only (own: a third of the experts' scoring with 3 tasks; their mean is "
-                           "then blank, and the weak-vs-gold Spearman is over the models scored on every task)")
+        "all", json_schema_extra=WHEN_SET,
+        description="the final tables score each expert on every task (all: how much it transfers) or on its own "
+                    "task only (own: a third of the experts' scoring with 3 tasks; their mean is then blank, and the "
+                    "weak-vs-gold Spearman is over the models scored on every task)")
 
 
 class SelectConfig(Frozen):
@@ -105,10 +106,11 @@ class SearchConfig(Frozen):
                                             "fused pass per weight; eager, with a warning, where compiling fails")
     export: bool = Field(True, description="write the best merge to <run>/search/merged (stage 3 starts there)")
     writer: Literal["mergekit", "in_memory"] = Field(
-        "mergekit", json_schema_extra=WHEN_SET, description="who writes <run>/search/merged: mergekit runs the recipe (and the search measures "
-                                "its distance to the in-memory merge); in_memory saves the in-memory merge with "
-                                "transformers, equal to mergekit's output (tested) without mergekit's peak memory "
-                                "(3.1 GB for 3 experts on SmolLM2-135M: it writes each LoRA merge in float32)")
+        "mergekit", json_schema_extra=WHEN_SET,
+        description="who writes <run>/search/merged: mergekit runs the recipe (and the search measures its distance "
+                    "to the in-memory merge); in_memory saves the in-memory merge with transformers, equal to "
+                    "mergekit's output (tested) without mergekit's peak memory (3.1 GB for 3 experts on "
+                    "SmolLM2-135M: it writes each LoRA merge in float32)")
     weak: WeakConfig = WeakConfig()
     gold: GoldConfig = GoldConfig()
     select: SelectConfig = SelectConfig()

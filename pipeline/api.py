@@ -45,8 +45,9 @@ def session(cfg: RunConfig, *, writes: bool = True) -> Iterator[RunDir]:
     writes, the run directory's lock held (a second writer gets a one-line error instead of a corrupted run)."""
     from sentimerge.pipeline.core.models import set_attention
     from sentimerge.pipeline.core.rundir import run_lock
-    from sentimerge.pipeline.core.runtime import seed_everything, set_threads
+    from sentimerge.pipeline.core.runtime import limit_kernel_cache, seed_everything, set_threads
 
+    limit_kernel_cache()  # a no-op when the CLI or the user set it first
     seed_everything(cfg.seed)
     set_threads(cfg.threads)
     set_attention(cfg.attention)

@@ -57,7 +57,6 @@ from sentimerge.pipeline.core.rundir import (
     write_manifest,
     write_text_atomic,
 )
-from sentimerge.pipeline.core.runtime import release_memory
 from sentimerge.pipeline.core.upstream import merge_base_path, prepared_key, search_key
 
 log = logging.getLogger("sentimerge.search")
@@ -548,66 +547,66 @@ def _export(run: RunDir, cfg: RunConfig, recipe: dict, merger: InMemoryMerge, ca
             final: pd.DataFrame, base_path: str) -> dict:
     """Write the best merge to `search/merged`: through mergekit, measuring how far it is from the in-memory merge,
     or (`search.writer: in_memory`) from the in-memory merge itself."""
-    if cfg.search.writer == "in_memory":
-        return _export_in_memory(run, cfg, merger, candidate, best, final, base_path)
-    from safetensors.torch import load_file
-
-    cache = run.search / ".mergekit_cache"
+    writer = cfg.search.writer
     with fresh_dir(run.search_merged, overwrite=True) as folder:
         clock = time.perf_counter()
-        run_mergekit(recipe, folder, cache=cache)
+        if writer == "mergekit":
+            difference = _write_with_mergekit(run, cfg, recipe, merger, candidate, folder)
+        else:
+            difference = _write_in_memory(run, cfg, merger, candidate, folder, base_path)
         seconds = time.perf_counter() - clock
-        _normalise_card(folder / "README.md", folder.name, run.search_merged.name)
-        merged = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            merged.update(load_file(str(shard)))
-        expected = merger.merged_state(candidate)
-        dtype = getattr(torch, cfg.search.dtype)
-        difference = max(float((merged[name].float() - value.to(dtype).float()).abs().max())
-                         for name, value in expected.items())
         write_json_atomic(folder / "sentimerge_search.json", {
             "best": {k: best[k] for k in ("generation", "index", "fitness", "coefficients", "tasks")},
             "gold_dev": final.to_dict(orient="records"), "max_abs_difference_vs_in_memory": difference})
-        write_manifest(folder, stage="search-export", tool="mergekit", seconds=round(seconds, 2))
-    shutil.rmtree(cache, ignore_errors=True)
-    log.info("export: mergekit wrote %s in %.1fs; max |mergekit - in-memory| = %.3g", run.search_merged, seconds,
-             difference)
-    return {"path": str(run.search_merged), "writer": "mergekit", "mergekit_seconds": seconds,
-            "max_abs_difference": difference}
+        write_manifest(folder, stage="search-export", tool="mergekit" if writer == "mergekit" else
+                       "sentimerge (in memory)", seconds=round(seconds, 2))
+    if writer == "mergekit":
+        shutil.rmtree(run.search / ".mergekit_cache", ignore_errors=True)
+        log.info("export: mergekit wrote %s in %.1fs; max |mergekit - in-memory| = %.3g", run.search_merged, seconds,
+                 difference)
+        return {"path": str(run.search_merged), "writer": writer, "mergekit_seconds": seconds,
+                "max_abs_difference": difference}
+    log.info("export: wrote the in-memory merge to %s in %.1fs", run.search_merged, seconds)
+    return {"path": str(run.search_merged), "writer": writer, "seconds": seconds, "max_abs_difference": difference}
 
 
-def _export_in_memory(run: RunDir, cfg: RunConfig, merger: InMemoryMerge, candidate: np.ndarray, best: dict,
-                      final: pd.DataFrame, base_path: str) -> dict:
-    """The in-memory merge saved with transformers: the base checkpoint with each adapted weight replaced by its
-    float32 merge cast to `search.dtype`, as mergekit writes the recipe (`recipe.yml` reproduces it with
-    `mergekit-yaml`); the tokenizer beside it. One weight at a time, so the peak is the base model plus one weight."""
+def _write_with_mergekit(run: RunDir, cfg: RunConfig, recipe: dict, merger: InMemoryMerge, candidate: np.ndarray,
+                         folder: Path) -> float:
+    """mergekit's run of `recipe` into `folder`; the largest |mergekit - in-memory| over the adapted weights."""
+    from safetensors.torch import load_file
+
+    run_mergekit(recipe, folder, cache=run.search / ".mergekit_cache")
+    _normalise_card(folder / "README.md", folder.name, run.search_merged.name)
+    merged = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        merged.update(load_file(str(shard)))
+    dtype = DTYPES[cfg.search.dtype]
+    return max(float((merged[name].float() - value.to(dtype).float()).abs().max())
+               for name, value in merger.iter_merged(candidate))
+
+
+def _write_in_memory(run: RunDir, cfg: RunConfig, merger: InMemoryMerge, candidate: np.ndarray, folder: Path,
+                     base_path: str) -> float:
+    """The in-memory merge saved with transformers into `folder`: the base checkpoint with each adapted weight
+    replaced by its float32 merge cast to `search.dtype`, as mergekit writes the recipe (`recipe.yml` reproduces it
+    with `mergekit-yaml`), and the tokenizer. One weight at a time: the peak is the base model plus one weight.
+    Returns 0.0, the distance of the written merge to the in-memory one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = DTYPES[cfg.search.dtype]
-    with fresh_dir(run.search_merged, overwrite=True) as folder:
-        clock = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
-                                                     trust_remote_code=cfg.base_model.trust_remote_code)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in merger.iter_merged(candidate):
-                params[name].copy_(value.to(dtype))
-        model.save_pretrained(folder)
-        AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.base_model.trust_remote_code).save_pretrained(
-            folder)
-        del model, params
-        seconds = time.perf_counter() - clock
-        (folder / "README.md").write_text(
-            f"# {run.search_merged.name}\n\nThe evolved merge of the experts {', '.join(merger.genome.experts)} "
-            f"({cfg.search.method}), written by sentimerge from its in-memory merge. `mergekit-yaml "
-            f"{run.search_recipe.name} OUT` reproduces it.\n", encoding="utf-8")
-        write_json_atomic(folder / "sentimerge_search.json", {
-            "best": {k: best[k] for k in ("generation", "index", "fitness", "coefficients", "tasks")},
-            "gold_dev": final.to_dict(orient="records"), "max_abs_difference_vs_in_memory": 0.0})
-        write_manifest(folder, stage="search-export", tool="sentimerge (in memory)", seconds=round(seconds, 2))
-    release_memory()
-    log.info("export: wrote the in-memory merge to %s in %.1fs", run.search_merged, seconds)
-    return {"path": str(run.search_merged), "writer": "in_memory", "seconds": seconds, "max_abs_difference": 0.0}
+    trust = cfg.base_model.trust_remote_code
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in merger.iter_merged(candidate):
+            params[name].copy_(value.to(dtype))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust).save_pretrained(folder)
+    (folder / "README.md").write_text(
+        f"# {run.search_merged.name}\n\nThe evolved merge of the experts {', '.join(merger.genome.experts)} "
+        f"({cfg.search.method}), written by sentimerge from its in-memory merge. `mergekit-yaml "
+        f"{run.search_recipe.name} OUT` reproduces it.\n", encoding="utf-8")
+    return 0.0
 
 
 def _normalise_card(readme: Path, written_as: str, name: str) -> None:

@@ -74,5 +74,5 @@ def limit_kernel_cache() -> None:
     On CPU every new batch shape (padded width) builds new bf16 matmul kernels, and oneDNN keeps up to 1024 of them
     with their scratch memory: 280 MB more resident memory after 64 LoRA training steps on SmolLM2-135M than with 64,
     at the same speed (benchmarks/results/demo_profile.md). oneDNN reads the variable when it creates its first
-    kernel, so this runs before any model math (the CLI calls it first)."""
+    kernel, so this runs before any model math (the CLI calls it first, `api.session` too)."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", KERNEL_CACHE_CAPACITY)
