@@ -37,7 +37,6 @@ from benchmarks.summary import machine, record  # noqa: E402
 from sentimerge.merge.engine import InMemoryMerge  # noqa: E402
 from sentimerge.merge.fitness import encode_set, evaluate  # noqa: E402
 from sentimerge.merge.genome import Genome  # noqa: E402
-from sentimerge.merge.lora import read_adapter  # noqa: E402
 from sentimerge.merge.methods import get_method  # noqa: E402
 from sentimerge.merge.recipe import build_recipe, run_mergekit  # noqa: E402
 from sentimerge.merge.weak import sample_weak_set  # noqa: E402
@@ -45,7 +44,7 @@ from sentimerge.pipeline.core.config import load_config  # noqa: E402
 from sentimerge.pipeline.core.models import load_model  # noqa: E402
 from sentimerge.pipeline.core.rundir import RunDir, write_json_atomic, write_text_atomic  # noqa: E402
 from sentimerge.pipeline.core.runtime import set_threads, setup_logging  # noqa: E402
-from sentimerge.pipeline.core.upstream import prepared_model_path
+from sentimerge.pipeline.core.upstream import expert_deltas, expert_reference, prepared_model_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -87,7 +86,7 @@ def main() -> None:
     model, tokenizer = load_model(base_path, dtype=settings.dtype)
     sets = [encode_set(tokenizer, task, sets_examples[task.name], [e["label"] for e in sets_examples[task.name]])
             for task in cfg.tasks]  # gold labels: the fitness value is not the point, the time is
-    adapters = {task.name: read_adapter(run.expert_adapter(task.name)) for task in cfg.tasks}
+    adapters = {task.name: expert_deltas(run, task.name, base_path) for task in cfg.tasks}
     summary = {}
     for name in args.methods.split(","):
         method = get_method(name)
@@ -106,8 +105,8 @@ def main() -> None:
             merger.apply(candidate)
             compile_once = time.perf_counter() - clock
 
-        recipe = build_recipe(base_path, {t: str(run.expert_adapter(t).resolve()) for t in adapters}, genome, candidate,
-                              method, density=settings.density, out_dtype=settings.dtype)
+        recipe = build_recipe(base_path, {t: expert_reference(run, t, base_path) for t in adapters}, genome,
+                              candidate, method, density=settings.density, out_dtype=settings.dtype)
         work = Path(tempfile.mkdtemp(prefix="turnover-"))
         in_memory, on_disk, via_peft = [], [], []
         try:

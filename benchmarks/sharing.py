@@ -125,8 +125,10 @@ def main() -> None:
     base = load_config(args.config)
     variants = [parse_variant(text) for text in args.variant]
     seeds = [int(seed) for seed in args.seeds.split(",")]
+    # seed-major, so an interrupted benchmark has every variant at its first seeds; every override is checked
+    # before anything trains
     configs = {(name, seed): variant_config(base, overrides, seed, Path(args.runs_root) / name / f"seed{seed}")
-               for name, overrides in variants for seed in seeds}  # every override checked before anything trains
+               for seed in seeds for name, overrides in variants}
     command = "python " + shlex.join(["benchmarks/sharing.py", *sys.argv[1:]])
     rows, done = [], {}
     for (name, seed), cfg in configs.items():
@@ -138,22 +140,27 @@ def main() -> None:
             report.main(cfg, weightings=(cfg.finetune.weighting.name,), multitask=True, command=command)
         done.setdefault((seed, examples), run)
         rows += rows_of(name, seed, json.loads((run.report / "report.json").read_text(encoding="utf-8")))
-    table = pd.DataFrame(rows)
-    summary = summary_table(table)
-    text = (f"# Sharing and budget split: {base.name}\n\n`{command}`\n\nPer seed (primary metric, mean over tasks; "
-            "difference: final - multi-task LoRA, paired bootstrap 95% interval):\n\n" + markdown_table(table)
-            + "\nOver the seeds:\n\n" + markdown_table(summary))
-    (RESULTS / f"sharing_{base.name}.md").write_text(text, encoding="utf-8")
-    (RESULTS / f"sharing_{base.name}.json").write_text(json.dumps(
-        {"command": command, "rows": table.replace({np.nan: None}).to_dict("records"),
-         "summary": summary.replace({np.nan: None}).to_dict("records")}, indent=2) + "\n", encoding="utf-8")
-    print(text)
+        summary = write_results(base.name, command, pd.DataFrame(rows))  # after every run: nothing finished is lost
     if args.record:
         chosen = summary[summary["variant"] == args.record]
         values = {f"{base.name}_final_minus_multitask_{row['split']}": row["final - multitask"]
                   for row in chosen.to_dict("records")}
         values[f"{base.name}_expert_budget_share"] = float(chosen["expert share"].iloc[0])
         record(values, command=command)
+
+
+def write_results(name: str, command: str, table: pd.DataFrame) -> pd.DataFrame:
+    """Write sharing_<name>.{md,json} from the rows so far; return the summary over seeds."""
+    summary = summary_table(table)
+    text = (f"# Sharing and budget split: {name}\n\n`{command}`\n\nPer seed (primary metric, mean over tasks; "
+            "difference: final - multi-task LoRA, paired bootstrap 95% interval):\n\n" + markdown_table(table)
+            + "\nOver the seeds:\n\n" + markdown_table(summary))
+    (RESULTS / f"sharing_{name}.md").write_text(text, encoding="utf-8")
+    (RESULTS / f"sharing_{name}.json").write_text(json.dumps(
+        {"command": command, "rows": table.replace({np.nan: None}).to_dict("records"),
+         "summary": summary.replace({np.nan: None}).to_dict("records")}, indent=2) + "\n", encoding="utf-8")
+    print(text)
+    return summary
 
 
 if __name__ == "__main__":

@@ -54,6 +54,40 @@ class HybridSettings(Frozen):
                                                             "over for stage 2's coefficients")
 
 
+class GivenExpert(Frozen):
+    """An expert given instead of trained (`experts.given.TASK`): exactly one of a local peft LoRA adapter folder
+    (`path`), a LoRA adapter on the Hugging Face hub (`hub`, with a pinned `revision`), or a full checkpoint of the
+    run's base model (`checkpoint`: a folder saved with `save_pretrained`), whose task vector, weights minus the
+    base's, is the expert. Local paths are relative to the config file that names them."""
+
+    path: str | None = Field(None, description="a local peft adapter folder (adapter_config.json and "
+                                               "adapter_model.safetensors)")
+    hub: str | None = Field(None, description="a hub repository id of a peft adapter")
+    revision: str | None = Field(None, description="the hub revision (a commit hash, tag or branch): required with "
+                                                   "`hub`, so that a run is reproducible")
+    checkpoint: str | None = Field(None, description="a full fine-tuned checkpoint folder of the same base model")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GivenExpert:
+        sources = [name for name in ("path", "hub", "checkpoint") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            raise ValueError(f"give exactly one of path, hub, checkpoint (got {', '.join(sources) or 'none'})")
+        if self.hub is not None and not self.revision:
+            raise ValueError(f"hub {self.hub}: give a `revision` (a commit hash or tag), so the run can be repeated")
+        if self.revision is not None and self.hub is None:
+            raise ValueError("`revision` goes with `hub`")
+        return self
+
+    @property
+    def kind(self) -> Literal["adapter", "checkpoint"]:
+        return "checkpoint" if self.checkpoint is not None else "adapter"
+
+    @property
+    def source(self) -> str:
+        """What the expert comes from, for messages and manifests."""
+        return self.checkpoint or self.path or f"{self.hub}@{self.revision}"
+
+
 class ExpertsConfig(Frozen):
     """How stage 1 trains one LoRA expert per task."""
 
@@ -84,11 +118,21 @@ class ExpertsConfig(Frozen):
     hybrid: HybridSettings = Field(HybridSettings(), json_schema_extra=WHEN_SET)
     shared: SharedAdapterConfig = Field(SharedAdapterConfig(), json_schema_extra=WHEN_SET,
                                         description="a shared adapter the experts train on (off by default)")
+    given: dict[str, GivenExpert] = Field(
+        default_factory=dict, json_schema_extra=WHEN_SET,
+        description="per task, an expert given instead of trained: {path: DIR} (a peft LoRA adapter), {hub: ID, "
+                    "revision: REV}, or {checkpoint: DIR} (a full checkpoint of the same base); such a task is not "
+                    "trained, and its examples do not count in the budget")
 
     @model_validator(mode="after")
     def _one_budget(self) -> ExpertsConfig:
         if self.steps is not None and "examples" in self.model_fields_set:
             raise ValueError("give the budget as `examples` or `steps`, not both")
+        if self.given and self.mode == "hybrid":
+            raise ValueError("experts.given: Hybrid LoRA trains every task's module together; use mode separate")
+        if self.given and self.shared.examples:
+            raise ValueError("experts.given: a given expert was not trained on the shared adapter (experts.shared), "
+                             "so its delta does not apply to base + shared; drop one of them")
         return self
 
     @property

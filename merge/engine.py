@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from sentimerge.merge.genome import Genome
-from sentimerge.merge.lora import LoraFactors, layer_of, part_of
+from sentimerge.merge.lora import Delta, DenseDelta, LoraFactors, layer_of, part_of
 from sentimerge.merge.methods import MergeMethod
 from sentimerge.pipeline.core.errors import ModelError
 
@@ -49,12 +49,14 @@ class _Target:
     part: int
     base: torch.Tensor  # the resident dtype; merged in float32
     index: int = 0  # position among the targets: seeds its sparsification masks
-    a: torch.Tensor | None = None  # [sum of ranks, in], low-rank methods
+    a: torch.Tensor | None = None  # [sum of ranks, in], low-rank methods (None: no LoRA expert changes it)
     b: torch.Tensor | None = None  # [out, sum of ranks]
     rank_owner: torch.Tensor | None = None  # expert index of each rank row
     scales: torch.Tensor | None = None  # LoRA scale of each rank row
-    deltas: torch.Tensor | None = None  # [experts, out, in], dense methods with keep_deltas
-    factors: list[tuple[int, LoraFactors]] | None = None  # (expert index, factors), dense methods without
+    transposed: bool = False  # fan_in_fan_out: B A is the transpose of the weight's delta
+    dense: list[tuple[int, torch.Tensor]] | None = None  # low-rank methods: (expert index, dense delta)
+    deltas: torch.Tensor | None = None  # [experts, *shape], dense methods with keep_deltas
+    factors: list[tuple[int, Delta]] | None = None  # (expert index, delta), dense methods without
 
 
 def _dense_write(combine):
@@ -65,10 +67,34 @@ def _dense_write(combine):
     return write
 
 
-class InMemoryMerge:
-    """Writes candidates' merged weights into `model` (the resident scoring copy)."""
+def merge_position(weight: str, genome: Genome, *, dense: bool) -> tuple[int, int]:
+    """(layer, part) whose coefficient a weight's deltas get. A LoRA weight must sit in a decoder layer's attention
+    or MLP. A dense delta (a full checkpoint's) may be anywhere, placed as mergekit's per-layer `weight` lists place
+    it: a tensor outside the decoder layers (embeddings, final norm) takes the first layer's value (mergekit
+    evaluates a gradient at t = 0 there), one in a layer that is neither attention nor MLP by name (the input norm)
+    the layer's first part (the recipe's catch-all entry)."""
+    layer = layer_of(weight)
+    if layer is None and not dense:
+        raise ModelError(f"{weight}: LoRA outside the decoder layers is not supported by the layer-wise merge")
+    if layer is not None and layer >= genome.num_layers:
+        raise ModelError(f"{weight}: layer {layer}, but the base model has {genome.num_layers}")
+    if not genome.split_attention_mlp:
+        return layer or 0, 0
+    if layer is None:
+        return 0, 0
+    try:
+        return layer, genome.part_index(part_of(weight))
+    except ModelError:
+        if dense:
+            return layer, 0
+        raise
 
-    def __init__(self, model, experts: dict[str, dict[str, LoraFactors]], genome: Genome, method: MergeMethod, *,
+
+class InMemoryMerge:
+    """Writes candidates' merged weights into `model` (the resident scoring copy). An expert is a dict of deltas
+    per base weight (`sentimerge.merge.lora`): LoRA factors, dense deltas, or both."""
+
+    def __init__(self, model, experts: dict[str, dict[str, Delta]], genome: Genome, method: MergeMethod, *,
                  density: float = 1.0, seed: int = 0, keep_deltas: bool = True, compile: bool = False):
         self.model, self.genome, self.method, self.density, self.seed = model, genome, method, density, seed
         self._write = _dense_write(method.combine)
@@ -83,24 +109,29 @@ class InMemoryMerge:
                          key=lambda w: (layer_of(w) or 0, w))
         self.targets: list[_Target] = []
         for index, weight in enumerate(weights):
-            if weight not in params:
-                raise ModelError(f"the adapters change {weight}, which the base model does not have")
-            layer = layer_of(weight)
-            if layer is None or layer >= genome.num_layers:
-                raise ModelError(f"{weight}: LoRA outside the decoder layers is not supported by the layer-wise merge")
-            param = params[weight]
-            target = _Target(weight, param, layer, genome.part_index(part_of(weight)) if genome.split_attention_mlp
-                             else 0, param.detach().clone(), index)
             present = [(i, experts[name][weight]) for i, name in enumerate(names) if weight in experts[name]]
-            for _, factors in present:
-                if tuple(factors.b.shape[:1]) + tuple(factors.a.shape[1:]) != tuple(param.shape):
-                    raise ModelError(f"{weight}: LoRA shape {tuple(factors.b.shape)} x {tuple(factors.a.shape)} "
-                                     f"does not fit the base weight {tuple(param.shape)}")
+            owners = ", ".join(names[i] for i, _ in present)
+            if weight not in params:
+                raise ModelError(f"expert {owners} changes {weight}, which the base model does not have")
+            param = params[weight]
+            lora = [(i, d) for i, d in present if isinstance(d, LoraFactors)]
+            dense = [(i, d) for i, d in present if isinstance(d, DenseDelta)]
+            layer, part = merge_position(weight, genome, dense=not lora)
+            target = _Target(weight, param, layer, part, param.detach().clone(), index)
+            for i, delta in present:
+                if tuple(delta.shape) != tuple(param.shape):
+                    raise ModelError(f"expert {names[i]}: {weight} delta of shape {tuple(delta.shape)} does not fit "
+                                     f"the base weight {tuple(param.shape)}")
+            if len({d.transposed for _, d in lora}) > 1:
+                raise ModelError(f"{weight}: experts {owners} disagree on fan_in_fan_out")
             if method.low_rank:
-                target.a = torch.cat([f.a.float() for _, f in present])
-                target.b = torch.cat([f.b.float() for _, f in present], dim=1)
-                target.rank_owner = torch.cat([torch.full((f.a.shape[0],), i) for i, f in present])
-                target.scales = torch.cat([torch.full((f.a.shape[0],), f.scale) for _, f in present])
+                if lora:
+                    target.a = torch.cat([f.a.float() for _, f in lora])
+                    target.b = torch.cat([f.b.float() for _, f in lora], dim=1)
+                    target.rank_owner = torch.cat([torch.full((f.a.shape[0],), i) for i, f in lora])
+                    target.scales = torch.cat([torch.full((f.a.shape[0],), f.scale) for i, f in lora])
+                    target.transposed = lora[0][1].transposed
+                target.dense = [(i, d.value) for i, d in dense]
             else:
                 target.factors = present
                 if keep_deltas:
@@ -114,9 +145,10 @@ class InMemoryMerge:
         deltas = torch.zeros((self.expert_count, *base.shape))
         seed = int(np.random.SeedSequence([self.seed, target.index]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
-        for i, factors in target.factors:
-            # the delta as mergekit sees it: (W0 + s B A) - W0 in float32, so trimming picks the same entries
-            delta = (base + factors.delta()) - base
+        for i, source in target.factors:
+            # the delta as mergekit sees it: (W0 + s B A) - W0 in float32, so trimming picks the same entries; a
+            # checkpoint's is W1 - W0 as read
+            delta = (base + source.delta()) - base if isinstance(source, LoraFactors) else source.delta()
             deltas[i] = self.method.sparsify(delta, self.density, generator) if self.method.sparsify else delta
         return deltas
 
@@ -124,8 +156,16 @@ class InMemoryMerge:
     def merged_weight(self, target: _Target, weights: torch.Tensor) -> torch.Tensor:
         """The merged float32 value of one target weight for per-expert `weights` [E] (eager)."""
         if self.method.low_rank:
-            rows = weights[target.rank_owner] * target.scales
-            return torch.addmm(target.base.float(), target.b, target.a * rows[:, None])
+            merged = target.base.float()
+            if target.a is not None:
+                rows = weights[target.rank_owner] * target.scales
+                if target.transposed:
+                    merged = merged + (target.b @ (target.a * rows[:, None])).T
+                else:
+                    merged = torch.addmm(merged, target.b, target.a * rows[:, None])
+            for i, delta in target.dense:
+                merged = merged + weights[i] * delta
+            return merged
         return self.method.combine(target.base.float(), self._deltas(target), weights)
 
     def _deltas(self, target: _Target) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The mergekit recipe of a candidate: the same coefficients as a `mergekit-yaml` config, and running it.
 
-Each expert is a `base+adapter` reference; its `weight` is a per-layer list (one entry per decoder layer, which
-mergekit's gradient interpolation maps exactly onto the layers), split by `filter` into attention and MLP lists when
-the genome is. The merge runs in float32 (LoRAs applied in float32 too) and is written in the run's dtype.
+Each LoRA expert is a `base+adapter` reference, a full checkpoint its folder; its `weight` is a per-layer list (one
+entry per decoder layer, which mergekit's gradient interpolation maps exactly onto the layers), split by `filter` into
+attention and MLP lists when the genome is. The merge runs in float32 (LoRAs applied in float32 too) and is written
+in the run's dtype.
 """
 
 from __future__ import annotations
@@ -23,22 +24,33 @@ def _rounded(values) -> list[float]:
     return [float(v) for v in values]  # full float precision: the recipe must reproduce the merge exactly
 
 
-def build_recipe(base_path: str, adapters: dict[str, str], genome: Genome, candidate: np.ndarray,
-                 method: MergeMethod, *, density: float, out_dtype: str) -> dict:
-    """A mergekit config (as a dict) equivalent to the in-memory merge of `candidate`."""
-    for ref in [base_path, *adapters.values()]:
+def lora_reference(base_path: str, adapter: str) -> str:
+    """mergekit's reference to a LoRA expert: the base with the adapter applied (`BASE+ADAPTER`)."""
+    for ref in (base_path, adapter):
         if "+" in ref:
             raise SentimergeError(f"{ref}: mergekit cannot reference a path containing '+'")
+    return f"{base_path}+{adapter}"
+
+
+def build_recipe(base_path: str, references: dict[str, str], genome: Genome, candidate: np.ndarray,
+                 method: MergeMethod, *, density: float, out_dtype: str) -> dict:
+    """A mergekit config (as a dict) equivalent to the in-memory merge of `candidate`. `references` maps each expert
+    of the genome, in its order, to the model mergekit reads: `lora_reference(base, adapter)` for a LoRA adapter, the
+    checkpoint's folder for a full checkpoint."""
+    if list(references) != list(genome.experts):
+        raise ValueError(f"experts {list(references)} do not match the genome's {list(genome.experts)}")
+    if "+" in base_path:
+        raise SentimergeError(f"{base_path}: mergekit cannot reference a path containing '+'")
     coefficients = genome.layer_coefficients(candidate)
     models = [{"model": base_path}]
-    for index, (expert, adapter) in enumerate(adapters.items()):
+    for index, (expert, reference) in enumerate(references.items()):
         if genome.split_attention_mlp:
             weight = [{"filter": PART_FILTERS[part], "value": _rounded(coefficients[index, :, p])}
                       for p, part in enumerate(genome.parts)]
             weight.append({"value": weight[0]["value"]})  # other tensors (norms, embeddings) have no delta
         else:
             weight = _rounded(coefficients[index, :, 0])
-        models.append({"model": f"{base_path}+{adapter}",
+        models.append({"model": reference,
                        "parameters": {"weight": weight, **method.mergekit_parameters(density)}})
     return {"merge_method": method.mergekit_method, "base_model": base_path, "models": models,
             "dtype": "float32", "out_dtype": out_dtype}

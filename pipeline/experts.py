@@ -30,6 +30,8 @@ import yaml
 from sentimerge.curriculum.sampler import CurriculumSampler
 from sentimerge.curriculum.signals import Difficulty, SignalInputs, TaskFacts, example_difficulty, task_difficulty
 from sentimerge.experts.checkpoint import read_state, save_adapter
+from sentimerge.experts.config import GivenExpert
+from sentimerge.experts.given import check_adapter, check_checkpoint, content_hash, install, resolve
 from sentimerge.experts.hybrid import layer_coefficients, load_hybrid_model, record_attention
 from sentimerge.experts.loop import Loop, run_loop
 from sentimerge.experts.multitask import TaskBalancedSampler, multitask_lora_config, train_multitask
@@ -44,7 +46,7 @@ from sentimerge.experts.train import (
 )
 from sentimerge.pipeline.core.config import RunConfig, dump_config
 from sentimerge.pipeline.core.data import sample_examples
-from sentimerge.pipeline.core.errors import ConfigError, SentimergeError
+from sentimerge.pipeline.core.errors import ConfigError, ModelError, SentimergeError
 from sentimerge.pipeline.core.models import check_against_base_model, merge_adapter_into, pick_device
 from sentimerge.pipeline.core.rundir import (
     RunDir,
@@ -85,6 +87,10 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
     run = RunDir(cfg.resolved_run_dir)
     selected = select_tasks(cfg, tasks)
     check_against_base_model(cfg, prepared_model_path(run))  # the LoRA targets, also when they changed since prepare
+    given = {task.name: cfg.experts.given[task.name] for task in selected if task.name in cfg.experts.given}
+    if given:  # checked all at once, before anything trains; then never trained
+        import_given_experts(cfg, run, given, force=force)
+        selected = [task for task in selected if task.name not in given]
     if cfg.experts.shared.examples and write_run_config:  # the driver trains it once, before any expert
         train_shared_adapter(cfg, run, force=force)
     if cfg.experts.mode == "hybrid":
@@ -101,14 +107,14 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
         if todo:
             write_text_atomic(run.config, dump_config(cfg))
             train_experts(cfg, todo, train_one, force=force)
-        return {task.name: run.expert(task.name) for task in selected}
+        return {**{name: run.expert(name) for name in given}, **{task.name: run.expert(task.name) for task in selected}}
     data = {task.name: (load_prepared(run, task.name, "train"), load_prepared(run, task.name, "dev"))
             for task in selected}
     base_path = merge_base_path(run, bool(cfg.experts.shared.examples))
     prepared = prepared_key(run)
     if write_run_config:  # Ray workers do not: the driver did, and workers write only their own task's files
         write_text_atomic(run.config, dump_config(cfg))
-    folders = {}
+    folders = {name: run.expert(name) for name in given}
     for task in selected:
         folder = run.expert(task.name)
         fingerprint = expert_fingerprint(cfg, task, prepared)
@@ -127,6 +133,43 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
         release_memory()  # the expert's model, optimizer and the allocator's free pages, before the next one loads
         folders[task.name] = folder
     return folders
+
+
+def import_given_experts(cfg: RunConfig, run: RunDir, given: dict[str, GivenExpert], *, force: bool = False) -> None:
+    """Install the experts given instead of trained (`experts.given`, `sentimerge.experts.given`): every one checked
+    against the prepared base model first, all problems reported at once (ModelError, one line each, nothing
+    written); an installed one is kept while its files are unchanged, refused when they changed (`--force`
+    installs them again)."""
+    base = Path(prepared_model_path(run))
+    sources, problems = {}, []
+    for name, spec in given.items():
+        try:
+            source = resolve(spec, cfg.resolved_cache_dir)
+        except ModelError as error:
+            problems.append(f"experts.given.{name}: {error}")
+            continue
+        check = check_checkpoint if spec.kind == "checkpoint" else check_adapter
+        problems += [f"experts.given.{name}: {problem}" for problem in check(source, base)]
+        sources[name] = source
+    if problems:
+        raise ModelError("\n".join(problems))
+    for name, source in sources.items():
+        spec, folder = given[name], run.expert(name)
+        sha256 = content_hash(source, spec.kind)
+        fingerprint = digest({"given": spec.kind, "sha256": sha256})
+        if is_done(folder) and not force:
+            if read_manifest(folder).get("fingerprint") != fingerprint:
+                raise SentimergeError(f"{folder}: expert {name} was trained or installed from other files than "
+                                      f"{spec.source}; run `sentimerge experts --force --tasks {name}` to install "
+                                      "the given one")
+            log.info("expert %s: given (%s), already installed", name, spec.source)
+            continue
+        with fresh_dir(folder, overwrite=force) as work:
+            install(source, spec.kind, work)
+            write_manifest(work, stage="experts", task=name, fingerprint=fingerprint,
+                           given={"kind": spec.kind, "source": spec.source, "folder": str(source.resolve()),
+                                  "sha256": sha256}, base_model=str(base))
+        log.info("expert %s: given %s %s, installed in %s", name, spec.kind, spec.source, folder)
 
 
 def shared_fingerprint(cfg: RunConfig, run: RunDir) -> str:
@@ -295,7 +338,9 @@ def task_seed(seed: int, task: str) -> int:
 
 def expert_fingerprint(cfg: RunConfig, task: TaskSpec, prepared: str | None) -> str:
     """Hash of what decides an expert: a checkpoint or expert made with another one is not silently reused."""
-    decisive = {"experts": cfg.experts.decisive(), "task": task.decisive(),
+    experts = cfg.experts.decisive()
+    experts.pop("given", None)  # which other tasks' experts are given does not change this one
+    decisive = {"experts": experts, "task": task.decisive(),
                 "seed": cfg.seed, "prepared": prepared}
     return digest(decisive)
 

@@ -152,22 +152,24 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
 
 def budgets(cfg: RunConfig) -> dict:
     """The training budget of each part in examples, with its optimizer steps: the experts (steps x batch size per
-    task), the shared adapter (`experts.shared`) and stage 3 (steps x per_task x tasks). The multi-task LoRA gets
+    trained task; a given expert costs nothing), the shared adapter (`experts.shared`) and stage 3 (steps x per_task x tasks). The multi-task LoRA gets
     all of them together, in whole steps of stage 3's batch (so at least as many examples, never fewer)."""
     tasks, per_task = len(cfg.tasks), cfg.finetune.per_task
     expert = cfg.experts.examples_per_task  # separate: steps x batch size; hybrid: steps x per_task
     shared = cfg.experts.shared
     shared_examples = shared.total_steps(tasks) * shared.per_task * tasks
     stage3 = cfg.finetune.steps * per_task * tasks
-    pipeline_examples = expert * tasks + shared_examples + stage3
+    trained = tasks - len(cfg.experts.given)  # a given expert costs this run no examples
+    pipeline_examples = expert * trained + shared_examples + stage3
     steps = math.ceil(pipeline_examples / (per_task * tasks))
     return {"tasks": tasks, "experts_examples_per_task": expert, "experts_steps_per_task": cfg.experts.total_steps,
-            "experts_examples": expert * tasks,
+            "experts_examples": expert * trained, "given_experts": sorted(cfg.experts.given),
             "shared_examples": shared_examples, "shared_steps": shared.total_steps(tasks),
             "search_population": cfg.search.population, "search_generations": cfg.search.generations,
             "search_weak_examples_per_task": cfg.search.weak.per_task,
             "finetune_steps": cfg.finetune.steps, "finetune_per_task": per_task, "finetune_examples": stage3,
-            "pipeline_examples": pipeline_examples, "expert_share": round(expert * tasks / pipeline_examples, 4),
+            "pipeline_examples": pipeline_examples,
+            "expert_share": round(expert * trained / pipeline_examples, 4) if pipeline_examples else 0.0,
             "multitask_steps": steps, "multitask_examples": steps * per_task * tasks}
 
 

@@ -57,7 +57,7 @@ from sentimerge.pipeline.core.rundir import (
     write_manifest,
     write_text_atomic,
 )
-from sentimerge.pipeline.core.upstream import merge_base_path, prepared_key, search_key
+from sentimerge.pipeline.core.upstream import expert_reference, merge_base_path, prepared_key, search_key
 
 log = logging.getLogger("sentimerge.search")
 BASELINE_METHODS = ("task_arithmetic", "ties")
@@ -191,7 +191,7 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
         write_text_atomic(run.search / "final.md", final_report_markdown(run, cfg))
         final = pd.read_csv(run.search_final_table("dev"))
     method = get_method(settings.method)
-    recipe = build_recipe(base_path, {t: str(run.expert_adapter(t).resolve()) for t in genome.experts}, genome,
+    recipe = build_recipe(base_path, {t: expert_reference(run, t, base_path) for t in genome.experts}, genome,
                           np.asarray(best["coefficients"]), method, density=settings.density,
                           out_dtype=settings.dtype)
     write_text_atomic(run.search_recipe, recipe_yaml(recipe))

@@ -14,7 +14,7 @@ from sentimerge.merge.engine import InMemoryMerge, MergeFailed
 from sentimerge.merge.genome import Genome
 from sentimerge.merge.lora import read_adapter
 from sentimerge.merge.methods import METHODS, get_method
-from sentimerge.merge.recipe import build_recipe, run_mergekit
+from sentimerge.merge.recipe import build_recipe, lora_reference, run_mergekit
 from sentimerge.pipeline.core.errors import ConfigError
 from sentimerge.pipeline.core.rundir import RunDir, write_json_atomic, write_manifest
 from sentimerge.pipeline.core.upstream import prepared_model_path
@@ -214,7 +214,9 @@ def test_mergekit_recipe_reproduces_the_in_memory_merge(tiny_experts, tmp_path, 
     merger = InMemoryMerge(model, adapters, genome, get_method(method), density=0.4)
     candidate = _coefficients(genome, seed=6)
     base_path = prepared_model_path(RunDir(cfg.resolved_run_dir))
-    recipe = build_recipe(base_path, paths, genome, candidate, get_method(method), density=0.4, out_dtype="float32")
+    references = {task: lora_reference(base_path, path) for task, path in paths.items()}
+    recipe = build_recipe(base_path, references, genome, candidate, get_method(method), density=0.4,
+                          out_dtype="float32")
     assert yaml.safe_load(yaml.safe_dump(recipe))["models"][1]["model"] == f"{base_path}+{paths['polarity']}"
     run_mergekit(recipe, tmp_path / "out", cache=tmp_path / "cache")
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))

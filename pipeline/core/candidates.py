@@ -10,19 +10,19 @@ import numpy as np
 from sentimerge.merge.engine import InMemoryMerge
 from sentimerge.merge.fitness import ScoredSet, encode_set, evaluate
 from sentimerge.merge.genome import Genome
-from sentimerge.merge.lora import read_adapter
 from sentimerge.pipeline.core.config import RunConfig
 from sentimerge.pipeline.core.models import load_model
 from sentimerge.pipeline.core.rundir import RunDir, read_jsonl
-from sentimerge.pipeline.core.upstream import merge_base_path
+from sentimerge.pipeline.core.upstream import expert_deltas, merge_base_path
 
 
 def load_search_inputs(cfg: RunConfig, run: RunDir):
     """(resident scoring model, tokenizer, expert adapters, genome): what the driver and each Ray actor load. The
     resident model is the experts' base: the prepared base model, or base + shared adapter."""
     settings = cfg.search
-    model, tokenizer = load_model(merge_base_path(run, bool(cfg.experts.shared.examples)), dtype=settings.dtype)
-    adapters = {task.name: read_adapter(run.expert_adapter(task.name)) for task in cfg.tasks}
+    base_path = merge_base_path(run, bool(cfg.experts.shared.examples))
+    model, tokenizer = load_model(base_path, dtype=settings.dtype)
+    adapters = {task.name: expert_deltas(run, task.name, base_path) for task in cfg.tasks}
     genome = Genome(tuple(adapters), model.config.num_hidden_layers, settings.layer_group_size,
                     settings.split_attention_mlp)
     return model, tokenizer, adapters, genome

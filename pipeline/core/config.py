@@ -158,6 +158,10 @@ class RunConfig(Frozen):
     @model_validator(mode="after")
     def _unique_tasks(self) -> RunConfig:
         check_unique_names(self.tasks)
+        unknown = [name for name in self.experts.given if name not in {task.name for task in self.tasks}]
+        if unknown:
+            raise ValueError(f"experts.given: no task named {', '.join(map(repr, unknown))} (tasks: "
+                             f"{', '.join(task.name for task in self.tasks)})")
         if self.search.init == "hybrid" and self.experts.mode != "hybrid":
             raise ValueError("search.init hybrid starts from the Hybrid LoRA attention: set experts.mode: hybrid")
         return self
@@ -206,6 +210,12 @@ def load_config(path: str | Path, *, data_root: str | None = None, run_dir: str 
         raw["data_root"] = str(Path(data_root).absolute())
     if run_dir is not None:
         raw["run_dir"] = str(run_dir)
+    given = raw.get("experts", {}).get("given") if isinstance(raw.get("experts"), dict) else None
+    if isinstance(given, dict):  # local expert folders are relative to this file, like every input path
+        raw["experts"] = {**raw["experts"], "given": {
+            task: {**source, **{key: str(_relative_to(path, source[key])) for key in ("path", "checkpoint")
+                                if isinstance(source.get(key), str)}} if isinstance(source, dict) else source
+            for task, source in given.items()}}
     if isinstance(raw.get("base_model"), dict) and isinstance(raw["base_model"].get("path"), str):
         raw["base_model"] = {**raw["base_model"], "path": str(_relative_to(path, raw["base_model"]["path"]))}
     return _validate(RunConfig, raw, path)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sentimerge.merge.lora import Delta, read_adapter, read_checkpoint
+from sentimerge.merge.recipe import lora_reference
 from sentimerge.pipeline.core.errors import SentimergeError
 from sentimerge.pipeline.core.models import check_model_dir
 from sentimerge.pipeline.core.rundir import RunDir, digest, is_done, read_jsonl, read_manifest
@@ -61,3 +63,26 @@ def merge_base_path(run: RunDir, shared: bool) -> str:
         raise SentimergeError(f"{run.shared}: the shared adapter has not finished; run `sentimerge experts` first")
     check_model_dir(run.shared_model)
     return str(run.shared_model)
+
+
+def given_source(run: RunDir, task: str) -> dict | None:
+    """The manifest's record of an expert given instead of trained ({kind, folder, source, sha256}), or None."""
+    return read_manifest(run.expert(task)).get("given")
+
+
+def expert_deltas(run: RunDir, task: str, base_path: str) -> dict[str, Delta]:
+    """The finished expert of `task` as deltas per base weight (`sentimerge.merge.lora`): its LoRA adapter's
+    factors, or the task vector of a given full checkpoint against the base model in `base_path`."""
+    given = given_source(run, task)
+    if given and given["kind"] == "checkpoint":
+        return read_checkpoint(Path(given["folder"]), Path(base_path))
+    return read_adapter(run.expert_adapter(task))
+
+
+def expert_reference(run: RunDir, task: str, base_path: str) -> str:
+    """How a mergekit recipe names the expert of `task`: `base+adapter`, or a given checkpoint's folder."""
+    given = given_source(run, task)
+    if given and given["kind"] == "checkpoint":
+        return str(Path(given["folder"]).resolve())
+    return lora_reference(base_path, str(run.expert_adapter(task).resolve()))
+
