@@ -191,6 +191,10 @@ def test_a_run_mixes_given_and_trained_experts(base_path, prepared_tiny, tmp_pat
     recipe = yaml.safe_load(run.search_recipe.read_text())
     references = [model["model"] for model in recipe["models"][1:]]
     assert references[1] == str(folders["c"].resolve()) and references[0].endswith(f"+{run.expert_adapter(names[0])}")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(run.search_merged)  # written by mergekit from the recipe
+    assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()  # still tied
     experts.main(cfg)  # unchanged: nothing to do
     # a given adapter whose files changed is refused until --force installs it again
     peft_adapter(base_path, folders["a"], seed=9, r=2, use_rslora=True, target_modules=["q_proj", "v_proj"])
@@ -213,6 +217,20 @@ def test_given_experts_are_checked_by_the_config(tmp_path, cache_dir):
         load({"nope": {"path": "a"}})
     relative = load({"polarity": {"path": "adapters/polarity"}})
     assert relative.experts.given["polarity"].path == str((tmp_path / "adapters" / "polarity").resolve())
+
+
+def test_a_hub_adapter_that_cannot_be_fetched_is_one_line(tmp_path, monkeypatch):
+    """Offline (as here: the real huggingface_hub, no network), the hub source fails with the id and revision."""
+    import huggingface_hub.constants
+
+    from sentimerge.experts.config import GivenExpert
+    from sentimerge.experts.given import resolve
+    from sentimerge.pipeline.core.errors import ModelError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match=r"^hub adapter org/sentiment-lora@v1: cannot download \(") as error:
+        resolve(GivenExpert(hub="org/sentiment-lora", revision="v1"), tmp_path)
+    assert "\n" not in str(error.value)
 
 
 def _dora(base: str, folder: Path) -> None:
