@@ -74,7 +74,7 @@ def _differences(mine: dict | None, base: dict | None) -> str | None:
     """How one model's architecture differs from the run's base, in one phrase (None: it does not)."""
     if mine is None or base is None:
         return None
-    different = [f"{key} {mine[key]} (the run's base: {base[key]}{'; a resized vocabulary' if key == 'vocab_size' else ''})"
+    different = [f"{key} {mine[key]} (the run's base: {base[key]}{'; a resized vocabulary' * (key == 'vocab_size')})"
                  for key in _ARCHITECTURE if mine[key] is not None and base[key] is not None and mine[key] != base[key]]
     return ", ".join(different) or None
 

@@ -98,7 +98,7 @@ class SearchConfig(Frozen):
     sigma0: float = Field(0.2, gt=0, description="CMA-ES initial step size")
     population: int = Field(8, ge=2)
     generations: int = Field(8, ge=1)
-    seed: int | None = Field(None, description="default: the run's seed")
+    seed: int | None = Field(None, ge=0, description="default: the run's seed")
     failure_penalty: float = Field(-2.0, description="fitness of a candidate whose merge or scoring fails")
     batch_size: int = Field(32, ge=1)
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="the resident scoring copy")

@@ -123,8 +123,8 @@ def read_adapter(folder: Path) -> dict[str, Delta]:
         kinds = [re.search(r"\.(lora_\w+?)(?:\.|$)", key) for key in names]
         unmergeable = sorted({kind.group(1) if kind else key.rsplit(".", 1)[-1] for kind, key in zip(kinds, names)})
         raise ModelError(f"{folder}: holds weights that are not linear LoRA factors ({', '.join(unmergeable)}: "
-                         f"{names[0]}{' and more' if len(names) > 1 else ''}); sentimerge merges lora_A/lora_B pairs of "
-                         "linear layers only: train without them (target_modules of linear layers)")
+                         f"{names[0]}{' and more' if len(names) > 1 else ''}); sentimerge merges lora_A/lora_B pairs "
+                         "of linear layers only: train without them (target_modules of linear layers)")
     deltas: dict[str, Delta] = {}
     transposed = bool(config.get("fan_in_fan_out"))
     for key, a in tensors.items():

@@ -117,6 +117,24 @@ def test_inconsistent_specs_are_rejected(tmp_path, change, message):
         load_config(_write(tmp_path, BASE.replace(*change)))
 
 
+@pytest.mark.parametrize("section, value, message", [
+    ("seed: -1", None, "config.yaml: seed: Input should be greater than or equal to 0"),
+    ("search: {seed: -2}", None, "search.seed: Input should be greater than or equal to 0"),
+    ("finetune: {seed: -1}", None, "finetune.seed: Input should be greater than or equal to 0"),
+    ("experts: {learning_rate: .inf}", None, "experts.learning_rate: Input should be a finite number"),
+    ("search: {failure_penalty: .nan}", None, "search.failure_penalty: Input should be a finite number"),
+    ("experts: {curriculum: {signals: {length: .inf}}}", None, "signals.length: Input should be a finite number"),
+    (None, "max_examples: {train: 0}", "max_examples.train: Input should be greater than or equal to 1"),
+], ids=["seed", "search-seed", "finetune-seed", "inf", "nan", "inf-in-a-mapping", "max-examples"])
+def test_numeric_fields_have_their_ranges(tmp_path, section, value, message):
+    """Every number of a config has its valid range: negative seeds, inf and nan anywhere, empty samples."""
+    text = BASE + (section + "\n" if section else "")
+    if value:
+        text = text.replace("    instruction: Is it positive?", f"    instruction: Is it positive?\n    {value}")
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text))
+
+
 def test_missing_tasks_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.yaml: file not found"):
         load_config(_write(tmp_path, "name: t\nbase_model: {tiny: {}}\ntasks: nope.yaml\n"))

@@ -287,8 +287,10 @@ def _corrupt_weights(base: str, folder: Path) -> None:
     (_lora_bias_without_base_bias, "path", "lora_bias"),
     (_missing_weights, "path", "missing adapter_model.safetensors"),
     (_corrupt_weights, "path", "unreadable safetensors"),
-    (lambda base, folder: fine_tuned_checkpoint(base, folder, vocabulary=416), "checkpoint", "vocab_size 416 (the run's base: 400; a resized vocabulary)"),
-], ids=["dora", "modules-to-save", "other-base", "other-base-on-the-hub", "lora-bias", "missing-file", "corrupt-file", "resized-vocabulary"])
+    (lambda base, folder: fine_tuned_checkpoint(base, folder, vocabulary=416), "checkpoint",
+     "vocab_size 416 (the run's base: 400; a resized vocabulary)"),
+], ids=["dora", "modules-to-save", "other-base", "other-base-on-the-hub", "lora-bias", "missing-file", "corrupt-file",
+        "resized-vocabulary"])
 def test_an_incompatible_given_expert_is_one_line_exit_2_and_nothing_written(base_path, tmp_path, cache_dir, make,
                                                                              kind, message, capsys):
     from sentimerge.pipeline import prepare

@@ -31,7 +31,7 @@ class TinyModel(Frozen):
     num_kv_heads: int = Field(2, ge=1)
     intermediate_size: int = Field(128, ge=8)
     vocab_size: int = Field(512, ge=300)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class ModelSpec(Frozen):
@@ -98,8 +98,9 @@ class FinetuneConfig(Frozen):
     keep: Literal["last", "best"] = "last"
     checkpoint_every: int = Field(20, ge=1)
     eval_batch_size: int = Field(16, ge=1)
-    seed: int | None = Field(None, description="training seed (LoRA init, batch order, dropout); default the run's. "
-                                               "The dev sample stays the run's", json_schema_extra=WHEN_SET)
+    seed: int | None = Field(None, ge=0, json_schema_extra=WHEN_SET,
+                             description="training seed (LoRA init, batch order, dropout); default the run's. The dev "
+                                         "sample stays the run's")
 
     @property
     def total_steps(self) -> int:
@@ -132,9 +133,9 @@ class RunConfig(Frozen):
     """Everything one run needs: base model, tasks, and one section per stage."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     data_seed: int | None = Field(
-        None, json_schema_extra=WHEN_SET,
+        None, ge=0, json_schema_extra=WHEN_SET,
         description="seed of the data: carved splits, capped samples and the evaluation samples (final tables, dev "
                     "samples); default: `seed`. Fix it to train with several seeds on the same examples")
     run_dir: str | None = Field(None, description="default: runs/<name>")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,7 +22,7 @@ WHEN_SET = {"fingerprint": "when set"}
 class Frozen(BaseModel):
     """Base for every config section: frozen, and unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no inf or nan in a float
 
     def decisive(self) -> dict:
         """The section as stage fingerprints hash it: `model_dump(mode="json")` less the `WHEN_SET` fields that hold
@@ -122,7 +122,8 @@ class TaskSpec(Frozen):
     group: str = Field("sentiment", description="task family, e.g. sentiment, aspect, subjectivity, emotion, irony")
     domain: str | None = None
     source: DataSource
-    max_examples: dict[Split, int] = Field(default_factory=dict, description="seeded subsample per split")
+    max_examples: dict[Split, Annotated[int, Field(ge=1)]] = Field(default_factory=dict,
+                                                                   description="seeded subsample per split")
     max_text_tokens: int = Field(192, ge=8, description="inputs longer than this are truncated")
     system_prompt: str | None = Field(
         DEFAULT_SYSTEM_PROMPT,
