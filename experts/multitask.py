@@ -11,6 +11,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -18,12 +19,14 @@ import torch
 import yaml
 
 from sentimerge.experts.checkpoint import save_adapter
+from sentimerge.experts.losses import REGRESSION_LOSSES, Levels, expected_squared_error
 from sentimerge.experts.loop import Loop, run_loop
 from sentimerge.experts.train import answer_logits, collate, evaluate_dev, learning_rate, load_lora_model
 from sentimerge.pipeline.core.config import RunConfig, WeightingSettings
 from sentimerge.pipeline.core.data import sample_examples
+from sentimerge.pipeline.core.errors import ModelError
 from sentimerge.pipeline.core.models import pick_device
-from sentimerge.pipeline.core.prompts import training_example
+from sentimerge.pipeline.core.prompts import answer_tokens, training_example
 from sentimerge.pipeline.core.rundir import (
     RunDir,
     read_jsonl,
@@ -87,9 +90,23 @@ def class_balance_weights(task: TaskSpec, examples: list[dict]) -> np.ndarray:
     return weights / weights.mean()
 
 
+@dataclass(frozen=True)
+class RegressionRows:
+    """The regression rows of a batch for a regression loss other than `level_ce` (`experts/losses.py`): row
+    indices [R], gold scores [R], each row's levels, the loss's name and its MSE weight."""
+
+    rows: list[int]
+    gold: torch.Tensor
+    levels: list[Levels]
+    loss: str
+    mse_weight: float
+
+
 def per_example_losses(model, batch: dict, device: torch.device, *, use_autocast: bool,
-                       capture: list | None = None) -> torch.Tensor:
-    """Mean cross-entropy over each example's answer tokens of a `collate` batch, shape [batch].
+                       capture: list | None = None, regression: RegressionRows | None = None) -> torch.Tensor:
+    """Mean cross-entropy over each example's answer tokens of a `collate` batch, shape [batch]; with `regression`,
+    its rows' losses are the named regression loss of that cross-entropy and the squared error of the expected level
+    value (read at the position that predicts the row's first answer token).
 
     With `capture`, the input of the output embedding (the last shared representation, at the answer positions) is
     appended to it so that per-task gradient norms can be taken there.
@@ -99,7 +116,27 @@ def per_example_losses(model, batch: dict, device: torch.device, *, use_autocast
     token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
                                                      ignore_index=-100, reduction="none")
     counted = (targets != -100).sum(-1).clamp(min=1)
-    return token_losses.sum(-1) / counted
+    losses = token_losses.sum(-1) / counted
+    if regression is None or not regression.rows:
+        return losses
+    rows = torch.tensor(regression.rows, device=device)
+    first = (targets[rows] != -100).float().argmax(-1)  # each row's first answer token, predicted at that column
+    first_logits = logits[rows, first]
+    errors = torch.stack([expected_squared_error(first_logits[j:j + 1], levels, regression.gold[j:j + 1])[0]
+                          for j, levels in enumerate(regression.levels)])
+    combine = REGRESSION_LOSSES.get(regression.loss)
+    return losses.index_put((rows,), combine(losses[rows], errors, regression.mse_weight))
+
+
+def regression_levels(tokenizer, task: TaskSpec) -> Levels:
+    """The levels of a regression task for `expected_mse`. Raises ModelError when a level's answer is more than one
+    token (its probability would need a forward per level)."""
+    tokens = answer_tokens(tokenizer, task).answers
+    longer = [task.answers[i] for i, ids in enumerate(tokens) if len(ids) != 1]
+    if longer:
+        raise ModelError(f"task {task.name}: finetune.regression_loss expected_mse needs one-token level answers; "
+                         f"{longer[0]!r} is {len(tokens[task.answers.index(longer[0])])} tokens")
+    return Levels(torch.tensor([ids[0] for ids in tokens]), torch.tensor(task.level_values, dtype=torch.float32))
 
 
 def task_losses(example_losses: torch.Tensor, task_of_example: torch.Tensor, example_weights: torch.Tensor,
@@ -163,6 +200,8 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
                                                                   train[names[task_index]][example_index])
         return encoded[task_index, example_index]
 
+    levels = {index: regression_levels(tokenizer, task) for index, task in enumerate(tasks)
+              if task.kind == "regression" and settings.regression_loss != "level_ce"}
     balance = [torch.tensor(class_balance_weights(task, train[task.name]), dtype=torch.float32)
                if weighting.class_balance else torch.ones(len(train[task.name])) for task in tasks]
     sampler = TaskBalancedSampler([len(train[name]) for name in names], settings.per_task, seed)
@@ -176,7 +215,15 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
             set_task(torch.tensor([t for t, _ in drawn]))
         measure = weighting.needs_grad_norms and step_index % settings.weighting.grad_norm_every == 0
         capture = [] if measure else None
-        losses = per_example_losses(model, batch, device, use_autocast=settings.autocast, capture=capture)
+        regression = None
+        if settings.regression_loss != "level_ce":
+            rows = [row for row, (t, _) in enumerate(drawn) if t in levels]
+            regression = RegressionRows(rows, torch.tensor([float(train[names[drawn[row][0]]][drawn[row][1]]["label"])
+                                                            for row in rows]),
+                                        [levels[drawn[row][0]] for row in rows], settings.regression_loss,
+                                        settings.mse_weight)
+        losses = per_example_losses(model, batch, device, use_autocast=settings.autocast, capture=capture,
+                                    regression=regression)
         task_index = torch.tensor([t for t, _ in drawn], device=losses.device)
         example_weights = torch.stack([balance[t][i] for t, i in drawn]).to(losses.device)
         per_task = task_losses(losses, task_index, example_weights, len(tasks))

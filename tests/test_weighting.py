@@ -92,3 +92,14 @@ def test_state_round_trips_so_a_resumed_run_continues_identically(name):
     resumed.load_state_dict(first.state_dict())
     _run(resumed, steps[5:], norms[5:])
     torch.testing.assert_close(resumed.weights(), whole.weights())
+
+
+def test_dao_weights_follow_the_gradient_shares_also_when_the_losses_differ_100x_in_scale():
+    """A regression task on MSE beside a cross-entropy: DAO weighs by gradient-norm shares, not by loss values."""
+    weights = {}
+    for scale in (1.0, 100.0):
+        strategy = make_weighting("dao", STATS, {"a_difficulty": 0.0, "window": 1000})
+        weights[scale] = _run(strategy, [[scale, 1.0]] * 30, grad_norms=[[3.0, 1.0]] * 30)
+    assert torch.allclose(weights[1.0], weights[100.0])
+    # each task's weight is the other task's share of the gradient norm (1/4 and 3/4), normalised to mean 1
+    assert weights[100.0].tolist() == pytest.approx([0.5, 1.5], abs=0.05)

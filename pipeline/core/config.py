@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from sentimerge.experts.config import ExpertsConfig, LoraSettings
 from sentimerge.merge.config import SearchConfig
@@ -101,6 +101,21 @@ class FinetuneConfig(Frozen):
     seed: int | None = Field(None, ge=0, json_schema_extra=WHEN_SET,
                              description="training seed (LoRA init, batch order, dropout); default the run's. The dev "
                                          "sample stays the run's")
+    regression_loss: str = Field("level_ce", json_schema_extra=WHEN_SET,
+                                 description="training loss of regression tasks (experts/losses.py): level_ce, "
+                                             "expected_mse, or level_ce+expected_mse")
+    mse_weight: float = Field(1.0, ge=0, json_schema_extra=WHEN_SET,
+                              description="weight of expected_mse in level_ce+expected_mse")
+
+    @field_validator("regression_loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        from sentimerge.experts.losses import REGRESSION_LOSSES
+
+        problem = REGRESSION_LOSSES.problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @property
     def total_steps(self) -> int:
