@@ -24,7 +24,7 @@ from sentimerge.experts.loop import Loop, run_loop
 from sentimerge.experts.train import answer_logits, collate, evaluate_dev, learning_rate, load_lora_model
 from sentimerge.pipeline.core.config import RunConfig, WeightingSettings
 from sentimerge.pipeline.core.data import sample_examples
-from sentimerge.pipeline.core.errors import ModelError
+from sentimerge.pipeline.core.errors import ConfigError, ModelError
 from sentimerge.pipeline.core.models import pick_device
 from sentimerge.pipeline.core.prompts import answer_tokens, training_example
 from sentimerge.pipeline.core.rundir import (
@@ -175,6 +175,11 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
     `after_training(model, tokenizer)` writes what else the folder holds before the manifest is written."""
     settings = cfg.finetune
     tasks = list(cfg.tasks)
+    unlabelled = [task.name for task in tasks if task.source.unlabelled_train]
+    if unlabelled:
+        raise ConfigError(f"task {unlabelled[0]}: its train split is unlabelled (source.unlabelled_train), and "
+                          "multi-task training needs labels: this config merges given experts only (`sentimerge "
+                          "search` writes the merged model)")
     train = {task.name: load_prepared(run, task.name, "train") for task in tasks}
     dev = {task.name: _dev_sample(load_prepared(run, task.name, "dev"), settings.dev_examples, cfg.resolved_data_seed,
                                   task.name)

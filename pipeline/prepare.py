@@ -122,7 +122,9 @@ def _report(cfg: RunConfig, data: dict, leaks: list[dict], conflicts: list[dict]
         splits = {}
         for split, rows in data[task.name].items():
             entry = {"examples": len(rows), "sha256": data_hashes({"t": {"s": rows}})["t"]["s"]}
-            if task.kind == "classification":
+            if rows[0]["label"] is None:  # an unlabelled train split (source.unlabelled_train)
+                entry["unlabelled"] = True
+            elif task.kind == "classification":
                 entry["labels"] = dict(Counter(row["label"] for row in rows).most_common())
             else:
                 values = [row["label"] for row in rows]

@@ -288,7 +288,7 @@ def _label_weak_sets(run: RunDir, cfg: RunConfig, model, tokenizer, arithmetic: 
             rows = [{**example, "gold": example["label"], "label": label, "labeller": labeller.name}
                     for example, label in zip(examples, labels)]
             write_jsonl_atomic(path, rows)
-        if task.kind == "classification":
+        if task.kind == "classification" and rows[0]["gold"] is not None:  # unlabelled pools have no gold
             agreement = np.mean([row["label"] == row["gold"] for row in rows])
             log.info("weak labels %-12s %s: agreement with gold %.3f (%s)", task.name, rows[0]["labeller"],
                      agreement, path.parent.name)

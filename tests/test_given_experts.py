@@ -322,3 +322,53 @@ def test_a_run_with_given_and_trained_experts_resumes_after_a_kill(base_path, tm
     assert [t.stage for t in trials] == ["experts", "search"] and all(t.killed for t in trials)
     for trial in trials:
         assert trial.ok, (trial.stage, trial.kill_at, trial.differences, trial.stray_files)
+
+
+def test_merge_only_from_given_experts_and_unlabelled_text(base_path, tmp_path, cache_dir, capsys):
+    """What mergekit-evolve users do: given experts, a pool of unlabelled texts per task (no label column; the
+    `expert` labeller labels it), `experts` (installs, trains nothing), `search` (the merged model). Stage 3, which
+    would train on labels, refuses in one line."""
+    from tests.conftest import TINY_TASKS, tiny_rows, write_jsonl
+
+    from sentimerge.pipeline import experts, prepare, search
+    from sentimerge.pipeline.cli import main
+
+    for index, task in enumerate(TINY_TASKS):
+        peft_adapter(base_path, tmp_path / "adapters" / task["name"], seed=index, r=2)
+        rows = [{key: value for key, value in row.items() if key != "label"}
+                for row in tiny_rows(task["name"], 24, seed=index)]
+        write_jsonl(tmp_path / "pool" / task["name"] / "train.jsonl", rows)
+        write_jsonl(tmp_path / "pool" / task["name"] / "dev.jsonl", tiny_rows(task["name"], 12, seed=100 + index))
+    tasks = [{**task, "source": {"path": str(tmp_path / "pool" / "{task}" / "{split}.jsonl"),
+                                 "unlabelled_train": True}} for task in TINY_TASKS]
+    given = {task["name"]: {"path": str(tmp_path / "adapters" / task["name"])} for task in TINY_TASKS}
+    path = write_tiny_config(tmp_path / "merge", cache_dir=cache_dir, tasks=tasks,
+                             experts={"given": given}, search={**GIVEN_SETTINGS["search"], "weak": {"per_task": 6}})
+    cfg = load_config(path)
+    prepare.main(cfg)
+    run = RunDir(cfg.resolved_run_dir)
+    report = json.loads((run.prepare / "data_report.json").read_text())["tasks"]["polarity"]["splits"]
+    assert report["train"]["unlabelled"] and "labels" in report["dev"]
+    experts.main(cfg)
+    assert all(read_manifest(run.expert(name))["given"]["kind"] == "adapter" for name in given)
+    search.main(cfg)
+    weak = [json.loads(line) for line in run.search_weak("polarity").read_text().splitlines()]
+    assert weak and all(row["gold"] is None and row["label"] in ("negative", "positive") for row in weak)
+    assert is_done(run.search_merged)
+    capsys.readouterr()
+    assert main(["finetune", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unlabelled" in err[0], err
+
+
+def test_an_unlabelled_train_split_needs_a_given_expert_and_a_labeller_that_does_not_read_labels(tmp_path, cache_dir):
+    from tests.conftest import TINY_TASKS
+
+    tasks = [{**task, "source": {"path": "{data_root}/{task}/{split}.jsonl", "unlabelled_train": task["name"] ==
+                                 "polarity"}} for task in TINY_TASKS]
+    with pytest.raises(ConfigError, match="task polarity: source.unlabelled_train, but stage 1 would train"):
+        load_config(write_tiny_config(tmp_path, cache_dir=cache_dir, tasks=tasks))
+    with pytest.raises(ConfigError, match="no gold labels for the weak set"):
+        load_config(write_tiny_config(tmp_path, cache_dir=cache_dir, tasks=tasks,
+                                      experts={"given": {"polarity": {"path": "x"}}},
+                                      search={"weak": {"labellers": {"polarity": "gold"}}}))

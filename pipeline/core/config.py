@@ -178,6 +178,15 @@ class RunConfig(Frozen):
         if unknown:
             raise ValueError(f"experts.given: no task named {', '.join(map(repr, unknown))} (tasks: "
                              f"{', '.join(task.name for task in self.tasks)})")
+        for task in self.tasks:
+            if not task.source.unlabelled_train:
+                continue
+            if task.name not in self.experts.given:
+                raise ValueError(f"task {task.name}: source.unlabelled_train, but stage 1 would train its expert on "
+                                 "those labels: give its expert (experts.given)")
+            if self.search.weak.labellers.get(task.name, self.search.weak.labeller) == "gold":
+                raise ValueError(f"task {task.name}: source.unlabelled_train has no gold labels for the weak set: use "
+                                 "the expert or lexicon labeller")
         if self.search.init == "hybrid" and self.experts.mode != "hybrid":
             raise ValueError("search.init hybrid starts from the Hybrid LoRA attention: set experts.mode: hybrid")
         return self

@@ -44,7 +44,7 @@ def load_task_splits(task: TaskSpec, *, data_root: str | None, cache_dir: Path, 
             if splits is not None and split not in splits:
                 continue
             frame, origin = _load_frame(task, split, data_root, cache_dir)
-            result[split] = _canonical(task, frame, origin)
+            result[split] = _canonical(task, frame, origin, labelled=not (split == "train" and source.unlabelled_train))
     if splits is not None:
         missing = [split for split in splits if split not in result]
         if missing:
@@ -150,7 +150,8 @@ def _check_jsonl(path: Path) -> None:
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
 
 
-def _canonical(task: TaskSpec, frame: pd.DataFrame, origin: str) -> list[Example]:
+def _canonical(task: TaskSpec, frame: pd.DataFrame, origin: str, *, labelled: bool = True) -> list[Example]:
+    """The frame's rows as canonical examples; `labelled=False` (an unlabelled train split): every label is None."""
     source = task.source
     line_offset = 2 if origin.endswith((".csv", ".tsv")) else 1
     frame = frame.reset_index(drop=True)
@@ -163,7 +164,7 @@ def _canonical(task: TaskSpec, frame: pd.DataFrame, origin: str) -> list[Example
         if column not in frame.columns:
             raise DataError(f"{origin}: `at_least` names missing column {column!r} (columns: {', '.join(map(str, frame.columns[:-1]))})")
         frame = frame[pd.to_numeric(frame[column], errors="coerce") >= minimum]
-    needed = {"text": True, "label": True, "aspect": "aspect" in task.input_fields, "id": False}
+    needed = {"text": True, "label": labelled, "aspect": "aspect" in task.input_fields, "id": False}
     columns = {field: source.columns.get(field, field) for field in needed}
     available = [str(c) for c in frame.columns if c != "__line__"]
     for field, required in needed.items():
@@ -184,7 +185,7 @@ def _canonical(task: TaskSpec, frame: pd.DataFrame, origin: str) -> list[Example
             aspect = row[columns["aspect"]]
             if not isinstance(aspect, str) or not aspect.strip():
                 raise DataError(f"{where}: {columns['aspect']!r} must be non-empty text, got {aspect!r}")
-        label = _label(task, row[columns["label"]], where, columns["label"])
+        label = _label(task, row[columns["label"]], where, columns["label"]) if labelled else None
         meta = dict(row["meta"]) if has_meta and isinstance(row["meta"], dict) else {}
         meta = {k: _plain(v) for k, v in meta.items() if v is not None}
         meta.update({key: _plain(row[column]) for key, column in source.meta_columns.items()})

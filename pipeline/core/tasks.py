@@ -89,12 +89,20 @@ class DataSource(Frozen):
     label_map: dict[str, str] | None = Field(None, description="source label (as text) -> task label")
     where: dict[str, str | int | float | bool] = Field(default_factory=dict, description="keep rows equal to these")
     at_least: dict[str, float] = Field(default_factory=dict, description="keep rows whose column is >= the number")
+    unlabelled_train: bool = Field(
+        False, json_schema_extra=WHEN_SET,
+        description="the train split is unlabelled text (no label column needed; one present is ignored): a pool the "
+                    "search's `expert` labeller labels, for a merge of given experts (`experts.given`); nothing trains "
+                    "on it")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
         given = [name for name in ("path", "hub", "pypi") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of path, hub, pypi (got {', '.join(given) or 'none'})")
+        if self.carve is not None and self.unlabelled_train:
+            raise ValueError("unlabelled_train: the train split cannot be carved from a labelled table; give it its own "
+                             "file")
         if self.carve is not None:
             if "train" not in self.carve:
                 raise ValueError("carve must include a train share")
