@@ -86,6 +86,28 @@ def reuse_multitask(run: RunDir, done: dict[tuple[int, int], RunDir], seed: int,
         shutil.copy2(path, run.report / path.name)
 
 
+def task_rows_of(name: str, seed: int, result: dict) -> list[dict]:
+    """Per task and split: the final model's and the multi-task LoRA's primary metric, and the evolved merge's."""
+    rows = []
+    for split, table in result["tables_by_split"].items():
+        by_model = {row["model"]: row for row in table}
+        final = by_model[next(label for label in by_model if label.startswith("final ("))]
+        multitask, evolved = by_model.get(report.MULTITASK, {}), by_model.get("evolved merge", {})
+        tasks = [key for key in final if key not in ("model", "mean", "retention")]
+        rows += [{"variant": name, "seed": seed, "split": split, "task": task, "final": final[task],
+                  "multitask": multitask.get(task), "evolved": evolved.get(task)} for task in tasks]
+    return rows
+
+
+def task_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per variant, split and task: means over the seeds and the mean of the seed-by-seed final - multi-task."""
+    rows = rows.assign(difference=rows["final"] - rows["multitask"])
+    summary = rows.groupby(["variant", "split", "task"], sort=False).agg(
+        seeds=("seed", "count"), final=("final", "mean"), multitask=("multitask", "mean"),
+        evolved=("evolved", "mean"), difference=("difference", "mean"), sd=("difference", "std"))
+    return summary.reset_index().rename(columns={"difference": "final - multitask"})
+
+
 def rows_of(name: str, seed: int, result: dict) -> list[dict]:
     budgets = result["budgets"]
     rows = []
@@ -130,7 +152,7 @@ def main() -> None:
     configs = {(name, seed): variant_config(base, overrides, seed, Path(args.runs_root) / name / f"seed{seed}")
                for seed in seeds for name, overrides in variants}
     command = "python " + shlex.join(["benchmarks/sharing.py", *sys.argv[1:]])
-    rows, done = [], {}
+    rows, task_rows, done = [], [], {}
     for (name, seed), cfg in configs.items():
         run = RunDir(cfg.resolved_run_dir)
         examples = report.budgets(cfg)["multitask_examples"]
@@ -139,8 +161,11 @@ def main() -> None:
         with session(cfg):
             report.main(cfg, weightings=(cfg.finetune.weighting.name,), multitask=True, command=command)
         done.setdefault((seed, examples), run)
-        rows += rows_of(name, seed, json.loads((run.report / "report.json").read_text(encoding="utf-8")))
-        summary = write_results(base.name, command, pd.DataFrame(rows))  # after every run: nothing finished is lost
+        result = json.loads((run.report / "report.json").read_text(encoding="utf-8"))
+        rows += rows_of(name, seed, result)
+        task_rows += task_rows_of(name, seed, result)
+        # after every run: nothing finished is lost
+        summary = write_results(base.name, command, pd.DataFrame(rows), pd.DataFrame(task_rows))
     if args.record:
         chosen = summary[summary["variant"] == args.record]
         values = {f"{base.name}_final_minus_multitask_{row['split']}": row["final - multitask"]
@@ -149,16 +174,19 @@ def main() -> None:
         record(values, command=command)
 
 
-def write_results(name: str, command: str, table: pd.DataFrame) -> pd.DataFrame:
+def write_results(name: str, command: str, table: pd.DataFrame, tasks: pd.DataFrame) -> pd.DataFrame:
     """Write sharing_<name>.{md,json} from the rows so far; return the summary over seeds."""
-    summary = summary_table(table)
+    summary, by_task = summary_table(table), task_summary(tasks)
     text = (f"# Sharing and budget split: {name}\n\n`{command}`\n\nPer seed (primary metric, mean over tasks; "
             "difference: final - multi-task LoRA, paired bootstrap 95% interval):\n\n" + markdown_table(table)
-            + "\nOver the seeds:\n\n" + markdown_table(summary))
+            + "\nOver the seeds:\n\n" + markdown_table(summary)
+            + "\nPer task, over the seeds (primary metric; final - multi-task: mean and sd of the seed-by-seed "
+              "differences):\n\n" + markdown_table(by_task))
     (RESULTS / f"sharing_{name}.md").write_text(text, encoding="utf-8")
     (RESULTS / f"sharing_{name}.json").write_text(json.dumps(
         {"command": command, "rows": table.replace({np.nan: None}).to_dict("records"),
-         "summary": summary.replace({np.nan: None}).to_dict("records")}, indent=2) + "\n", encoding="utf-8")
+         "summary": summary.replace({np.nan: None}).to_dict("records"),
+         "tasks": by_task.replace({np.nan: None}).to_dict("records")}, indent=2) + "\n", encoding="utf-8")
     print(text)
     return summary
 
