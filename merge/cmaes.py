@@ -57,22 +57,27 @@ def one_by_one(evaluate: Evaluate) -> EvaluateMany:
 
 
 def run_cma(strategy: Strategy, generations: int, evaluate: EvaluateMany, log_path: Path, *,
-            on_generation: OnGeneration | None = None, max_evaluations: int | None = None) -> bool:
+            on_generation: OnGeneration | None = None, max_evaluations: int | None = None,
+            decode: Callable[[np.ndarray], np.ndarray] | None = None) -> bool:
     """Run (or resume) the search; True when every generation is done, False when `max_evaluations` stopped it.
 
     `evaluate` gets each generation's candidates that the log lacks and yields their rows in order; each row is
-    appended to the log as it arrives. Local and parallel evaluators therefore write the same log.
+    appended to the log as it arrives. Local and parallel evaluators therefore write the same log. With `decode`,
+    CMA-ES searches a smaller vector (a level of a multi-stage merge) and `evaluate` and the log get the flat genome
+    `decode(x)` it stands for.
     """
+    decode = decode or (lambda candidate: candidate)
     logged = {(row["generation"], row["index"]): row for row in read_log(log_path)}
     es = strategy.create()
     scored_now = 0
     for generation in range(generations):
         solutions = es.ask()
-        pending = [(index, candidate) for index, candidate in enumerate(solutions) if (generation, index) not in logged]
+        decoded = [decode(np.asarray(candidate, dtype=float)) for candidate in solutions]
+        pending = [(index, candidate) for index, candidate in enumerate(decoded) if (generation, index) not in logged]
         budget_left = None if max_evaluations is None else max_evaluations - scored_now
         fresh = evaluate(generation, pending[:budget_left] if budget_left is not None else pending)
         rows = []
-        for index, candidate in enumerate(solutions):
+        for index, candidate in enumerate(decoded):
             row = logged.get((generation, index))
             if row is None:
                 if max_evaluations is not None and scored_now >= max_evaluations:

@@ -114,11 +114,32 @@ class SearchConfig(Frozen):
     weak: WeakConfig = WeakConfig()
     gold: GoldConfig = GoldConfig()
     select: SelectConfig = SelectConfig()
+    stages: Literal["flat", "groups"] = Field(
+        "flat", json_schema_extra=WHEN_SET,
+        description="flat: one CMA-ES over every expert; groups: MEM-MCL's multi-stage merge (merge/stages.py), one "
+                    "CMA-ES per task group of two experts or more, then one over the group models (`generations`)")
+    groups: dict[str, list[str]] = Field(
+        default_factory=dict, json_schema_extra=WHEN_SET,
+        description="stages groups: group -> tasks, overriding the tasks' `group` field (every task in one group)")
+    group_generations: int = Field(3, ge=1, json_schema_extra=WHEN_SET,
+                                   description="stages groups: CMA-ES generations of each level-1 group search")
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
         return _registered("method", value)
+
+    @model_validator(mode="after")
+    def _stages(self) -> SearchConfig:
+        if self.stages == "groups" and self.method != "task_arithmetic":
+            raise ValueError("search.stages groups composes the two levels as products of task-arithmetic "
+                             f"coefficients; method {self.method!r} does not compose: use task_arithmetic")
+        if self.groups and self.stages != "groups":
+            raise ValueError("search.groups is read with search.stages: groups")
+        if self.stages == "groups" and not self.bounds[0] <= 1.0 <= self.bounds[1]:
+            raise ValueError(f"search.stages groups starts level 2 at 1 (the group models as found): bounds "
+                             f"{list(self.bounds)} must include it")
+        return self
 
     @model_validator(mode="after")
     def _bounds(self) -> SearchConfig:

@@ -30,6 +30,7 @@ from sentimerge.merge.genome import Genome
 from sentimerge.merge.labellers import check_labellers, labeller_for
 from sentimerge.merge.methods import get_method
 from sentimerge.merge.recipe import build_recipe, recipe_yaml, run_mergekit
+from sentimerge.merge.stages import GroupPlan, group_plan, level_one, level_two, restrict
 from sentimerge.merge.weak import sample_selection_set, sample_weak_set
 from sentimerge.pipeline.core.candidates import load_search_inputs, load_weak_sets, score_candidate
 from sentimerge.pipeline.core.config import RunConfig, dump_config, positive_int
@@ -160,7 +161,21 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
         write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
 
     start = start_point(baselines, genome)
-    strategy = Strategy(start, settings.sigma0, settings.bounds, settings.population, seed)
+    strategy, decode, levels = Strategy(start, settings.sigma0, settings.bounds, settings.population, seed), None, {}
+    if settings.stages == "groups":
+        plan = group_plan_of(cfg, run, genome)
+        with timer.phase("search_level_one"):
+            levels, used = _level_one(run, cfg, plan, genome, merger, model, tokenizer, weak_sets, start, seed,
+                                      max_evaluations)
+        write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
+        if levels is None:
+            log.info("search: stopped after %d new candidates; run the same command again to continue", used)
+            return run.search
+        max_evaluations = None if max_evaluations is None else max_evaluations - used
+        size, decode = level_two(genome, plan, {name: np.asarray(level["coefficients"]) for name, level in
+                                                levels.items()})
+        strategy = Strategy(np.ones(size), settings.sigma0, settings.bounds, settings.population, seed)
+        log.info("search: level 2 over the groups %s (%d coefficients)", " < ".join(plan.names), size)
     if (backend or cfg.backend) == "ray":
         from sentimerge.pipeline.core.ray_backend import RayScorerPool
 
@@ -170,7 +185,7 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
         evaluate = one_by_one(score_logged)
     try:
         finished = run_cma(strategy, settings.generations, evaluate, run.search_candidates,
-                           on_generation=finish_generation, max_evaluations=max_evaluations)
+                           on_generation=finish_generation, max_evaluations=max_evaluations, decode=decode)
     finally:
         if (backend or cfg.backend) == "ray":
             pool.close()
@@ -200,6 +215,8 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
         with timer.phase("export"):
             export = _export(run, cfg, recipe, merger, np.asarray(best["coefficients"]), best, final, base_path)
     report = _report(run, cfg, best, baselines, final, generations, export, timer)
+    if levels:
+        report["levels"] = levels
     write_json_atomic(run.search_report, report)
     write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
     write_manifest(run.search, stage="search", method=settings.method, best_fitness=best["fitness"],
@@ -207,6 +224,58 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
     print(f"\nsearch: gold labels ({run.search / 'final.md'}):\n")
     print((run.search / "final.md").read_text(encoding="utf-8"))
     return run.search
+
+
+def group_plan_of(cfg: RunConfig, run: RunDir, genome: Genome) -> GroupPlan:
+    """The task groups of a multi-stage search (`search.groups`, else each task's `group`), ordered by the mean task
+    difficulty their experts' manifests record (a given expert records none: 0)."""
+    group_of = {task: group for group, tasks in cfg.search.groups.items() for task in tasks} or \
+        {task.name: task.group for task in cfg.tasks}
+    difficulty = {name: read_manifest(run.expert(name)).get("task_difficulty", {}).get("difficulty", 0.0)
+                  for name in genome.experts}
+    return group_plan(list(genome.experts), group_of, difficulty)
+
+
+def _level_one(run: RunDir, cfg: RunConfig, plan: GroupPlan, genome: Genome, merger: InMemoryMerge, model, tokenizer,
+               weak_sets: list[ScoredSet], start: np.ndarray, seed: int,
+               max_evaluations: int | None) -> tuple[dict[str, dict] | None, int]:
+    """Level 1 of a multi-stage search: one CMA-ES per group of two experts or more, from the start point's
+    coefficients of its experts, scored on the group's weak sets, logged in `search/levels/<group>.jsonl` (resumed
+    like the flat log). Returns ({group: its best candidate}, candidates scored now), or (None, scored) when
+    `max_evaluations` stopped it."""
+    settings, best, used = cfg.search, {}, 0
+    (run.search / "levels").mkdir(parents=True, exist_ok=True)
+    for name, experts in plan.searched():
+        path = run.search / "levels" / f"{name}.jsonl"
+        _, decode = level_one(genome, experts)
+        sets = [scored for scored in weak_sets if scored.task.name in experts]
+        strategy = Strategy(restrict(genome, start, experts), settings.sigma0, settings.bounds, settings.population,
+                            seed)
+
+        def score(generation: int, index: int, candidate: np.ndarray, name=name, sets=sets) -> dict:
+            row = score_candidate(merger, model, tokenizer, sets, candidate, settings)
+            log.info("level 1 %s gen %d cand %d: %s fitness %.4f", name, generation, index, row["status"],
+                     row["fitness"])
+            return {"level": name, "generation": generation, "index": index, **row}
+
+        before = len(read_log(path))
+        left = None if max_evaluations is None else max_evaluations - used
+        if left is not None and left <= 0:
+            return None, used
+        finished = run_cma(strategy, settings.group_generations, one_by_one(score), path, max_evaluations=left,
+                           decode=decode)
+        used += len(read_log(path)) - before
+        if not finished:
+            return None, used
+        rows = [row for row in read_log(path) if row["status"] == "ok"]
+        if not rows:
+            raise SentimergeError(f"{path}: every candidate of group {name} failed (see their `error`)")
+        chosen = max(rows, key=lambda row: row["fitness"])  # the first of equal ones
+        best[name] = {"experts": list(experts), "fitness": chosen["fitness"], "coefficients": chosen["coefficients"],
+                      "generation": chosen["generation"], "index": chosen["index"], "evaluations": len(rows)}
+        log.info("level 1 %s (%s): best fitness %.4f (gen %d cand %d)", name, ", ".join(experts), chosen["fitness"],
+                 chosen["generation"], chosen["index"])
+    return best, used
 
 
 def _check_inputs(cfg: RunConfig, run: RunDir) -> None:

@@ -187,6 +187,12 @@ class RunConfig(Frozen):
             if self.search.weak.labellers.get(task.name, self.search.weak.labeller) == "gold":
                 raise ValueError(f"task {task.name}: source.unlabelled_train has no gold labels for the weak set: use "
                                  "the expert or lexicon labeller")
+        if self.search.groups:
+            listed = [name for members in self.search.groups.values() for name in members]
+            names = [task.name for task in self.tasks]
+            wrong = sorted({n for n in listed if n not in names} | {n for n in names if listed.count(n) != 1})
+            if wrong:
+                raise ValueError(f"search.groups must put every task in exactly one group ({', '.join(wrong)})")
         if self.search.init == "hybrid" and self.experts.mode != "hybrid":
             raise ValueError("search.init hybrid starts from the Hybrid LoRA attention: set experts.mode: hybrid")
         return self

@@ -1,0 +1,106 @@
+"""Multi-stage merging by task group (MEM-MCL, `search.stages: groups`): the two levels compose to their closed form,
+the search runs, resumes at each level like an uninterrupted one, and its export equals mergekit's run of the recipe."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sentimerge.merge.engine import InMemoryMerge
+from sentimerge.merge.genome import Genome
+from sentimerge.merge.methods import get_method
+from sentimerge.merge.stages import group_plan, level_one, level_two, restrict
+from sentimerge.pipeline import search
+from sentimerge.pipeline.core.config import load_config
+from sentimerge.pipeline.core.errors import ConfigError
+from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl
+from tests.conftest import write_tiny_config
+from tests.test_merge import load_base, tiny_experts  # noqa: F401 (a fixture)
+from tests.test_search import tiny_search, without_timing
+
+GROUPS = {"stages": "groups", "group_generations": 2, "generations": 2, "population": 4}
+
+
+def test_the_plan_orders_groups_by_difficulty_and_searches_only_groups_of_two():
+    plan = group_plan(["a", "b", "c", "d"], {"a": "x", "b": "y", "c": "x", "d": "z"},
+                      {"a": 0.9, "b": 0.2, "c": 0.5, "d": 0.2})
+    assert plan.groups == (("y", ("b",)), ("z", ("d",)), ("x", ("a", "c")))
+    assert plan.searched() == [("x", ("a", "c"))]
+
+
+def test_two_levels_merge_to_their_closed_form(tiny_experts):
+    """Level 1 merges polarity and intensity into a group model; level 2 weighs it and aspect3 per layer: the merged
+    weights equal W0 + sum_g w_g(l) (group model_g - W0), built from two separate in-memory merges."""
+    cfg, _, adapters = tiny_experts
+    model = load_base(cfg)
+    genome = Genome(tuple(adapters), model.config.num_hidden_layers, 1, True)
+    merger = InMemoryMerge(model, adapters, genome, get_method("task_arithmetic"))
+    plan = group_plan(list(genome.experts), {"polarity": "s", "intensity": "s", "aspect3": "a"}, {})
+    rng = np.random.default_rng(3)
+    size, decode_one = level_one(genome, ("polarity", "intensity"))
+    inner = decode_one(rng.uniform(0.2, 1.4, size))
+    assert np.array_equal(restrict(genome, inner, ("polarity", "intensity")).shape, (size,))
+    size_two, decode_two = level_two(genome, plan, {"s": inner})
+    weights = rng.uniform(0.3, 1.3, size_two)
+    merged = merger.merged_state(decode_two(weights))
+    base = {name: p.detach().clone() for name, p in model.named_parameters()}
+    group_model = merger.merged_state(inner)
+    alone = merger.merged_state(genome.one_hot("aspect3"))
+    w = weights.reshape(len(plan.groups), genome.groups, len(genome.parts))  # groups in plan order: a, s
+    for name, value in merged.items():
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        part = genome.part_index("attention" if "attn" in name else "mlp")
+        expected = base[name] + w[1, layer, part] * (group_model[name] - base[name]) \
+            + w[0, layer, part] * (alone[name] - base[name])
+        assert torch.allclose(value, expected, atol=1e-5), name
+
+
+def test_a_multistage_search_runs_resumes_at_each_level_and_exports_what_mergekit_writes(tmp_path, cache_dir):
+    whole = tiny_search(tmp_path / "whole", cache_dir, **GROUPS, export=True, dtype="float32")
+    search.main(whole)
+    run = RunDir(whole.resolved_run_dir)
+    report = json.loads(run.search_report.read_text())
+    assert list(report["levels"]) == ["sentiment"] and report["levels"]["sentiment"]["experts"] == ["polarity",
+                                                                                                    "intensity"]
+    level = read_jsonl(run.search / "levels" / "sentiment.jsonl")
+    assert len(level) == 8 and all(row["level"] == "sentiment" for row in level)
+    genome = Genome(("polarity", "aspect3", "intensity"), 2, 1, True)
+    flat = np.asarray(level[0]["coefficients"]).reshape(3, 2, 2)
+    assert np.all(flat[1] == 0)  # level 1 merges only its group's experts
+    assert len(read_jsonl(run.search_candidates)) == 8
+    # the export (mergekit's run of the recipe) equals the in-memory merge of the evolved candidate
+    from sentimerge.merge.lora import read_adapter
+
+    adapters = {name: read_adapter(run.expert_adapter(name)) for name in genome.experts}
+    merger = InMemoryMerge(load_base(whole), adapters, genome, get_method("task_arithmetic"))
+    selected = json.loads((run.search_merged / "sentimerge_search.json").read_text())["best"]["coefficients"]
+    assert selected in [row["coefficients"] for row in read_jsonl(run.search_candidates)] + [[1.0] * 12]
+    written = load_file(str(run.search_merged / "model.safetensors"))
+    for name, value in merger.merged_state(np.asarray(selected)).items():
+        assert torch.allclose(written[name], value, atol=1e-5), name
+
+    parts = tiny_search(tmp_path / "parts", cache_dir, **GROUPS, export=True, dtype="float32")
+    resumed = RunDir(parts.resolved_run_dir)
+    search.main(parts, max_evaluations=3)  # stops inside level 1
+    assert len(read_jsonl(resumed.search / "levels" / "sentiment.jsonl")) == 3 and not resumed.search_candidates.exists()
+    search.main(parts, max_evaluations=7)  # finishes level 1, stops inside level 2
+    assert len(read_jsonl(resumed.search_candidates)) == 2 and not is_done(resumed.search)
+    search.main(parts)
+    assert without_timing(read_jsonl(resumed.search / "levels" / "sentiment.jsonl")) == \
+        without_timing(level)
+    assert without_timing(read_jsonl(resumed.search_candidates)) == without_timing(read_jsonl(run.search_candidates))
+
+
+@pytest.mark.parametrize("search_section, message", [
+    ({"stages": "groups", "method": "ties"}, "does not compose"),
+    ({"stages": "groups", "groups": {"a": ["polarity"], "b": ["aspect3"]}}, "exactly one group \\(intensity\\)"),
+    ({"groups": {"a": ["polarity", "aspect3", "intensity"]}}, "read with search.stages: groups"),
+    ({"stages": "groups", "bounds": [0.0, 0.9], "init": 0.5}, "must include it"),
+])
+def test_multistage_settings_are_checked(tmp_path, cache_dir, search_section, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_tiny_config(tmp_path, cache_dir=cache_dir, search=search_section))
