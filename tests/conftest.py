@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from sentimerge.pipeline.core.config import RunConfig, load_config
+from sentimerge.pipeline.core.rundir import RunDir
 
 POSITIVE = ["wonderful", "great", "delightful", "superb", "lovely", "brilliant"]
 NEGATIVE = ["awful", "boring", "terrible", "dull", "horrible", "broken"]
@@ -90,3 +91,14 @@ def prepared_tiny(tiny_config_path) -> RunConfig:
     cfg = load_config(tiny_config_path)
     prepare.main(cfg)
     return cfg
+
+
+@pytest.fixture
+def tiny_experts(prepared_tiny):
+    """The prepared tiny run with a finished random LoRA expert per task: (config, adapter folders, their factors)."""
+    from sentimerge.merge.lora import read_adapter
+    from tests.test_merge import make_experts
+
+    paths = make_experts(prepared_tiny)
+    adapters = {task: read_adapter(RunDir(prepared_tiny.resolved_run_dir).expert_adapter(task)) for task in paths}
+    return prepared_tiny, paths, adapters

@@ -52,13 +52,6 @@ def load_base(cfg):
     return AutoModelForCausalLM.from_pretrained(prepared_model_path(RunDir(cfg.resolved_run_dir)), dtype=torch.float32)
 
 
-@pytest.fixture
-def tiny_experts(prepared_tiny):
-    paths = make_experts(prepared_tiny)
-    adapters = {task: read_adapter(RunDir(prepared_tiny.resolved_run_dir).expert_adapter(task)) for task in paths}
-    return prepared_tiny, paths, adapters
-
-
 def _coefficients(genome: Genome, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0.2, 1.4, genome.size)
 

@@ -19,7 +19,7 @@ from sentimerge.pipeline.core.config import load_config
 from sentimerge.pipeline.core.errors import ConfigError
 from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl
 from tests.conftest import write_tiny_config
-from tests.test_merge import load_base, tiny_experts  # noqa: F401 (a fixture)
+from tests.test_merge import load_base
 from tests.test_search import tiny_search, without_timing
 
 GROUPS = {"stages": "groups", "group_generations": 2, "generations": 2, "population": 4}
