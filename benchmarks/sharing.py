@@ -142,6 +142,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
     parser.add_argument("--variant", action="append", required=True, help="NAME[: key=value, ...]")
     parser.add_argument("--record", help="a variant whose figures go to summary.json")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="tabulate the runs whose report is written, train nothing (a benchmark cut short)")
     args = parser.parse_args()
     setup_logging()
     base = load_config(args.config)
@@ -155,6 +157,9 @@ def main() -> None:
     rows, task_rows, done = [], [], {}
     for (name, seed), cfg in configs.items():
         run = RunDir(cfg.resolved_run_dir)
+        if args.finished_only and not (run.report / "report.json").is_file():
+            print(f"{name} seed {seed}: no report in {run.report}, left out")
+            continue
         examples = report.budgets(cfg)["multitask_examples"]
         run.report.mkdir(parents=True, exist_ok=True)
         reuse_multitask(run, done, seed, examples)
