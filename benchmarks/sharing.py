@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, help="NAME[: key=value, ...]")
     parser.add_argument("--record", help="a variant whose figures go to summary.json")
     parser.add_argument("--finished-only", action="store_true",
-                        help="tabulate the runs whose report is written, train nothing (a benchmark cut short)")
+                        help="tabulate the reports already written, run nothing (a benchmark cut short)")
     args = parser.parse_args()
     setup_logging()
     base = load_config(args.config)
@@ -161,10 +161,11 @@ def main() -> None:
             print(f"{name} seed {seed}: no report in {run.report}, left out")
             continue
         examples = report.budgets(cfg)["multitask_examples"]
-        run.report.mkdir(parents=True, exist_ok=True)
-        reuse_multitask(run, done, seed, examples)
-        with session(cfg):
-            report.main(cfg, weightings=(cfg.finetune.weighting.name,), multitask=True, command=command)
+        if not args.finished_only:
+            run.report.mkdir(parents=True, exist_ok=True)
+            reuse_multitask(run, done, seed, examples)
+            with session(cfg):
+                report.main(cfg, weightings=(cfg.finetune.weighting.name,), multitask=True, command=command)
         done.setdefault((seed, examples), run)
         result = json.loads((run.report / "report.json").read_text(encoding="utf-8"))
         rows += rows_of(name, seed, result)
