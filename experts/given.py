@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from sentimerge.experts.config import GivenExpert
-from sentimerge.merge.lora import PEFT_PREFIX, adapter_problems
+from sentimerge.merge.lora import PEFT_PREFIX, adapter_problems, checkpoint_problems, safetensors_headers
 from sentimerge.pipeline.core.errors import ModelError
 
 log = logging.getLogger("sentimerge.experts")
@@ -44,22 +44,6 @@ def resolve(given: GivenExpert, cache_dir: Path) -> Path:
         message = str(error).strip().splitlines()
         raise ModelError(f"hub adapter {given.hub}@{given.revision}: cannot download "
                          f"({message[0] if message else type(error).__name__})") from None
-
-
-def _headers(folder: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """name -> (shape, file) of every tensor in the folder's *.safetensors files, from their headers only."""
-    from safetensors import SafetensorError, safe_open
-
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), "pt") as handle:
-                for name in handle.keys():
-                    tensors[name] = (tuple(handle.get_slice(name).get_shape()), file)
-        except (SafetensorError, OSError) as error:
-            raise ModelError(f"{file}: unreadable safetensors file ({str(error).strip() or type(error).__name__})") \
-                from None
-    return tensors
 
 
 def _architecture(folder: Path) -> dict | None:
@@ -92,10 +76,10 @@ def check_adapter(folder: Path, base: Path) -> list[str]:
         return [f"{folder / 'adapter_config.json'}: not valid JSON ({error})"]
     problems = [f"{folder / 'adapter_config.json'}: {problem}" for problem in adapter_problems(config)]
     try:
-        tensors = _headers(folder)
+        tensors = safetensors_headers(folder)
     except ModelError as error:
         return [*problems, str(error)]
-    base_tensors = _headers(base)
+    base_tensors = safetensors_headers(base)
     declared = config.get("base_model_name_or_path")
     difference = _differences(_architecture(Path(declared)), _architecture(base)) if declared and \
         Path(declared).is_dir() else None
@@ -119,8 +103,9 @@ def check_adapter(folder: Path, base: Path) -> list[str]:
         if kind.startswith("B.") and kind.endswith("bias") and f"{module}.bias" not in base_tensors:
             problems.append(f"{folder}: lora_bias: {module} has no bias in the run's base model to merge it into")
             break
-    if not problems and declared and Path(declared).is_dir() and _headers(Path(declared)):
-        different = _different_weights(Path(declared), base, [f"{name.removeprefix(PEFT_PREFIX).split('.lora_')[0]}"
+    theirs = safetensors_headers(Path(declared)) if not problems and declared and Path(declared).is_dir() else {}
+    if theirs:
+        different = _different_weights(theirs, base_tensors, [f"{name.removeprefix(PEFT_PREFIX).split('.lora_')[0]}"
                                                               ".weight" for name in tensors if ".lora_A." in name])
         if different:
             problems.append(f"{folder}: declares base {declared}, whose {different} differs from the run's base "
@@ -128,12 +113,12 @@ def check_adapter(folder: Path, base: Path) -> list[str]:
     return problems
 
 
-def _different_weights(declared: Path, base: Path, weights: list[str]) -> str | None:
-    """The first of `weights` whose values differ between two local models (None: all equal)."""
+def _different_weights(theirs: dict, ours: dict, weights: list[str]) -> str | None:
+    """The first of `weights` whose values differ between two local models (their `safetensors_headers`; None: all
+    equal)."""
     import torch
     from safetensors import safe_open
 
-    theirs, ours = _headers(declared), _headers(base)
     for weight in dict.fromkeys(weights):
         if weight not in theirs or weight not in ours:
             return weight
@@ -144,48 +129,40 @@ def _different_weights(declared: Path, base: Path, weights: list[str]) -> str | 
 
 
 def check_checkpoint(folder: Path, base: Path) -> list[str]:
-    """Why the full checkpoint in `folder` is not a checkpoint of the base model in `base` (empty: it is)."""
+    """Why the full checkpoint in `folder` is not a checkpoint of the base model in `base` (empty: it is): another
+    architecture in one line, else `sentimerge.merge.lora.checkpoint_problems`."""
     if not folder.is_dir():
         return [f"{folder}: no such folder"]
     difference = _differences(_architecture(folder), _architecture(base))
     if difference:
         return [f"{folder}: not a checkpoint of the run's base model: {difference}"]
-    problems = []
-    try:
-        tensors = _headers(folder)
-    except ModelError as error:
-        return [*problems, str(error)]
-    if not tensors:
-        return [*problems, f"{folder}: no *.safetensors weights (save the checkpoint with save_pretrained)"]
-    base_tensors = _headers(base)
-    tied = "lm_head.weight" not in base_tensors
-    missing = [name for name in base_tensors if name not in tensors]
-    extra = [name for name in tensors if name not in base_tensors and not (tied and name == "lm_head.weight")]
-    if missing:
-        problems.append(f"{folder}: lacks {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''} of the "
-                        "run's base model")
-    if extra:
-        problems.append(f"{folder}: has {', '.join(extra[:3])}{' and more' if len(extra) > 3 else ''}, which the "
-                        "run's base model does not")
-    for name, (shape, _) in tensors.items():
-        if name in base_tensors and shape != base_tensors[name][0]:
-            hint = " (a resized vocabulary)" if "embed" in name or "lm_head" in name else ""
-            problems.append(f"{folder}: {name} has shape {shape}, the base {base_tensors[name][0]}{hint}")
-            break
-    return problems
+    return checkpoint_problems(folder, base)
 
 
-def content_hash(folder: Path, kind: str) -> str:
-    """SHA-256 over the expert's files (an adapter's two files; a checkpoint's config and weights)."""
+def _files(folder: Path, kind: str) -> list[Path]:
+    """The files that make the expert: an adapter's two files; a checkpoint's config and weights."""
     files = [folder / name for name in ADAPTER_FILES] if kind == "adapter" else \
         sorted([*folder.glob("*.safetensors"), folder / "config.json"])
+    return [file for file in files if file.is_file()]
+
+
+def file_stats(folder: Path, kind: str) -> list[list]:
+    """[name, size, mtime in ns] of each of the expert's files: while they hold, its recorded hash holds (a 7B
+    checkpoint is not read again on every run)."""
+    return [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in _files(folder, kind)]
+
+
+def content_hash(folder: Path, kind: str, known: dict | None = None) -> str:
+    """SHA-256 over the expert's files; `known` (a manifest's `given` record) is reused when its `stats` still
+    match `file_stats`."""
+    if known and known.get("stats") == file_stats(folder, kind) and known.get("sha256"):
+        return known["sha256"]
     digest = hashlib.sha256()
-    for file in files:
-        if file.is_file():
-            digest.update(file.name.encode())
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+    for file in _files(folder, kind):
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

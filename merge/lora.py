@@ -148,55 +148,76 @@ def read_adapter(folder: Path) -> dict[str, Delta]:
     return deltas
 
 
-def read_checkpoint(folder: Path, base: Path) -> dict[str, DenseDelta]:
-    """The task vector of a full checkpoint of the same base: every tensor that differs from the base's, as
-    checkpoint - base in float32 (unchanged tensors are left out). Input and output embeddings tied in the base
-    (`tie_word_embeddings`) are one tensor: a checkpoint's separate `lm_head.weight` must equal its embeddings.
-
-    Both folders hold `*.safetensors` files (one or sharded). Raises ModelError naming the folder and the tensor for
-    a tensor missing on either side, a shape that differs (a resized vocabulary among them) or unreadable files."""
+def safetensors_headers(folder: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """name -> (shape, file) of every tensor in the folder's *.safetensors files (one or sharded), from their headers
+    only. Raises ModelError naming a file that cannot be read."""
     from safetensors import SafetensorError, safe_open
 
-    def handles(path: Path) -> dict[str, Path]:
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise ModelError(f"{path}: no *.safetensors weights (a full checkpoint saved with save_pretrained)")
-        names = {}
-        for file in files:
-            try:
-                with safe_open(str(file), "pt") as handle:
-                    names.update(dict.fromkeys(handle.keys(), file))
-            except (SafetensorError, OSError) as error:
-                raise ModelError(f"{file}: unreadable safetensors file ({error})") from None
-        return names
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    tensors[name] = (tuple(handle.get_slice(name).get_shape()), file)
+        except (SafetensorError, OSError) as error:
+            raise ModelError(f"{file}: unreadable safetensors file ({str(error).strip() or type(error).__name__})") \
+                from None
+    return tensors
 
-    def tensor(files: dict[str, Path], name: str) -> torch.Tensor:
-        with safe_open(str(files[name]), "pt") as handle:
-            return handle.get_tensor(name)
 
-    expert_files, base_files = handles(folder), handles(base)
-    tied = "lm_head.weight" not in base_files and "model.embed_tokens.weight" in base_files
-    extra = sorted(set(expert_files) - set(base_files) - ({"lm_head.weight"} if tied else set()))
-    missing = sorted(set(base_files) - set(expert_files))
-    if extra or missing:
-        raise ModelError(f"{folder}: not a checkpoint of the run's base model: "
-                         + "; ".join(part for part in (f"tensors the base lacks: {', '.join(extra[:3])}" if extra
-                                                       else "", f"missing: {', '.join(missing[:3])}" if missing
-                                                       else "") if part))
-    deltas = {}
-    for name in base_files:
-        value, base_value = tensor(expert_files, name), tensor(base_files, name)
-        if value.shape != base_value.shape:
+def _tensor(headers: dict[str, tuple[tuple[int, ...], Path]], name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(headers[name][1]), "pt") as handle:
+        return handle.get_tensor(name)
+
+
+def checkpoint_problems(folder: Path, base: Path) -> list[str]:
+    """Why the full checkpoint in `folder` is not a checkpoint of the base model in `base` (empty: it is): no or
+    unreadable weights, tensors missing on either side, a shape that differs (a resized vocabulary among them), or an
+    `lm_head.weight` apart from the embeddings where the base ties them (`tie_word_embeddings`)."""
+    try:
+        tensors, base_tensors = safetensors_headers(folder), safetensors_headers(base)
+    except ModelError as error:
+        return [str(error)]
+    if not tensors:
+        return [f"{folder}: no *.safetensors weights (save the checkpoint with save_pretrained)"]
+    tied = "lm_head.weight" not in base_tensors and "model.embed_tokens.weight" in base_tensors
+    missing = [name for name in base_tensors if name not in tensors]
+    extra = [name for name in tensors if name not in base_tensors and not (tied and name == "lm_head.weight")]
+    problems = []
+    if missing:
+        problems.append(f"{folder}: lacks {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''} of the "
+                        "run's base model")
+    if extra:
+        problems.append(f"{folder}: has {', '.join(extra[:3])}{' and more' if len(extra) > 3 else ''}, which the "
+                        "run's base model does not")
+    for name, (shape, _) in tensors.items():
+        if name in base_tensors and shape != base_tensors[name][0]:
             hint = " (a resized vocabulary)" if "embed" in name or "lm_head" in name else ""
-            raise ModelError(f"{folder}: {name} has shape {tuple(value.shape)}, the base {tuple(base_value.shape)}"
-                             f"{hint}")
-        delta = value.float() - base_value.float()
+            problems.append(f"{folder}: {name} has shape {shape}, the base {base_tensors[name][0]}{hint}")
+            break
+    if not problems and tied and "lm_head.weight" in tensors and not torch.equal(
+            _tensor(tensors, "lm_head.weight"), _tensor(tensors, "model.embed_tokens.weight")):
+        problems.append(f"{folder}: lm_head.weight differs from model.embed_tokens.weight, but the base ties them "
+                        "(tie_word_embeddings): the merge would have to untie them")
+    return problems
+
+
+def read_checkpoint(folder: Path, base: Path) -> dict[str, DenseDelta]:
+    """The task vector of a full checkpoint of the same base: every tensor that differs from the base's, as
+    checkpoint - base in float32 (unchanged tensors are left out; a tied `lm_head.weight` is the embeddings).
+
+    Raises ModelError with the first of `checkpoint_problems`."""
+    problems = checkpoint_problems(folder, base)
+    if problems:
+        raise ModelError(problems[0])
+    tensors, base_tensors = safetensors_headers(folder), safetensors_headers(base)
+    deltas = {}
+    for name in base_tensors:
+        delta = _tensor(tensors, name).float() - _tensor(base_tensors, name).float()
         if delta.any():
             deltas[name] = DenseDelta(name, delta)
-    if tied and "lm_head.weight" in expert_files:
-        if not torch.equal(tensor(expert_files, "lm_head.weight"), tensor(expert_files, "model.embed_tokens.weight")):
-            raise ModelError(f"{folder}: lm_head.weight differs from model.embed_tokens.weight, but the base ties "
-                             "them (tie_word_embeddings): the merge would have to untie them")
     return deltas
 
 

@@ -47,7 +47,9 @@ def build_recipe(base_path: str, references: dict[str, str], genome: Genome, can
         if genome.split_attention_mlp:
             weight = [{"filter": PART_FILTERS[part], "value": _rounded(coefficients[index, :, p])}
                       for p, part in enumerate(genome.parts)]
-            weight.append({"value": weight[0]["value"]})  # other tensors (norms, embeddings) have no delta
+            # the catch-all for tensors matching neither filter (norms; embeddings at t = 0): a LoRA expert has no
+            # delta there, a checkpoint's gets the attention values, as `merge.engine.merge_position` places it
+            weight.append({"value": weight[0]["value"]})
         else:
             weight = _rounded(coefficients[index, :, 0])
         models.append({"model": reference,

@@ -31,7 +31,7 @@ from sentimerge.curriculum.sampler import CurriculumSampler
 from sentimerge.curriculum.signals import Difficulty, SignalInputs, TaskFacts, example_difficulty, task_difficulty
 from sentimerge.experts.checkpoint import read_state, save_adapter
 from sentimerge.experts.config import GivenExpert
-from sentimerge.experts.given import check_adapter, check_checkpoint, content_hash, install, resolve
+from sentimerge.experts.given import check_adapter, check_checkpoint, content_hash, file_stats, install, resolve
 from sentimerge.experts.hybrid import layer_coefficients, load_hybrid_model, record_attention
 from sentimerge.experts.loop import Loop, run_loop
 from sentimerge.experts.multitask import TaskBalancedSampler, multitask_lora_config, train_multitask
@@ -155,7 +155,8 @@ def import_given_experts(cfg: RunConfig, run: RunDir, given: dict[str, GivenExpe
         raise ModelError("\n".join(problems))
     for name, source in sources.items():
         spec, folder = given[name], run.expert(name)
-        sha256 = content_hash(source, spec.kind)
+        installed = read_manifest(folder).get("given") if is_done(folder) and not force else None
+        sha256 = content_hash(source, spec.kind, installed)
         fingerprint = digest({"given": spec.kind, "sha256": sha256})
         if is_done(folder) and not force:
             if read_manifest(folder).get("fingerprint") != fingerprint:
@@ -168,7 +169,7 @@ def import_given_experts(cfg: RunConfig, run: RunDir, given: dict[str, GivenExpe
             install(source, spec.kind, work)
             write_manifest(work, stage="experts", task=name, fingerprint=fingerprint,
                            given={"kind": spec.kind, "source": spec.source, "folder": str(source.resolve()),
-                                  "sha256": sha256}, base_model=str(base))
+                                  "sha256": sha256, "stats": file_stats(source, spec.kind)}, base_model=str(base))
         log.info("expert %s: given %s %s, installed in %s", name, spec.kind, spec.source, folder)
 
 

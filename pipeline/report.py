@@ -152,8 +152,9 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
 
 def budgets(cfg: RunConfig) -> dict:
     """The training budget of each part in examples, with its optimizer steps: the experts (steps x batch size per
-    trained task; a given expert costs nothing), the shared adapter (`experts.shared`) and stage 3 (steps x per_task x tasks). The multi-task LoRA gets
-    all of them together, in whole steps of stage 3's batch (so at least as many examples, never fewer)."""
+    trained task; a given expert costs nothing), the shared adapter (`experts.shared`) and stage 3 (steps x per_task x
+    tasks). The multi-task LoRA gets all of them together, in whole steps of stage 3's batch (so at least as many
+    examples, never fewer)."""
     tasks, per_task = len(cfg.tasks), cfg.finetune.per_task
     expert = cfg.experts.examples_per_task  # separate: steps x batch size; hybrid: steps x per_task
     shared = cfg.experts.shared

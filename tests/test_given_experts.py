@@ -372,3 +372,24 @@ def test_an_unlabelled_train_split_needs_a_given_expert_and_a_labeller_that_does
         load_config(write_tiny_config(tmp_path, cache_dir=cache_dir, tasks=tasks,
                                       experts={"given": {"polarity": {"path": "x"}}},
                                       search={"weak": {"labellers": {"polarity": "gold"}}}))
+
+
+def test_an_installed_experts_hash_is_reused_while_its_files_are_unchanged(tmp_path):
+    """A 7B checkpoint is not hashed again on every run: the recorded SHA-256 holds while every file keeps its size
+    and modification time; any change makes it read the files again."""
+    import os
+
+    from sentimerge.experts.given import content_hash, file_stats
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).write_bytes(name.encode())
+    real = content_hash(folder, "adapter")
+    recorded = {"sha256": "recorded", "stats": file_stats(folder, "adapter")}
+    assert content_hash(folder, "adapter", recorded) == "recorded"
+    (folder / "adapter_model.safetensors").write_bytes(b"changed!")
+    assert content_hash(folder, "adapter", recorded) not in ("recorded", real)
+    (folder / "adapter_model.safetensors").write_bytes(b"adapter_model.safetensors")
+    os.utime(folder / "adapter_model.safetensors", ns=(1, 1))
+    assert content_hash(folder, "adapter", recorded) == real

@@ -172,7 +172,8 @@ class RunConfig(Frozen):
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
-    def _unique_tasks(self) -> RunConfig:
+    def _consistent(self) -> RunConfig:
+        """What one section asks of another: unique tasks, given experts and groups naming them, unlabelled pools."""
         check_unique_names(self.tasks)
         unknown = [name for name in self.experts.given if name not in {task.name for task in self.tasks}]
         if unknown:
