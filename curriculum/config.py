@@ -67,3 +67,23 @@ def _check(registry, weights: dict[str, float]) -> dict[str, float]:
     if problems:
         raise ValueError("; ".join(problems))
     return weights
+
+
+class TaskPacingConfig(Frozen):
+    """Stage 3's task-level curriculum (`finetune.task_pacing`; MEM-MCL's easiest-first task order): tasks enter the
+    multi-task batches in ascending task difficulty (the one each expert's manifest records), and a task's share of
+    every batch grows from 0 to a full share as the competence passes its turn. Batches keep their size, so the
+    budget in examples is unchanged. `pacing: none` (the default) puts every task in every batch from the start."""
+
+    pacing: str = Field("none", description="competence function over the steps: linear, sqrt, or none (all tasks "
+                                            "from step 0)")
+    start: float = Field(0.0, ge=0, le=1, description="competence at step 0 (at least one task's turn, 1/k)")
+    full_at: float = Field(0.5, gt=0, le=1, description="share of the steps after which every task has its full "
+                                                        "share")
+
+    @field_validator("pacing")
+    @classmethod
+    def _known_pacing(cls, value: str) -> str:
+        if value not in PACINGS:
+            raise ValueError(PACINGS.problem(value))
+        return value

@@ -38,3 +38,23 @@ def competence(pacing: str, step: int, total_steps: int, *, start: float, full_a
     ramp = max(1.0, full_at * total_steps)
     progress = min(1.0, step / ramp)
     return min(1.0, max(start if pacing != "none" else 1.0, PACINGS.get(pacing)(progress, start)))
+
+
+def task_shares(competence_value: float, tasks: int) -> list[float]:
+    """Each task's share of a batch, in [0, 1], at a competence in [0, 1], for `tasks` tasks ranked easiest first:
+    task r (0-based) enters when the competence reaches r / k and has its full share at (r + 1) / k, so at
+    competence 1 every task has a full share. The easiest task always has a full share."""
+    k = tasks
+    return [1.0 if rank == 0 else min(1.0, max(0.0, competence_value * k - rank)) for rank in range(k)]
+
+
+def batch_counts(shares: list[float], size: int) -> list[int]:
+    """`size` batch slots split in proportion to `shares` (largest remainder, ties to the earlier task), so the
+    counts always add up to `size`; a share of 0 gets no slot."""
+    total = sum(shares)
+    exact = [size * share / total for share in shares]
+    counts = [int(value) for value in exact]
+    remainders = sorted((i for i in range(len(shares)) if shares[i] > 0), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in remainders[:size - sum(counts)]:
+        counts[i] += 1
+    return counts

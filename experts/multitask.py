@@ -18,6 +18,8 @@ import pandas as pd
 import torch
 import yaml
 
+from sentimerge.curriculum.config import TaskPacingConfig
+from sentimerge.curriculum.pacing import batch_counts, competence, task_shares
 from sentimerge.experts.checkpoint import save_adapter
 from sentimerge.experts.losses import REGRESSION_LOSSES, Levels, expected_squared_error
 from sentimerge.experts.loop import Loop, run_loop
@@ -52,12 +54,13 @@ class TaskBalancedSampler:
     def _order(self, task: int) -> np.ndarray:
         return np.random.default_rng([self.seed, task, self.passes[task]]).permutation(self.sizes[task])
 
-    def next_batch(self) -> list[tuple[int, int]]:
-        """(task index, example index) pairs, task by task."""
+    def next_batch(self, counts: list[int] | None = None) -> list[tuple[int, int]]:
+        """(task index, example index) pairs, task by task: `per_task` of every task, or `counts[task]` (a task
+        pacing's batch, `curriculum.pacing.batch_counts`)."""
         drawn = []
         for task, size in enumerate(self.sizes):
             order = self._order(task)
-            for _ in range(self.per_task):
+            for _ in range(self.per_task if counts is None else counts[task]):
                 if self.positions[task] >= size:
                     self.passes[task] += 1
                     self.positions[task] = 0
@@ -156,7 +159,36 @@ def gradient_norms(losses: torch.Tensor, representation: torch.Tensor) -> torch.
     return torch.stack(norms)
 
 
+def pacing_schedule(settings, order: list[str], names: list[str]) -> Callable[[int], list[int] | None]:
+    """step (0-based) -> examples of each task (in `names` order) in that step's batch under `settings.task_pacing`
+    (a `FinetuneConfig`), tasks ranked by `order` (easiest first); None every step when the pacing is `none`. The
+    counts add up to `per_task` x tasks at every step."""
+    pacing, k = settings.task_pacing, len(names)
+    if pacing.pacing == "none":
+        return lambda step: None
+    if sorted(order) != sorted(names):
+        raise ConfigError(f"finetune.task_pacing: the task order {order} does not list the tasks {names}")
+    rank = [order.index(name) for name in names]
+
+    def counts(step: int) -> list[int]:
+        level = competence(pacing.pacing, step, settings.total_steps, start=max(pacing.start, 1.0 / k),
+                           full_at=pacing.full_at)
+        by_rank = batch_counts(task_shares(level, k), settings.per_task * k)
+        return [by_rank[rank[i]] for i in range(k)]
+
+    return counts
+
+
+def fill_absent(values: torch.Tensor, present: torch.Tensor, carried: torch.Tensor) -> torch.Tensor:
+    """`values` [k] where `present`, else the task's `carried` value (its last observed one; before the first, the
+    mean of the present values), detached: a task the pacing left out of a batch adds no gradient and keeps the
+    weighting's view of it unchanged."""
+    stand_in = torch.where(torch.isnan(carried), values.detach()[present].mean(), carried).to(values.dtype)
+    return torch.where(present, values, stand_in.to(values.device))
+
+
 def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str, seed: int,
+                    task_order: list[str] | None = None,
                     before_step: Callable[[int], None] | None = None, manifest: dict | None = None,
                     build_model: Callable[[], tuple] | None = None,
                     set_task: Callable[[torch.Tensor | int], None] | None = None,
@@ -172,7 +204,10 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
 
     Hybrid LoRA (`experts.hybrid`) trains with it too: `build_model()` gives its (model, tokenizer) instead of one
     fresh LoRA on `start`, `set_task` gets each forward's task indices (the batch's, or the evaluated task's), and
-    `after_training(model, tokenizer)` writes what else the folder holds before the manifest is written."""
+    `after_training(model, tokenizer)` writes what else the folder holds before the manifest is written.
+
+    With `finetune.task_pacing` on, `task_order` (task names, easiest first) sets when each task enters the batches
+    (`pacing_schedule`); a task left out of a step's batch keeps its last loss and gradient norm (`fill_absent`)."""
     settings = cfg.finetune
     tasks = list(cfg.tasks)
     unlabelled = [task.name for task in tasks if task.source.unlabelled_train]
@@ -211,9 +246,13 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
                if weighting.class_balance else torch.ones(len(train[task.name])) for task in tasks]
     sampler = TaskBalancedSampler([len(train[name]) for name in names], settings.per_task, seed)
     pending: dict = {}
+    counts_at = pacing_schedule(settings, task_order or names, names)
+    carried = {"loss": torch.full((len(tasks),), float("nan")), "norm": torch.full((len(tasks),), float("nan"))}
 
     def step(step_index: int) -> dict:
-        drawn = sampler.next_batch()
+        counts = counts_at(step_index)
+        drawn = sampler.next_batch(counts)
+        present = None if counts is None or min(counts) > 0 else torch.tensor([count > 0 for count in counts])
         # the tasks' common prefix (system turn) once per batch; Hybrid LoRA routes every row by its own task
         batch = collate([encode(t, i) for t, i in drawn], tokenizer.pad_token_id, share_prefix=set_task is None)
         if set_task is not None:
@@ -232,12 +271,21 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
         task_index = torch.tensor([t for t, _ in drawn], device=losses.device)
         example_weights = torch.stack([balance[t][i] for t, i in drawn]).to(losses.device)
         per_task = task_losses(losses, task_index, example_weights, len(tasks))
+        if present is not None:
+            per_task = fill_absent(per_task, present.to(per_task.device), carried["loss"])
         weights = weighting.weights()
         total = weighting.combine(per_task)
         pending["norms"] = gradient_norms(per_task, capture[0]) if measure else None
+        if present is not None and pending["norms"] is not None:
+            pending["norms"] = fill_absent(pending["norms"], present, carried["norm"])
         total.backward()
         pending["losses"] = per_task.detach().float().cpu()
+        if counts is not None:
+            carried["loss"] = pending["losses"].clone()
+            if pending["norms"] is not None:
+                carried["norm"] = pending["norms"].clone()
         return {"loss": round(total.item(), 5),
+                **({"batch_tasks": dict(zip(names, counts))} if counts is not None else {}),
                 "task_loss": {name: round(v, 5) for name, v in zip(names, pending["losses"].tolist())},
                 "weights": {name: round(w, 5) for name, w in zip(names, weights.tolist())},
                 **({"grad_norm": {n: round(v, 6) for n, v in zip(names, pending["norms"].tolist())}}
@@ -261,8 +309,11 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
         eval_steps={round(total_steps * k / settings.evaluations) for k in range(1, settings.evaluations + 1)},
         checkpoint_every=settings.checkpoint_every, keep=settings.keep, max_grad_norm=settings.max_grad_norm,
         after_step=lambda s: weighting.observe(pending["losses"], pending["norms"]),
-        extra_state=lambda: {"sampler": sampler.state(), "weighting": weighting.state_dict()},
-        load_extra_state=lambda extra: (sampler.load_state(extra["sampler"]), weighting.load_state_dict(extra["weighting"])),
+        extra_state=lambda: {"sampler": sampler.state(), "weighting": weighting.state_dict(),
+                             "carried": {key: value.tolist() for key, value in carried.items()}},
+        load_extra_state=lambda extra: (sampler.load_state(extra["sampler"]), weighting.load_state_dict(extra["weighting"]),
+                                        carried.update({key: torch.tensor(value) for key, value
+                                                        in extra.get("carried", {}).items()})),
         before_step=before_step or (lambda s: None),
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
@@ -314,11 +365,11 @@ def write_weight_history(run: RunDir) -> pd.DataFrame:
 
 def multitask_lora_config(cfg: RunConfig, steps: int, per_task: int | None = None) -> RunConfig:
     """`cfg` with a `finetune` section that trains one multi-task LoRA from the base model the way an expert trains:
-    the experts' LoRA (rank, alpha, targets) and learning rate, equal task weights, `steps` optimizer steps of
+    the experts' LoRA (rank, alpha, targets) and learning rate, equal task weights, no task pacing, `steps` optimizer steps of
     `per_task` examples of every task (default: stage 3's). The report's multi-task LoRA baseline and the shared
     adapter (`experts.shared`) train with it, so the two differ only in their budgets."""
     update = {"start": "base", "weighting": WeightingSettings(name="static"), "lora": cfg.experts.lora,
-              "learning_rate": cfg.experts.learning_rate, "steps": steps}
+              "learning_rate": cfg.experts.learning_rate, "steps": steps, "task_pacing": TaskPacingConfig()}
     if per_task is not None:
         update["per_task"] = per_task
     return cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update=update)})

@@ -46,9 +46,21 @@ def upstream_key(cfg: RunConfig, run: RunDir) -> str | None:
     return json.loads(run.search_state.read_text(encoding="utf-8"))["fingerprint"]
 
 
-def fingerprint(cfg: RunConfig, start: str) -> str:
+def task_order(cfg: RunConfig, run: RunDir) -> list[str]:
+    """The tasks easiest first, for `finetune.task_pacing`: by the task difficulty their experts' manifests record
+    (`curriculum.signals.task_difficulty`; a task without a finished expert or a given expert records none: 0), then
+    by name. Multi-stage merging orders its groups by the same numbers."""
+    difficulty = {task.name: (read_manifest(run.expert(task.name)).get("task_difficulty", {}).get("difficulty", 0.0)
+                              if is_done(run.expert(task.name)) else 0.0)
+                  for task in cfg.tasks}
+    return sorted(difficulty, key=lambda name: (difficulty[name], name))
+
+
+def fingerprint(cfg: RunConfig, start: str, order: list[str] | None = None) -> str:
     decisive = {"finetune": cfg.finetune.decisive(), "seed": cfg.seed, "start": start,
                 "tasks": [task.decisive() for task in cfg.tasks]}
+    if cfg.finetune.task_pacing.pacing != "none":  # only then does the order decide anything
+        decisive["task_order"] = order
     return digest(decisive)
 
 
@@ -59,7 +71,8 @@ def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], No
     settings = cfg.finetune
     seed = cfg.seed if settings.seed is None else settings.seed  # training; the dev sample stays the run's
     start = start_model_path(cfg, run)
-    key = fingerprint(cfg, start)
+    order = task_order(cfg, RunDir(cfg.resolved_run_dir))
+    key = fingerprint(cfg, start, order)
     upstream = upstream_key(cfg, RunDir(cfg.resolved_run_dir))
     if is_done(run.finetune) and not force:
         manifest = read_manifest(run.finetune)
@@ -73,8 +86,13 @@ def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], No
     if force or is_done(run.finetune):
         shutil.rmtree(run.finetune, ignore_errors=True)
 
+    paced = settings.task_pacing.pacing != "none"
+    if paced:
+        log.info("finetune: tasks enter easiest first (%s pacing): %s", settings.task_pacing.pacing, ", ".join(order))
     manifest = train_multitask(cfg, run, start=start, fingerprint=key, seed=seed, before_step=before_step,
-                               manifest={"stage": "finetune", "upstream": upstream})
+                               task_order=order,
+                               manifest={"stage": "finetune", "upstream": upstream,
+                                         **({"task_order": order} if paced else {})})
     log.info("finetune (%s): mean dev primary %.3f (start %.3f) -> %s", settings.weighting.name,
              manifest["dev"]["primary"], manifest["zero_shot"]["primary"], run.finetune)
     return read_manifest(run.finetune)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from sentimerge.curriculum.config import TaskPacingConfig
 from sentimerge.experts.config import ExpertsConfig, LoraSettings
 from sentimerge.merge.config import SearchConfig
 from sentimerge.pipeline.core.errors import ConfigError
@@ -106,6 +107,8 @@ class FinetuneConfig(Frozen):
                                              "expected_mse, or level_ce+expected_mse")
     mse_weight: float = Field(1.0, ge=0, json_schema_extra=WHEN_SET,
                               description="weight of expected_mse in level_ce+expected_mse")
+    task_pacing: TaskPacingConfig = Field(TaskPacingConfig(), json_schema_extra=WHEN_SET,
+                                          description="tasks enter the batches easiest first (off by default)")
 
     @field_validator("regression_loss")
     @classmethod
