@@ -280,6 +280,9 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
             pending["norms"] = fill_absent(pending["norms"], present, carried["norm"])
         total.backward()
         pending["losses"] = per_task.detach().float().cpu()
+        if weighting.needs_losses_after_step:  # re-scored after the optimizer step (`after_step`)
+            pending.update(batch=batch, regression=regression, task_index=task_index,
+                           example_weights=example_weights, present=present)
         if counts is not None:
             carried["loss"] = pending["losses"].clone()
             if pending["norms"] is not None:
@@ -301,6 +304,17 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
         metrics = {task.name: evaluate_task(index, task) for index, task in enumerate(tasks)}
         return {"primary": float(np.mean([m["primary"] for m in metrics.values()])), "tasks": metrics}
 
+    def after_step(step_index: int) -> None:
+        weighting.observe(pending["losses"], pending["norms"])
+        if weighting.needs_losses_after_step:
+            with torch.no_grad():
+                losses = per_example_losses(model, pending["batch"], device, use_autocast=settings.autocast,
+                                            regression=pending["regression"])
+                after = task_losses(losses, pending["task_index"], pending["example_weights"], len(tasks)).float().cpu()
+            if pending["present"] is not None:  # a task not in the batch: no change
+                after = torch.where(pending["present"], after, pending["losses"])
+            weighting.observe_same_batch(pending["losses"], after)
+
     total_steps = settings.total_steps
     loop = Loop(
         name="finetune", total_steps=total_steps, checkpoint_dir=run.finetune_checkpoint,
@@ -308,7 +322,7 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
         learning_rate=lambda s: learning_rate(s, settings), evaluate=evaluate,
         eval_steps={round(total_steps * k / settings.evaluations) for k in range(1, settings.evaluations + 1)},
         checkpoint_every=settings.checkpoint_every, keep=settings.keep, max_grad_norm=settings.max_grad_norm,
-        after_step=lambda s: weighting.observe(pending["losses"], pending["norms"]),
+        after_step=after_step,
         extra_state=lambda: {"sampler": sampler.state(), "weighting": weighting.state_dict(),
                              "carried": {key: value.tolist() for key, value in carried.items()}},
         load_extra_state=lambda extra: (sampler.load_state(extra["sampler"]), weighting.load_state_dict(extra["weighting"]),

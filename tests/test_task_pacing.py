@@ -76,7 +76,7 @@ def test_stage_3_paces_the_tasks_by_the_experts_difficulty_and_logs_each_batch(t
 
 
 def test_a_killed_paced_finetune_resumes_to_the_same_adapter_and_log(tmp_path, cache_dir):
-    paced = {"task_pacing": {"pacing": "linear", "full_at": 0.8}, "weighting": {"name": "dwa"}}
+    paced = {"task_pacing": {"pacing": "linear", "full_at": 0.8}, "weighting": {"name": "famo"}}
     whole = _config(tmp_path / "whole", cache_dir, **paced)
     finetune.main(whole)
     broken = _config(tmp_path / "broken", cache_dir, **paced)

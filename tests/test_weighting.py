@@ -11,12 +11,16 @@ from sentimerge.pipeline.core.weighting import WEIGHTINGS, TaskStats, imbalance,
 STATS = TaskStats(names=("a", "b"), sizes=(100, 100), imbalance=(0.0, 0.0))
 
 
-def _run(strategy, losses_per_step, grad_norms=None):
+def _run(strategy, losses_per_step, grad_norms=None, after=None):
+    """Feed per-step losses (and gradient norms); with `after`, each step's losses on its own batch after the
+    update, for a strategy that asks for them (FAMO's same-batch rule)."""
     for step, losses in enumerate(losses_per_step):
         losses = torch.tensor(losses, dtype=torch.float32)
         if strategy.combine(losses).requires_grad:
             strategy.combine(losses).backward()
         strategy.observe(losses, None if grad_norms is None else torch.tensor(grad_norms[step]))
+        if strategy.needs_losses_after_step:
+            strategy.observe_same_batch(losses, torch.tensor(after[step], dtype=torch.float32))
     return strategy.weights()
 
 
@@ -49,11 +53,27 @@ def test_dwa_up_weights_the_task_whose_loss_stalls():
 
 
 def test_famo_up_weights_the_task_that_improves_less():
-    strategy = make_weighting("famo", STATS, {"lr": 0.1})
     steps = [[1.0 * 0.9 ** i, 1.0 * 0.99 ** i] for i in range(30)]  # a improves fast, b slowly
-    _run(strategy, steps)
-    z = torch.softmax(strategy.logits.detach(), 0)
-    assert z[1] > z[0]
+    next_step = make_weighting("famo", STATS, {"lr": 0.1, "same_batch": 0})
+    _run(next_step, steps)
+    assert next_step.needs_losses_after_step is False
+    same_batch = make_weighting("famo", STATS, {"lr": 0.1})
+    _run(same_batch, steps, after=[[a * 0.9, b * 0.99] for a, b in steps])
+    for strategy in (next_step, same_batch):
+        z = torch.softmax(strategy.logits.detach(), 0)
+        assert z[1] > z[0]
+
+
+def test_famo_measures_the_decrease_on_the_same_batch_so_batch_noise_does_not_move_it():
+    """Losses that differ between batches by a factor of 3 but never improve: the next-step rule reads the batch
+    differences as progress and moves the weights; the same-batch rule sees no decrease and keeps them equal."""
+    noisy = [[3.0, 1.0] if i % 2 else [1.0, 3.0] for i in range(40)]
+    next_step = make_weighting("famo", STATS, {"same_batch": 0})
+    _run(next_step, noisy[:-1] + [[3.0, 1.0]])
+    same_batch = make_weighting("famo", STATS, {})
+    _run(same_batch, noisy, after=noisy)
+    assert torch.softmax(same_batch.logits.detach(), 0).tolist() == pytest.approx([0.5, 0.5], abs=1e-6)
+    assert abs(torch.softmax(next_step.logits.detach(), 0)[0].item() - 0.5) > 0.01
 
 
 def test_dao_weights_each_task_by_the_other_tasks_gradient_share():
@@ -84,13 +104,14 @@ def test_dao_weights_stay_within_their_bounds():
 def test_state_round_trips_so_a_resumed_run_continues_identically(name):
     steps = [[1.0 + 0.1 * i, 2.0 - 0.05 * i] for i in range(12)]
     norms = [[1.0, 2.0]] * 12
+    after = [[a * 0.95, b * 0.99] for a, b in steps]
     whole = make_weighting(name, STATS, {})
-    _run(whole, steps, norms)
+    _run(whole, steps, norms, after)
     first = make_weighting(name, STATS, {})
-    _run(first, steps[:5], norms[:5])
+    _run(first, steps[:5], norms[:5], after[:5])
     resumed = make_weighting(name, STATS, {})
     resumed.load_state_dict(first.state_dict())
-    _run(resumed, steps[5:], norms[5:])
+    _run(resumed, steps[5:], norms[5:], after[5:])
     torch.testing.assert_close(resumed.weights(), whole.weights())
 
 

@@ -10,8 +10,12 @@ update its weights. Weights are reported with mean 1 (they sum to the number of 
 - `dwa` (Liu, Johns and Davison 2019, dynamic weight average): w = K softmax(r / T), r_k the ratio of the task's
   loss over the last window to the window before; a task whose loss stalls gets more weight.
 - `famo` (Liu et al. 2023): the weighted sum of log-losses with softmax(xi) weights; xi moves against the tasks'
-  log-loss decrease, so tasks that improved less gain weight, at O(1) cost per step. The decrease is measured with
-  the next step's losses (no extra forward).
+  log-loss decrease, so tasks that improved less gain weight. As in the paper's code, the decrease is measured on
+  the step's own batch, before and after the optimizer step (one extra forward without gradients per step);
+  `same_batch: 0` measures it against the next step's losses on another batch instead (no extra forward), which
+  with a few examples per task is mostly the difference between two batches: Adam then turns that noise into
+  steps of full size on xi, and the weights drift to a few tasks (the collapse measured on the suite before
+  2026-12-01).
 - `dao`, this product's dynamic adaptive loss, after Ding et al. 2024. Each task's weight is the product of a
   training-dynamics term and a data term, smoothed and renormalised:
 
@@ -63,6 +67,7 @@ class Weighting:
     """Base: equal weights that never change."""
 
     needs_grad_norms = False
+    needs_losses_after_step = False  # observe_same_batch wants the step's batch re-scored after the update
     class_balance = False  # weight examples inside a task by inverse label frequency
 
     def __init__(self, stats: TaskStats):
@@ -78,6 +83,10 @@ class Weighting:
 
     def observe(self, losses: torch.Tensor, grad_norms: torch.Tensor | None = None) -> None:
         """Called after every optimizer step with that step's detached per-task losses (and gradient norms)."""
+
+    def observe_same_batch(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """With `needs_losses_after_step`, called after `observe`: the step's per-task losses [K] on its own batch
+        before and after the optimizer step."""
 
     def state_dict(self) -> dict:
         return {"weights": self._weights.tolist()}
@@ -202,11 +211,12 @@ class DynamicWeightAverage(Weighting):
 class Famo(Weighting):
     """FAMO: minimise sum_k z_k log L_k / c with z = softmax(xi); xi follows the tasks' log-loss decrease."""
 
-    def __init__(self, stats: TaskStats, lr: float = 0.025, gamma: float = 0.01):
+    def __init__(self, stats: TaskStats, lr: float = 0.025, gamma: float = 0.01, same_batch: float = 1.0):
         super().__init__(stats)
         self.logits = torch.zeros(self.k, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.logits], lr=lr, weight_decay=gamma)
         self.previous: torch.Tensor | None = None
+        self.needs_losses_after_step = bool(same_batch)
 
     def _effective(self, losses: torch.Tensor) -> torch.Tensor:
         """The weight each task's gradient gets: z_k / L_k normalised (the gradient of sum z log L / c)."""
@@ -226,14 +236,22 @@ class Famo(Weighting):
 
     def observe(self, losses: torch.Tensor, grad_norms: torch.Tensor | None = None) -> None:
         losses = losses.float().cpu().clamp(min=1e-8)
-        if self.previous is not None:
-            decrease = self.previous.log() - losses.log()
-            with torch.enable_grad():
-                gradient = torch.autograd.grad(torch.softmax(self.logits, dim=0), self.logits, grad_outputs=decrease)[0]
-            self.optimizer.zero_grad()
-            self.logits.grad = gradient
-            self.optimizer.step()
+        if self.previous is not None and not self.needs_losses_after_step:
+            self._step(self.previous.log() - losses.log())
         self.previous = losses
+
+    def observe_same_batch(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        before, after = before.float().cpu().clamp(min=1e-8), after.float().cpu().clamp(min=1e-8)
+        self._step(before.log() - after.log())
+
+    def _step(self, decrease: torch.Tensor) -> None:
+        """One Adam step on xi along the Jacobian of softmax(xi) times the log-loss decrease (tasks that decreased
+        more lose weight)."""
+        with torch.enable_grad():
+            gradient = torch.autograd.grad(torch.softmax(self.logits, dim=0), self.logits, grad_outputs=decrease)[0]
+        self.optimizer.zero_grad()
+        self.logits.grad = gradient
+        self.optimizer.step()
 
     def state_dict(self) -> dict:
         return {"logits": self.logits.detach().tolist(),
