@@ -4,7 +4,7 @@
 Sampling rule: per task, `weak.per_task` rows drawn with the run's seed (salt `<task>/weak`) from `weak.split`
 (train by default, never dev). From the train split, the rows the task's expert trained on are excluded: the ids in
 stage 1's schedule log (`<run>/experts/<task>/schedule.jsonl`, the `ids` of every step), or, for an expert made
-elsewhere, the list in `<run>/experts/<task>/train_ids.json`. The weak set's summary records whether that check was
+elsewhere, the list in `<run>/experts/<task>/train_ids.json`; so are the rows shown as the task's demonstrations. The weak set's summary records whether that check was
 possible. The held-out selection set (`search.select`) is drawn the same way from the rows the weak set left.
 """
 
@@ -39,8 +39,11 @@ def _pool(run: RunDir, weak, task: TaskSpec) -> tuple[list[dict], dict]:
     if trained is not None:
         kept = [example for example in pool if example["id"] not in trained]
         excluded, checked, pool = len(pool) - len(kept), True, kept
-    return pool, {"split": weak.split, "pool": len(pool), "excluded_expert_rows": excluded,
-                  "expert_rows_checked": checked}
+    shown = {(demo.text.strip(), demo.aspect or None) for demo in task.demonstrations}
+    kept = [example for example in pool if (example["text"].strip(), example.get("aspect") or None) not in shown]
+    summary = {"split": weak.split, "pool": len(kept), "excluded_expert_rows": excluded,
+               "expert_rows_checked": checked}
+    return kept, ({**summary, "excluded_demonstrations": len(pool) - len(kept)} if shown else summary)
 
 
 def sample_weak_set(run: RunDir, weak, task: TaskSpec, seed: int) -> tuple[list[dict], dict]:

@@ -39,6 +39,7 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("score a model on tasks and write a metrics table", config="optional"),
     "inspect": Command("print a run's story and write its plots", config="none"),
     "predict": Command("label texts with an exported model", config="none"),
+    "demonstrations": Command("draw in-context demonstrations for every task into a tasks file", writes=False),
     "validate": Command("check a config file (and its tasks and data files) without running anything", writes=False),
 }
 

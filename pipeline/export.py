@@ -207,11 +207,15 @@ def model_card(cfg: RunConfig, run: RunDir, tables: dict, splits: dict[str, dict
              "Send one user message through the chat template: the instruction, the line "
              "`Answer with one of: ...`, a blank line, `Text: ...` (and `Aspect: ...`). The model answers with one of "
              "the answers; regression answers are levels spread evenly over the range (the prediction is their "
-             "probability-weighted mean).", "",
-             "| task | kind | answers | instruction |", "|---|---|---|---|"]
+             "probability-weighted mean)." + (
+                 " A task with demonstrations is asked after them: each a user message of the same form and the "
+                 "assistant's answer, in the order `sentimerge_tasks.yaml` lists them (`sentimerge predict` does "
+                 "this)." if any(task.demonstrations for task in cfg.tasks) else ""), "",
+             "| task | kind | answers | instruction | demonstrations |", "|---|---|---|---|---|"]
     for task in cfg.tasks:
         kind = "classification" if task.kind == "classification" else f"regression in {list(task.range)}"
-        lines.append(f"| {task.name} | {kind} | {', '.join(task.answers)} | {task.instruction.strip()} |")
+        lines.append(f"| {task.name} | {kind} | {', '.join(task.answers)} | {task.instruction.strip()} | "
+                     f"{len(task.demonstrations)} |")
     lines += ["", "## Evaluation", "", "Primary metric per task (`primary`) and their unweighted mean. The run's "
               "settings were chosen on dev; a test split, where the tasks have one, chose nothing: its numbers are the "
               "ones to expect on new data.", ""]

@@ -30,12 +30,23 @@ def truncate_text(tokenizer, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
-def prompt_ids(tokenizer, task: TaskSpec, example: dict) -> list[int]:
-    """Token ids of the chat prompt that asks `task` about `example`, ending where the answer starts."""
-    text = truncate_text(tokenizer, example["text"], task.max_text_tokens)
-    messages = [{"role": "user", "content": user_message(task, text, example.get("aspect"))}]
-    if task.system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": task.system_prompt})
+def chat_messages(tokenizer, task: TaskSpec, example: dict, *, demonstrations: bool = True) -> list[dict[str, str]]:
+    """The chat that asks `task` about `example`: the system turn (unless null), then each of the task's
+    demonstrations as a user turn and the assistant's answer (with `demonstrations`), then the question."""
+    def ask(item: dict) -> dict[str, str]:
+        text = truncate_text(tokenizer, item["text"], task.max_text_tokens)
+        return {"role": "user", "content": user_message(task, text, item.get("aspect"))}
+
+    messages = [] if task.system_prompt is None else [{"role": "system", "content": task.system_prompt}]
+    for demo in task.demonstrations if demonstrations else []:
+        messages += [ask(demo.model_dump()), {"role": "assistant", "content": task.answers[task.answer_index(demo.label)]}]
+    return messages + [ask(example)]
+
+
+def prompt_ids(tokenizer, task: TaskSpec, example: dict, *, demonstrations: bool = True) -> list[int]:
+    """Token ids of the chat prompt that asks `task` about `example`, ending where the answer starts; with the task's
+    demonstrations before the question unless `demonstrations` is False (training prompts)."""
+    messages = chat_messages(tokenizer, task, example, demonstrations=demonstrations)
     try:
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     except Exception as error:  # e.g. a template without a system role
@@ -83,7 +94,7 @@ def end_of_turn_id(tokenizer) -> int | None:
 
 def training_example(tokenizer, task: TaskSpec, example: dict, answer: int | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for teacher forcing: the loss falls on the answer and end-of-turn tokens only."""
-    prompt = prompt_ids(tokenizer, task, example)
+    prompt = prompt_ids(tokenizer, task, example, demonstrations=False)  # demonstrations are for asking, not teaching
     tokens = answer_tokens(tokenizer, task)
     index = task.answer_index(example["label"]) if answer is None else answer
     target = list(tokens.answers[index]) + ([tokens.end_of_turn] if tokens.end_of_turn is not None else [])

@@ -112,6 +112,15 @@ class DataSource(Frozen):
         return self
 
 
+class Demonstration(Frozen):
+    """A worked example put before the question (in-context learning, `TaskSpec.demonstrations`): an input and its
+    gold label, answered in the prompt the way the model is asked to answer."""
+
+    text: str = Field(min_length=1)
+    aspect: str | None = None
+    label: str | float
+
+
 class TaskSpec(Frozen):
     """One sentiment task: its kind, labels or range, instruction, inputs, metrics, data and metadata."""
 
@@ -137,6 +146,11 @@ class TaskSpec(Frozen):
         DEFAULT_SYSTEM_PROMPT,
         description="the system turn of every prompt; null leaves it to the chat template (SmolLM2's own default "
                     "adds ~20 tokens to every example, a quarter of a short prompt's compute)")
+    demonstrations: list[Demonstration] = Field(
+        default_factory=list, json_schema_extra=WHEN_SET,
+        description="worked examples, each a user turn and its answer, before the question when a model is scored "
+                    "or asked (evaluation, search, predict); training prompts leave them out. `sentimerge "
+                    "demonstrations CONFIG --k K` draws them from the train split (none by default)")
 
     @model_validator(mode="after")
     def _kind_fields(self) -> TaskSpec:
@@ -162,6 +176,14 @@ class TaskSpec(Frozen):
                 raise ValueError(f"metric {metric!r} is not one of {list(allowed)} for a {self.kind} task")
         if self.primary_metric == "mse":
             raise ValueError("primary_metric must be one where higher is better (pearson, accuracy, macro_f1)")
+        for number, demo in enumerate(self.demonstrations, 1):
+            if self.kind == "classification" and demo.label not in self.labels:
+                raise ValueError(f"demonstration {number}: label {demo.label!r} is not one of {self.labels}")
+            if self.kind == "regression" and (isinstance(demo.label, str) or
+                                              not self.range[0] <= demo.label <= self.range[1]):
+                raise ValueError(f"demonstration {number}: label {demo.label!r} is not a number in {list(self.range)}")
+            if "aspect" in self.input_fields and not demo.aspect:
+                raise ValueError(f"demonstration {number}: the task asks about an aspect; give `aspect`")
         return self
 
     @property
