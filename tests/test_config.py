@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import Field
 
-from sentimerge.pipeline.core.config import RunConfig, load_config, load_tasks_file
+from sentimerge.pipeline.core.config import RunConfig, dump_config, load_config, load_tasks_file
 from sentimerge.pipeline.core.errors import ConfigError
 from sentimerge.pipeline.core.rundir import digest
 from sentimerge.pipeline.core.tasks import WHEN_SET, Frozen
@@ -138,6 +138,16 @@ def test_numeric_fields_have_their_ranges(tmp_path, section, value, message):
 def test_missing_tasks_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.yaml: file not found"):
         load_config(_write(tmp_path, "name: t\nbase_model: {tiny: {}}\ntasks: nope.yaml\n"))
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml"])  # tiny budgets its experts in steps, demo in examples
+def test_the_resolved_config_a_run_writes_loads_back_equal(tmp_path, name):
+    cfg = load_config(CONFIGS / name)
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    again = load_config(path)
+    assert again.experts.decisive() == cfg.experts.decisive() and again.tasks == cfg.tasks
+    assert again.model_dump(exclude={"experts"}) == cfg.model_dump(exclude={"experts"})
 
 
 def test_config_is_frozen(tiny_config_path):

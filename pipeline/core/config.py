@@ -277,8 +277,13 @@ def load_tasks_file(path: str | Path) -> TaskList:
 
 
 def dump_config(config: BaseModel) -> str:
-    """The resolved config as YAML, written next to every stage's output."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved config as YAML, written next to every stage's output; `load_config` reads it back to an equal
+    config (an experts budget given as `steps` is written without the unused `examples` default, which the two
+    together would be refused)."""
+    dumped = config.model_dump(mode="json")
+    if isinstance(dumped.get("experts"), dict) and dumped["experts"].get("steps") is not None:
+        dumped["experts"].pop("examples", None)
+    return yaml.safe_dump(dumped, sort_keys=False, allow_unicode=True)
 
 
 def _read_yaml(path: Path) -> Any:

@@ -1,0 +1,142 @@
+"""Stage 3 options against their off-switch on finished runs: the same merged model, seed and examples, one option
+changed; and in-context demonstrations for the run's own final model.
+
+    python benchmarks/stage3_ablation.py runs/sharing/separate/seed0 runs/sharing/separate/seed1 ... \\
+        --name demo --variant "paced: task_pacing.pacing=linear" \\
+        --variant "famo: weighting.name=famo" --variant "famo_next_batch: weighting.name=famo, weighting.options.same_batch=0" \\
+        [--demonstrations 3]
+
+Each RUN is a finished run directory (its `config.yaml` is the resolved config it ran with). A variant is a name and
+dotted overrides of the `finetune` section; it trains stage 3 again from the run's merged model with the run's seed
+into `RUN/report/ablation-<name>/` (resumable, kept) and is scored on the run's final-table examples of every split
+(`report.evaluate_variant`, cached). The reference is the run's own stage 3 (its `finetune/`), or `--reference NAME`.
+`--demonstrations K` scores the run's own final model again with K demonstrations per task before every question
+(`sentimerge demonstrations`' draw: train rows outside dev and test, seeded by the data seed). Per variant, run and
+split: the mean primary metric, its difference to the reference with a paired bootstrap interval; over the runs: the
+mean and sd of the differences and the runs where the variant is ahead. Writes
+benchmarks/results/stage3_ablation_<name>.{md,json} after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.sharing import parse_variant  # noqa: E402
+from sentimerge.pipeline import finetune, report  # noqa: E402
+from sentimerge.pipeline.api import session  # noqa: E402
+from sentimerge.pipeline.core.config import RunConfig, load_config  # noqa: E402
+from sentimerge.pipeline.core.data import load_task_splits  # noqa: E402
+from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, markdown_table  # noqa: E402
+from sentimerge.pipeline.core.metrics import paired_bootstrap  # noqa: E402
+from sentimerge.pipeline.core.rundir import RunDir  # noqa: E402
+from sentimerge.pipeline.core.runtime import setup_logging  # noqa: E402
+from sentimerge.pipeline.core.tasks import TaskSpec  # noqa: E402
+from sentimerge.pipeline.demonstrations import draw_demonstrations  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def finetune_variant(cfg: RunConfig, run: RunDir, name: str, overrides: dict) -> report.Variant:
+    """Stage 3 with `overrides` of the finetune section, into RUN/report/ablation-<name>."""
+    settings = cfg.finetune.model_dump(mode="json", exclude_unset=True)
+    for key, value in overrides.items():
+        node, (*parents, leaf) = settings, key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    changed = cfg.model_copy(update={"finetune": type(cfg.finetune).model_validate(settings)})
+    return report.Variant(f"final ({name})", f"ablation-{name}", run.report / f"ablation-{name}", changed)
+
+
+def with_demonstrations(cfg: RunConfig, k: int) -> RunConfig:
+    """`cfg` whose tasks carry K drawn demonstrations each (the command's rule and defaults)."""
+    tasks = []
+    for task in cfg.tasks:
+        splits = load_task_splits(task, data_root=cfg.data_root, cache_dir=cfg.resolved_cache_dir,
+                                  seed=cfg.resolved_data_seed)
+        demos = draw_demonstrations(task, splits, k, seed=cfg.resolved_data_seed, pool=256,
+                                    signals=cfg.experts.curriculum.signals,
+                                    label_polarity=cfg.experts.curriculum.label_polarity)
+        tasks.append(TaskSpec.model_validate({**task.model_dump(mode="json", exclude_unset=True),
+                                              "demonstrations": demos}))
+    return cfg.model_copy(update={"tasks": tasks})
+
+
+def predictions_of(scored: tuple) -> dict[str, list]:
+    return {name: [row["prediction"] for row in rows] for name, rows in scored[1].items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--name", required=True, help="the results file's name: stage3_ablation_<name>")
+    parser.add_argument("--variant", action="append", default=[], help="NAME: finetune.key=value, ...")
+    parser.add_argument("--reference", help="a variant's name (default: the run's own stage 3)")
+    parser.add_argument("--demonstrations", type=int, default=0, help="also score the run's final model with K")
+    args = parser.parse_args()
+    setup_logging()
+    variants = [parse_variant(text) for text in args.variant]
+    command = "python " + shlex.join(["benchmarks/stage3_ablation.py", *sys.argv[1:]])
+    rows = []
+    for folder in args.runs:
+        cfg = load_config(folder / "config.yaml", run_dir=str(folder))
+        run = RunDir(cfg.resolved_run_dir)
+        own = report.Variant(f"final ({cfg.finetune.weighting.name})", f"finetune-{cfg.finetune.weighting.name}",
+                             run.finetune, cfg)
+        built = {name: finetune_variant(cfg, run, name, overrides) for name, overrides in variants}
+        reference = built[args.reference] if args.reference else own
+        arms = [*(variant for variant in built.values() if variant is not reference)]
+        if args.demonstrations:
+            demo_cfg = with_demonstrations(cfg, args.demonstrations)
+            arms.append(report.Variant(f"final, {args.demonstrations} demonstrations",
+                                       f"{own.key}-k{args.demonstrations}", run.finetune, demo_cfg))
+        with session(cfg):
+            for variant in [reference, *arms]:
+                if variant.folder != run.finetune:
+                    finetune.main(variant.cfg, folder=variant.folder)
+            for split in evaluation_splits(run, cfg):
+                examples = final_examples(run, cfg, split)
+                gold = {name: [row["label"] for row in data] for name, data in examples.items()}
+                base = report.evaluate_variant(reference, run, examples, split=split)
+                for variant in arms:
+                    scored = report.evaluate_variant(variant, run, examples, split=split)
+                    versus = paired_bootstrap(list(cfg.tasks), gold, predictions_of(scored), predictions_of(base),
+                                              seed=cfg.seed)["mean"]
+                    rows.append({"variant": variant.label, "reference": reference.label, "run": str(folder),
+                                 "seed": cfg.seed, "split": split, "value": float(scored[0]["primary"].mean()),
+                                 "reference_value": float(base[0]["primary"].mean()),
+                                 "difference": versus["difference"], "low": versus["low"], "high": versus["high"]})
+        write_results(args.name, command, pd.DataFrame(rows))
+
+
+def write_results(name: str, command: str, rows: pd.DataFrame) -> None:
+    summary = []
+    for (variant, split), group in rows.groupby(["variant", "split"], sort=False):
+        differences = group["difference"]
+        summary.append({"variant": variant, "split": split, "runs": len(group), "mean": group["value"].mean(),
+                        "reference": group["reference_value"].mean(), "difference": differences.mean(),
+                        "sd": differences.std(ddof=1) if len(group) > 1 else np.nan,
+                        "ahead": f"{int((differences > 0).sum())} of {len(group)}"})
+    summary = pd.DataFrame(summary)
+    text = (f"# Stage 3 options against their off-switch: {name}\n\n`{command}`\n\nPer run (mean primary metric over "
+            "tasks; difference to the reference with a paired bootstrap 95% interval over the same examples):\n\n"
+            + markdown_table(rows) + "\nOver the runs (seeds):\n\n" + markdown_table(summary))
+    (RESULTS / f"stage3_ablation_{name}.md").write_text(text, encoding="utf-8")
+    (RESULTS / f"stage3_ablation_{name}.json").write_text(json.dumps(
+        {"command": command, "rows": rows.replace({np.nan: None}).to_dict("records"),
+         "summary": summary.replace({np.nan: None}).to_dict("records")}, indent=2) + "\n", encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
