@@ -43,14 +43,19 @@ class CurriculumConfig(Frozen):
     @field_validator("pacing")
     @classmethod
     def _known_pacing(cls, value: str) -> str:
-        if value not in PACINGS:
-            raise ValueError(PACINGS.problem(value))
-        return value
+        return check_pacing(value)
 
     @field_validator("label_polarity")
     @classmethod
     def _polarity_range(cls, value: dict[str, float]) -> dict[str, float]:
         return check_polarities(value)
+
+
+def check_pacing(value: str) -> str:
+    """A registered pacing function's name (`curriculum.pacing.PACINGS`)."""
+    if value not in PACINGS:
+        raise ValueError(PACINGS.problem(value))
+    return value
 
 
 def check_polarities(value: dict[str, float]) -> dict[str, float]:
@@ -84,6 +89,4 @@ class TaskPacingConfig(Frozen):
     @field_validator("pacing")
     @classmethod
     def _known_pacing(cls, value: str) -> str:
-        if value not in PACINGS:
-            raise ValueError(PACINGS.problem(value))
-        return value
+        return check_pacing(value)

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sentimerge.curriculum.config import TaskPacingConfig
 from sentimerge.curriculum.pacing import batch_counts, task_shares
@@ -15,7 +14,7 @@ from sentimerge.experts.multitask import fill_absent, pacing_schedule
 from sentimerge.pipeline import finetune
 from sentimerge.pipeline.core.config import FinetuneConfig
 from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl, write_manifest
-from tests.test_finetune import FINETUNE, Killed, _config
+from tests.test_finetune import FINETUNE, Killed, _config, assert_same_adapter_and_log
 
 
 def test_task_shares_open_one_task_after_another_and_batches_keep_their_size():
@@ -91,12 +90,7 @@ def test_a_killed_paced_finetune_resumes_to_the_same_adapter_and_log(tmp_path, c
     run = RunDir(broken.resolved_run_dir)
     assert not is_done(run.finetune) and json.loads((run.finetune_checkpoint / "state.json").read_text())["step"] == 2
     finetune.main(broken)
-    a = load_file(RunDir(whole.resolved_run_dir).finetune_adapter / "adapter_model.safetensors")
-    b = load_file(run.finetune_adapter / "adapter_model.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
-    strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
-    assert strip(read_jsonl(run.finetune_metrics)) == strip(read_jsonl(RunDir(whole.resolved_run_dir).finetune_metrics))
+    assert_same_adapter_and_log(RunDir(whole.resolved_run_dir), run)
 
 
 def test_pacing_off_is_hashed_as_before_and_an_unknown_pacing_is_refused(tmp_path, cache_dir):
