@@ -31,7 +31,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.sharing import parse_variant  # noqa: E402
+from benchmarks.sharing import parse_variant, variant_config  # noqa: E402
 from sentimerge.pipeline import finetune, report  # noqa: E402
 from sentimerge.pipeline.api import session  # noqa: E402
 from sentimerge.pipeline.core.config import RunConfig, load_config  # noqa: E402
@@ -48,13 +48,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def finetune_variant(cfg: RunConfig, run: RunDir, name: str, overrides: dict) -> report.Variant:
     """Stage 3 with `overrides` of the finetune section, into RUN/report/ablation-<name>."""
-    settings = cfg.finetune.model_dump(mode="json", exclude_unset=True)
-    for key, value in overrides.items():
-        node, (*parents, leaf) = settings, key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    changed = cfg.model_copy(update={"finetune": type(cfg.finetune).model_validate(settings)})
+    changed = variant_config(cfg, {f"finetune.{key}": value for key, value in overrides.items()}, cfg.seed, run.root)
     return report.Variant(f"final ({name})", f"ablation-{name}", run.report / f"ablation-{name}", changed)
 
 
@@ -95,7 +89,7 @@ def main() -> None:
                              run.finetune, cfg)
         built = {name: finetune_variant(cfg, run, name, overrides) for name, overrides in variants}
         reference = built[args.reference] if args.reference else own
-        arms = [*(variant for variant in built.values() if variant is not reference)]
+        arms = [variant for variant in built.values() if variant is not reference]
         if args.demonstrations:
             demo_cfg = with_demonstrations(cfg, args.demonstrations)
             arms.append(report.Variant(f"final, {args.demonstrations} demonstrations",

@@ -24,7 +24,7 @@ from sentimerge.experts.checkpoint import save_adapter
 from sentimerge.experts.losses import REGRESSION_LOSSES, Levels, expected_squared_error
 from sentimerge.experts.loop import Loop, run_loop
 from sentimerge.experts.train import answer_logits, collate, evaluate_dev, learning_rate, load_lora_model
-from sentimerge.pipeline.core.config import RunConfig, WeightingSettings
+from sentimerge.pipeline.core.config import FinetuneConfig, RunConfig, WeightingSettings
 from sentimerge.pipeline.core.data import sample_examples
 from sentimerge.pipeline.core.errors import ConfigError, ModelError
 from sentimerge.pipeline.core.models import pick_device
@@ -159,9 +159,9 @@ def gradient_norms(losses: torch.Tensor, representation: torch.Tensor) -> torch.
     return torch.stack(norms)
 
 
-def pacing_schedule(settings, order: list[str], names: list[str]) -> Callable[[int], list[int] | None]:
+def pacing_schedule(settings: FinetuneConfig, order: list[str], names: list[str]) -> Callable[[int], list[int] | None]:
     """step (0-based) -> examples of each task (in `names` order) in that step's batch under `settings.task_pacing`
-    (a `FinetuneConfig`), tasks ranked by `order` (easiest first); None every step when the pacing is `none`. The
+    tasks ranked by `order` (easiest first); None every step when the pacing is `none`. The
     counts add up to `per_task` x tasks at every step."""
     pacing, k = settings.task_pacing, len(names)
     if pacing.pacing == "none":
@@ -312,7 +312,7 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
                                             regression=pending["regression"])
                 after = task_losses(losses, pending["task_index"], pending["example_weights"], len(tasks)).float().cpu()
             if pending["present"] is not None:  # a task not in the batch: no change
-                after = torch.where(pending["present"], after, pending["losses"])
+                after = fill_absent(after, pending["present"], pending["losses"])
             weighting.observe_same_batch(pending["losses"], after)
 
     total_steps = settings.total_steps

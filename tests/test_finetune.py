@@ -65,18 +65,25 @@ def test_other_strategies_run_and_static_keeps_weights_fixed(tmp_path, cache_dir
 
 
 def test_a_killed_finetune_resumes_to_the_same_adapter_and_log(tmp_path, cache_dir):
-    whole = _config(tmp_path / "whole", cache_dir)
+    kill_and_resume(tmp_path, cache_dir, kill_at=5, checkpoint=4)
+
+
+def kill_and_resume(tmp_path, cache_dir, *, kill_at: int, checkpoint: int, **finetune_overrides) -> None:
+    """Stage 3 killed before step `kill_at` keeps its checkpoint of step `checkpoint`, and resumed it ends with the
+    adapter and log of an uninterrupted run."""
+    whole = _config(tmp_path / "whole", cache_dir, **finetune_overrides)
     finetune.main(whole)
-    broken = _config(tmp_path / "broken", cache_dir)
+    broken = _config(tmp_path / "broken", cache_dir, **finetune_overrides)
 
     def kill(step):
-        if step == 5:
+        if step == kill_at:
             raise Killed()
 
     with pytest.raises(Killed):
         finetune.main(broken, before_step=kill)
     run = RunDir(broken.resolved_run_dir)
-    assert not is_done(run.finetune) and json.loads((run.finetune_checkpoint / "state.json").read_text())["step"] == 4
+    assert not is_done(run.finetune)
+    assert json.loads((run.finetune_checkpoint / "state.json").read_text())["step"] == checkpoint
     finetune.main(broken)
     assert_same_adapter_and_log(RunDir(whole.resolved_run_dir), run)
 

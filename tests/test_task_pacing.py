@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -13,8 +12,8 @@ from sentimerge.curriculum.pacing import batch_counts, task_shares
 from sentimerge.experts.multitask import fill_absent, pacing_schedule
 from sentimerge.pipeline import finetune
 from sentimerge.pipeline.core.config import FinetuneConfig
-from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl, write_manifest
-from tests.test_finetune import FINETUNE, Killed, _config, assert_same_adapter_and_log
+from sentimerge.pipeline.core.rundir import RunDir, read_jsonl, write_manifest
+from tests.test_finetune import FINETUNE, _config, kill_and_resume
 
 
 def test_task_shares_open_one_task_after_another_and_batches_keep_their_size():
@@ -76,21 +75,8 @@ def test_stage_3_paces_the_tasks_by_the_experts_difficulty_and_logs_each_batch(t
 
 
 def test_a_killed_paced_finetune_resumes_to_the_same_adapter_and_log(tmp_path, cache_dir):
-    paced = {"task_pacing": {"pacing": "linear", "full_at": 0.8}, "weighting": {"name": "famo"}}
-    whole = _config(tmp_path / "whole", cache_dir, **paced)
-    finetune.main(whole)
-    broken = _config(tmp_path / "broken", cache_dir, **paced)
-
-    def kill(step):
-        if step == 3:
-            raise Killed()
-
-    with pytest.raises(Killed):
-        finetune.main(broken, before_step=kill)
-    run = RunDir(broken.resolved_run_dir)
-    assert not is_done(run.finetune) and json.loads((run.finetune_checkpoint / "state.json").read_text())["step"] == 2
-    finetune.main(broken)
-    assert_same_adapter_and_log(RunDir(whole.resolved_run_dir), run)
+    kill_and_resume(tmp_path, cache_dir, kill_at=3, checkpoint=2,
+                    task_pacing={"pacing": "linear", "full_at": 0.8}, weighting={"name": "famo"})
 
 
 def test_pacing_off_is_hashed_as_before_and_an_unknown_pacing_is_refused(tmp_path, cache_dir):

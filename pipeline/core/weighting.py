@@ -14,8 +14,8 @@ update its weights. Weights are reported with mean 1 (they sum to the number of 
   the step's own batch, before and after the optimizer step (one extra forward without gradients per step);
   `same_batch: 0` measures it against the next step's losses on another batch instead (no extra forward), which
   with a few examples per task is mostly the difference between two batches: Adam then turns that noise into
-  steps of full size on xi, and the weights drift to a few tasks (the collapse measured on the suite before
-  2026-11-30).
+  steps of full size on xi, and the weights drift to a few tasks (the rule of the suite's FAMO collapse in the
+  README's quality report).
 - `dao`, this product's dynamic adaptive loss, after Ding et al. 2024. Each task's weight is the product of a
   training-dynamics term and a data term, smoothed and renormalised:
 
