@@ -16,7 +16,8 @@ Writes benchmarks/results/sharing_<name>.{md,json}: per variant, seed and split 
 metric, the multi-task LoRA's, their difference with its paired bootstrap interval, the evolved merge's, the
 experts' share of the budget and the examples and optimizer steps; then per variant and split the mean and sd over
 the seeds and the seeds where the final model is ahead. With `--record VARIANT`, that variant's mean differences go
-to summary.json as `<name>_final_minus_multitask_<split>` and its expert share as `<name>_expert_budget_share`.
+to summary.json as `<name>_final_minus_multitask_<split>` (`--test-name` renames the test split there) and its expert
+share as `<name>_expert_budget_share`.
 """
 
 from __future__ import annotations
@@ -142,6 +143,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
     parser.add_argument("--variant", action="append", required=True, help="NAME[: key=value, ...]")
     parser.add_argument("--record", help="a variant whose figures go to summary.json")
+    parser.add_argument("--test-name", default="test",
+                        help="the test split's name in the recorded keys (for a held-out half of each dev split, "
+                             "benchmarks/dev_halves.py: unseen_dev)")
+    parser.add_argument("--notes", help="a note recorded with the keys (which examples, how many seeds)")
     parser.add_argument("--finished-only", action="store_true",
                         help="tabulate the reports already written, run nothing (a benchmark cut short)")
     args = parser.parse_args()
@@ -174,10 +179,11 @@ def main() -> None:
         summary = write_results(base.name, command, pd.DataFrame(rows), pd.DataFrame(task_rows))
     if args.record:
         chosen = summary[summary["variant"] == args.record]
-        values = {f"{base.name}_final_minus_multitask_{row['split']}": row["final - multitask"]
+        names = {"test": args.test_name}
+        values = {f"{base.name}_final_minus_multitask_{names.get(row['split'], row['split'])}": row["final - multitask"]
                   for row in chosen.to_dict("records")}
         values[f"{base.name}_expert_budget_share"] = float(chosen["expert share"].iloc[0])
-        record(values, command=command)
+        record(values, command=command, notes=args.notes)
 
 
 def write_results(name: str, command: str, table: pd.DataFrame, tasks: pd.DataFrame) -> pd.DataFrame:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sentimerge.pipeline.core.metrics import compute_metrics, paired_bootstrap, resampled_primary
+from sentimerge.pipeline.core.metrics import compute_metrics, paired_bootstrap, resampled_metric, resampled_primary
 from sentimerge.pipeline.core.tasks import DataSource, TaskSpec
 
 SOURCE = DataSource(path="x.jsonl")
@@ -35,6 +35,28 @@ def test_each_resample_scores_like_compute_metrics(spec):
     expected = [compute_metrics(spec, [gold[i] for i in row], [predicted[i] for i in row])["primary"]
                 for row in indices]
     np.testing.assert_allclose(vectorised, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,metric", [("classification", "accuracy"), ("classification", "macro_f1"),
+                                         ("regression", "mse"), ("regression", "pearson")])
+def test_every_metric_resamples_like_compute_metrics(kind, metric):
+    rng = np.random.default_rng(2)
+    spec = task("accuracy" if kind == "classification" else "pearson", kind)  # the primary metric is another one
+    n = 40
+    if kind == "regression":
+        gold = rng.uniform(-1, 1, n).tolist()
+        predicted = (np.asarray(gold) * 0.3 + rng.normal(0, 0.5, n)).tolist()
+    else:
+        gold = rng.choice(LABELS, n).tolist()
+        predicted = [g if rng.random() < 0.5 else rng.choice(LABELS) for g in gold]
+    indices = rng.integers(0, n, size=(30, n))
+    expected = [compute_metrics(spec, [gold[i] for i in row], [predicted[i] for i in row])[metric] for row in indices]
+    np.testing.assert_allclose(resampled_metric(spec, metric, gold, predicted, indices), expected, atol=1e-12)
+
+
+def test_a_metric_of_the_other_kind_of_task_is_refused():
+    with pytest.raises(ValueError, match="no metric 'mse' for a classification task"):
+        resampled_metric(task("accuracy"), "mse", ["positive"], ["positive"], np.array([[0]]))
 
 
 def test_a_constant_prediction_has_pearson_zero_on_every_resample():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -104,3 +105,34 @@ def test_a_multistage_search_runs_resumes_at_each_level_and_exports_what_mergeki
 def test_multistage_settings_are_checked(tmp_path, cache_dir, search_section, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write_tiny_config(tmp_path, cache_dir=cache_dir, search=search_section))
+
+
+def test_the_flat_against_multistage_benchmark_reuses_the_experts_and_pairs_the_final_tables(tmp_path, cache_dir):
+    """benchmarks/multistage.py: the multi-stage search runs on the flat run's own experts (linked, not retrained),
+    counts the candidates of both levels, and its paired differences equal the final tables' difference of means."""
+    from benchmarks import multistage
+
+    cfg = tiny_search(tmp_path / "flat", cache_dir)
+    search.main(cfg)
+    flat = RunDir(cfg.resolved_run_dir)
+    before = (flat.search / "final.csv").read_bytes()
+    staged_cfg = multistage.multistage_run(
+        cfg, flat, tmp_path / "staged",
+        {"search.stages": "groups", "search.group_generations": 2, "search.generations": 2,
+         "search.groups": multistage.parse_groups("s=polarity,intensity; a=aspect3")})
+    search.main(staged_cfg)
+    staged = RunDir(staged_cfg.resolved_run_dir)
+    adapter = next(path for path in flat.expert("polarity").rglob("*.safetensors"))
+    assert (staged.root / adapter.relative_to(flat.root)).stat().st_ino == adapter.stat().st_ino
+    assert multistage.evaluations(flat) == 4 * 3 and multistage.evaluations(staged) == 4 * 2 + 4 * 2
+    rows = multistage.compare(cfg, flat, staged)
+    assert (flat.search / "final.csv").read_bytes() == before
+    means = {label: pd.read_csv(run.search_final_table("dev")).set_index("model") for label, run in
+             (("flat", flat), ("multistage", staged))}
+    pairs = {row["comparison"]: row for row in rows if row["split"] == "dev"}
+    expected = means["multistage"].loc["evolved", "mean"] - means["flat"].loc["evolved", "mean"]
+    assert pairs["multistage - flat"]["difference"] == pytest.approx(expected, abs=1e-5)
+    assert pairs["flat - ties"]["difference"] == pytest.approx(
+        means["flat"].loc["evolved", "mean"] - means["flat"].loc["ties", "mean"], abs=1e-5)
+    summary = multistage.summarize(pd.DataFrame(rows))
+    assert set(multistage.headline(summary, "tiny")) >= {"tiny_multistage_minus_flat_dev"}

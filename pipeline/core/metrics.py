@@ -8,7 +8,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, mean_squared_error
 
-from sentimerge.pipeline.core.tasks import TaskSpec
+from sentimerge.pipeline.core.tasks import CLASSIFICATION_METRICS, REGRESSION_METRICS, TaskSpec
 
 
 def compute_metrics(task: TaskSpec, gold: list, predicted: list) -> dict[str, float]:
@@ -42,14 +42,28 @@ def resampled_primary(task: TaskSpec, gold: list, predicted: list, indices: np.n
 
     Vectorised over resamples (a bootstrap needs thousands); equals `compute_metrics(...)["primary"]` on each row.
     """
-    if task.primary == "pearson":
+    return resampled_metric(task, task.primary, gold, predicted, indices)
+
+
+def resampled_metric(task: TaskSpec, metric: str, gold: list, predicted: list, indices: np.ndarray) -> np.ndarray:
+    """Metric `metric` of `task` on each resample: `indices` is [resamples, n] rows of example indices; returns
+    [resamples]. Equals `compute_metrics(...)[metric]` on each row.
+
+    Raises ValueError for a metric of the other kind of task (MSE of a classification task, say)."""
+    known = CLASSIFICATION_METRICS if task.kind == "classification" else REGRESSION_METRICS
+    if metric not in known:
+        raise ValueError(f"task {task.name}: no metric {metric!r} for a {task.kind} task (one of {', '.join(known)})")
+    if metric == "mse":
+        g, p = np.asarray(gold, dtype=float)[indices], np.asarray(predicted, dtype=float)[indices]
+        return ((g - p) ** 2).mean(1)
+    if metric == "pearson":
         g, p = np.asarray(gold, dtype=float)[indices], np.asarray(predicted, dtype=float)[indices]
         g, p = g - g.mean(1, keepdims=True), p - p.mean(1, keepdims=True)
         denominator = np.sqrt((g * g).sum(1) * (p * p).sum(1))
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(denominator > 0, (g * p).sum(1) / np.where(denominator > 0, denominator, 1), 0.0)
     g, p = np.asarray(gold, dtype=object), np.asarray(predicted, dtype=object)
-    if task.primary == "accuracy":
+    if metric == "accuracy":
         return (g == p)[indices].mean(1)
     f1 = []
     for label in task.labels:  # macro-F1 over the task's labels; a class never gold nor predicted scores 0
