@@ -14,7 +14,8 @@ into `RUN/report/ablation-<name>/` (resumable, kept) and is scored on the run's 
 (`sentimerge demonstrations`' draw: train rows outside dev and test, seeded by the data seed). Per variant, run and
 split: the mean primary metric, its difference to the reference with a paired bootstrap interval; over the runs: the
 mean and sd of the differences and the runs where the variant is ahead. Writes
-benchmarks/results/stage3_ablation_<name>.{md,json} after every run.
+benchmarks/results/stage3_ablation_<name>.{md,json} after every run; `--record KEY` puts the first variant's mean
+difference in summary.json (KEY: test, KEY_dev: dev).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.sharing import parse_variant, variant_config  # noqa: E402
+from benchmarks.summary import record  # noqa: E402
 from sentimerge.pipeline import finetune, report  # noqa: E402
 from sentimerge.pipeline.api import session  # noqa: E402
 from sentimerge.pipeline.core.config import RunConfig, load_config  # noqa: E402
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="NAME: finetune.key=value, ...")
     parser.add_argument("--reference", help="a variant's name (default: the run's own stage 3)")
     parser.add_argument("--demonstrations", type=int, default=0, help="also score the run's final model with K")
+    parser.add_argument("--record", metavar="KEY", help="record the first variant's mean difference over the runs in "
+                                                        "summary.json: KEY on test (it chose nothing), KEY_dev on dev")
     args = parser.parse_args()
     setup_logging()
     variants = [parse_variant(text) for text in args.variant]
@@ -110,10 +114,15 @@ def main() -> None:
                                  "seed": cfg.seed, "split": split, "value": float(scored[0]["primary"].mean()),
                                  "reference_value": float(base[0]["primary"].mean()),
                                  "difference": versus["difference"], "low": versus["low"], "high": versus["high"]})
-        write_results(args.name, command, pd.DataFrame(rows))
+        summary = write_results(args.name, command, pd.DataFrame(rows))
+    if args.record:
+        first = summary[summary["variant"] == summary["variant"].iloc[0]].set_index("split")
+        record({f"{args.record}{'' if split == 'test' else f'_{split}'}": float(first.loc[split, "difference"])
+                for split in first.index}, command=command,
+               notes=f"{first['variant'].iloc[0]} minus {rows[0]['reference']}, mean over {len(args.runs)} runs")
 
 
-def write_results(name: str, command: str, rows: pd.DataFrame) -> None:
+def write_results(name: str, command: str, rows: pd.DataFrame) -> pd.DataFrame:
     summary = []
     for (variant, split), group in rows.groupby(["variant", "split"], sort=False):
         differences = group["difference"]
@@ -130,6 +139,7 @@ def write_results(name: str, command: str, rows: pd.DataFrame) -> None:
         {"command": command, "rows": rows.replace({np.nan: None}).to_dict("records"),
          "summary": summary.replace({np.nan: None}).to_dict("records")}, indent=2) + "\n", encoding="utf-8")
     print(text)
+    return summary
 
 
 if __name__ == "__main__":

@@ -162,32 +162,31 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
 
     start = start_point(baselines, genome)
     strategy, decode, levels = Strategy(start, settings.sigma0, settings.bounds, settings.population, seed), None, {}
-    if settings.stages == "groups":
-        plan = group_plan_of(cfg, run, genome)
-        with timer.phase("search_level_one"):
-            levels, used = _level_one(run, cfg, plan, genome, merger, model, tokenizer, weak_sets, start, seed,
-                                      max_evaluations)
-        write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
-        if levels is None:
-            log.info("search: stopped after %d new candidates; run the same command again to continue", used)
-            return run.search
-        max_evaluations = None if max_evaluations is None else max_evaluations - used
-        size, decode = level_two(genome, plan, {name: np.asarray(level["coefficients"]) for name, level in
-                                                levels.items()})
-        strategy = Strategy(np.ones(size), settings.sigma0, settings.bounds, settings.population, seed)
-        log.info("search: level 2 over the groups %s (%d coefficients)", " < ".join(plan.names), size)
-    if (backend or cfg.backend) == "ray":
+    pool = None
+    if (backend or cfg.backend) == "ray":  # the actors score level 1's group searches and the flat or level 2 one
         from sentimerge.pipeline.core.ray_backend import RayScorerPool
 
         pool = RayScorerPool(cfg, seed)
-        evaluate = pool.evaluator(after_scoring)
-    else:
-        evaluate = one_by_one(score_logged)
     try:
+        if settings.stages == "groups":
+            plan = group_plan_of(cfg, run, genome)
+            with timer.phase("search_level_one"):
+                levels, used = _level_one(run, cfg, plan, genome, merger, model, tokenizer, weak_sets, start, seed,
+                                          max_evaluations, pool)
+            write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
+            if levels is None:
+                log.info("search: stopped after %d new candidates; run the same command again to continue", used)
+                return run.search
+            max_evaluations = None if max_evaluations is None else max_evaluations - used
+            size, decode = level_two(genome, plan, {name: np.asarray(level["coefficients"]) for name, level in
+                                                    levels.items()})
+            strategy = Strategy(np.ones(size), settings.sigma0, settings.bounds, settings.population, seed)
+            log.info("search: level 2 over the groups %s (%d coefficients)", " < ".join(plan.names), size)
+        evaluate = pool.evaluator(after_scoring) if pool is not None else one_by_one(score_logged)
         finished = run_cma(strategy, settings.generations, evaluate, run.search_candidates,
                            on_generation=finish_generation, max_evaluations=max_evaluations, decode=decode)
     finally:
-        if (backend or cfg.backend) == "ray":
+        if pool is not None:
             pool.close()
     write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
     if not finished:
@@ -238,11 +237,12 @@ def group_plan_of(cfg: RunConfig, run: RunDir, genome: Genome) -> GroupPlan:
 
 def _level_one(run: RunDir, cfg: RunConfig, plan: GroupPlan, genome: Genome, merger: InMemoryMerge, model, tokenizer,
                weak_sets: list[ScoredSet], start: np.ndarray, seed: int,
-               max_evaluations: int | None) -> tuple[dict[str, dict] | None, int]:
+               max_evaluations: int | None, pool=None) -> tuple[dict[str, dict] | None, int]:
     """Level 1 of a multi-stage search: one CMA-ES per group of two experts or more, from the start point's
     coefficients of its experts, scored on the group's weak sets, logged in `search/levels/<group>.jsonl` (resumed
-    like the flat log). Returns ({group: its best candidate}, candidates scored now), or (None, scored) when
-    `max_evaluations` stopped it."""
+    like the flat log). With a `RayScorerPool`, each generation's candidates are scored on its actors (the groups
+    one after the other: a generation of `population` candidates already fills the actors). Returns ({group: its
+    best candidate}, candidates scored now), or (None, scored) when `max_evaluations` stopped it."""
     settings, best, used = cfg.search, {}, 0
     (run.search / "levels").mkdir(parents=True, exist_ok=True)
     for name, experts in plan.searched():
@@ -252,17 +252,21 @@ def _level_one(run: RunDir, cfg: RunConfig, plan: GroupPlan, genome: Genome, mer
         strategy = Strategy(restrict(genome, start, experts), settings.sigma0, settings.bounds, settings.population,
                             seed)
 
-        def score(generation: int, index: int, candidate: np.ndarray, name=name, sets=sets) -> dict:
+        def logged(row: dict, name=name) -> dict:
+            log.info("level 1 %s gen %d cand %d: %s fitness %.4f", name, row["generation"], row["index"],
+                     row["status"], row["fitness"])
+            return {"level": name, **row}
+
+        def score(generation: int, index: int, candidate: np.ndarray, sets=sets, logged=logged) -> dict:
             row = score_candidate(merger, model, tokenizer, sets, candidate, settings)
-            log.info("level 1 %s gen %d cand %d: %s fitness %.4f", name, generation, index, row["status"],
-                     row["fitness"])
-            return {"level": name, "generation": generation, "index": index, **row}
+            return logged({"generation": generation, "index": index, **row})
 
         before = len(read_log(path))
         left = None if max_evaluations is None else max_evaluations - used
         if left is not None and left <= 0:
             return None, used
-        finished = run_cma(strategy, settings.group_generations, one_by_one(score), path, max_evaluations=left,
+        evaluate = pool.evaluator(logged, tasks=experts) if pool is not None else one_by_one(score)
+        finished = run_cma(strategy, settings.group_generations, evaluate, path, max_evaluations=left,
                            decode=decode)
         used += len(read_log(path)) - before
         if not finished:

@@ -79,6 +79,37 @@ def test_a_ray_search_writes_the_same_log_as_a_local_one(trained, tmp_path):
     _close(_decisive(got), _decisive(want))
 
 
+def test_a_multistage_ray_search_writes_the_same_logs_at_each_level_as_a_local_one(trained, tmp_path, monkeypatch):
+    """`search.stages: groups` on Ray: the level-1 group search is scored on the actors (the driver scores no
+    candidate on the group's weak sets), on its group's weak sets only, and both levels log what the local search
+    logs."""
+    staged = {"stages": "groups", "group_generations": 2, "generations": 2,
+              "groups": {"s": ["polarity", "intensity"], "a": ["aspect3"]}}
+    runs, driver_scored = {}, {}
+    original = search.score_candidate
+    for name, backend in (("local", None), ("ray", "ray")):
+        calls = driver_scored[name] = []
+
+        def spy(merger, model, tokenizer, sets, *args, calls=calls, **kwargs):
+            calls.append(sorted(scored.task.name for scored in sets))
+            return original(merger, model, tokenizer, sets, *args, **kwargs)
+
+        monkeypatch.setattr(search, "score_candidate", spy)
+        cfg = _copy_run(trained, tmp_path / name, keep_experts=True)
+        cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update=staged)})
+        search.main(cfg, backend=backend)
+        runs[name] = RunDir(cfg.resolved_run_dir)
+    group = ["intensity", "polarity"]
+    assert driver_scored["local"].count(group) == 8 and group not in driver_scored["ray"]
+    for log in ("levels/s.jsonl", "candidates.jsonl"):
+        want, got = (read_jsonl(runs[name].search / log) for name in ("local", "ray"))
+        assert len(want) == 8
+        _close(_decisive(got), _decisive(want))
+    level = read_jsonl(runs["ray"].search / "levels" / "s.jsonl")
+    assert {row["level"] for row in level} == {"s"} and all(set(row["tasks"]) == {"polarity", "intensity"}
+                                                          for row in level if row["status"] == "ok")
+
+
 def _close(got, want) -> None:
     assert [(r["generation"], r["index"], r["status"]) for r in got] == [(r["generation"], r["index"], r["status"])
                                                                           for r in want]

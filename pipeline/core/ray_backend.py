@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -120,12 +120,14 @@ class ScoringWorker:
                                     density=settings.density, seed=seed, compile=settings.compile)
         self.sets = load_weak_sets(run, cfg, self.tokenizer)
 
-    def score(self, generation: int, index: int, candidate: list[float]) -> dict:
+    def score(self, generation: int, index: int, candidate: list[float], tasks: list[str] | None = None) -> dict:
+        """The candidate's row, scored on the weak sets of `tasks` (a level-1 group of a multi-stage search) or all."""
         from sentimerge.pipeline.core import faults
         from sentimerge.pipeline.core.candidates import score_candidate
 
         faults.point("score candidate")
-        row = score_candidate(self.merger, self.model, self.tokenizer, self.sets, np.asarray(candidate), self.settings)
+        sets = self.sets if tasks is None else [scored for scored in self.sets if scored.task.name in tasks]
+        row = score_candidate(self.merger, self.model, self.tokenizer, sets, np.asarray(candidate), self.settings)
         return {"generation": generation, "index": index, **row}
 
     def pid(self) -> int:
@@ -157,8 +159,10 @@ class RayScorerPool:
                 "fitness": self.cfg.search.failure_penalty, "error": error, "merge_seconds": 0.0,
                 "score_seconds": 0.0, "seconds": 0.0}
 
-    def evaluate(self, generation: int, pending: list[tuple[int, np.ndarray]]) -> Iterator[dict]:
-        """Score `pending` on the actors (one candidate per free actor); yield the rows in the order given."""
+    def evaluate(self, generation: int, pending: list[tuple[int, np.ndarray]],
+                 tasks: Sequence[str] | None = None) -> Iterator[dict]:
+        """Score `pending` on the actors (one candidate per free actor), on the weak sets of `tasks` (default all);
+        yield the rows in the order given."""
         ray = self.ray
         queue = [(index, candidate, 0) for index, candidate in pending]
         free = list(range(len(self.actors)))
@@ -169,7 +173,8 @@ class RayScorerPool:
             while queue and free:
                 slot = free.pop(0)
                 index, candidate, attempts = queue.pop(0)
-                ref = self.actors[slot].score.remote(generation, index, candidate.tolist())
+                ref = self.actors[slot].score.remote(generation, index, candidate.tolist(),
+                                                     None if tasks is None else list(tasks))
                 running[ref] = (slot, index, candidate, attempts)
             ready, _ = ray.wait(list(running), num_returns=1)
             slot, index, candidate, attempts = running.pop(ready[0])
@@ -190,9 +195,10 @@ class RayScorerPool:
             while order and order[0] in done:
                 yield done.pop(order.pop(0))
 
-    def evaluator(self, after_scoring: Callable[[dict], dict]):
-        """`run_cma`'s evaluator: the pool's rows, each passed through the driver's bookkeeping."""
-        return lambda generation, pending: (after_scoring(row) for row in self.evaluate(generation, pending))
+    def evaluator(self, after_scoring: Callable[[dict], dict], tasks: Sequence[str] | None = None):
+        """`run_cma`'s evaluator: the pool's rows (scored on `tasks`' weak sets, default all), each passed through
+        the driver's bookkeeping."""
+        return lambda generation, pending: (after_scoring(row) for row in self.evaluate(generation, pending, tasks))
 
     def close(self) -> None:
         for actor in self.actors:
