@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.sharing import variant_config  # noqa: E402
 from benchmarks.summary import record  # noqa: E402
-from sentimerge.pipeline import search  # noqa: E402
+from sentimerge.pipeline import report, search  # noqa: E402
 from sentimerge.pipeline.api import session  # noqa: E402
 from sentimerge.pipeline.core.config import RunConfig, load_config  # noqa: E402
 from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, markdown_table  # noqa: E402
@@ -185,14 +185,10 @@ def write_results(name: str, command: str, rows: pd.DataFrame) -> pd.DataFrame:
             + markdown_table(summary))
     (RESULTS / f"multistage_{name}.md").write_text(text, encoding="utf-8")
     (RESULTS / f"multistage_{name}.json").write_text(json.dumps(
-        {"command": command, "rows": _records(rows), "summary": _records(summary)}, indent=2) + "\n",
+        {"command": command, "rows": report.records(rows), "summary": report.records(summary)}, indent=2) + "\n",
         encoding="utf-8")
     print(text)
     return summary
-
-
-def _records(frame: pd.DataFrame) -> list[dict]:
-    return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
 def headline(summary: pd.DataFrame, prefix: str) -> dict[str, float]:

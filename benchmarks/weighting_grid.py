@@ -203,13 +203,9 @@ def write_results(name: str, command: str, cfg: RunConfig, tasks: list[TaskSpec]
             + "\n## Every cell\n\n" + markdown_table(cells))
     (RESULTS / f"weighting_grid_{name}.md").write_text(text, encoding="utf-8")
     (RESULTS / f"weighting_grid_{name}.json").write_text(json.dumps(
-        {"command": command, "run_dir": str(cfg.resolved_run_dir), "cells": _records(cells),
-         "means": _records(means), "over_seeds": _records(over_seeds), "pairs": _records(pairs)}, indent=2) + "\n",
+        {"command": command, "run_dir": str(cfg.resolved_run_dir), "cells": report.records(cells),
+         "means": report.records(means), "over_seeds": report.records(over_seeds), "pairs": report.records(pairs)}, indent=2) + "\n",
         encoding="utf-8")
-
-
-def _records(frame: pd.DataFrame) -> list[dict]:
-    return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
 def headline(result: dict, loss: str, prefix: str) -> dict[str, float]:

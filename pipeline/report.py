@@ -133,11 +133,11 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
              "dev_examples": {name: len(rows) for name, rows in data.items()}, "stage3_seeds": seeds}
     write_csv_atomic(run.report / "report.csv", table)
     write_json_atomic(run.report / "report.json", {
-        **facts, "table": _records(table), "retention": retention_by_task(cfg, table),
-        "strategies": _records(strategies), "versus_static": versus_static(cfg, strategies),
-        "seeds": {"count": seeds, "table": _records(across)} if across is not None else {"count": 1},
+        **facts, "table": records(table), "retention": retention_by_task(cfg, table),
+        "strategies": records(strategies), "versus_static": versus_static(cfg, strategies),
+        "seeds": {"count": seeds, "table": records(across)} if across is not None else {"count": 1},
         "weak_vs_gold_spearman": spearman, "evolved_vs_baselines": leads,
-        "tables_by_split": {split: _records(frame) for split, frame in by_split.items()},
+        "tables_by_split": {split: records(frame) for split, frame in by_split.items()},
         "final_minus_multitask": versus_multitask,
         "variants": {v.label: {"folder": str(v.folder), **{k: trained[v.label].get(k) for k in
                                                            ("start", "weighting", "steps", "examples",
@@ -468,7 +468,8 @@ def _figure(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-def _records(table: pd.DataFrame) -> list[dict]:
+def records(table: pd.DataFrame) -> list[dict]:
+    """The rows of `table` as JSON-ready dicts (NaN as None)."""
     return json.loads(table.to_json(orient="records"))  # NaN as null
 
 
