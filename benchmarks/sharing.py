@@ -100,6 +100,20 @@ def task_rows_of(name: str, seed: int, result: dict) -> list[dict]:
     return rows
 
 
+def model_rows_of(name: str, seed: int, result: dict) -> list[dict]:
+    """Per split, every model of the report's table (zero-shot, experts, uniform, TIES, evolved, final, multi-task
+    LoRA): its mean primary metric, all scored on the same examples."""
+    return [{"variant": name, "seed": seed, "split": split, "model": row["model"], "mean": row["mean"]}
+            for split, table in result["tables_by_split"].items() for row in table]
+
+
+def model_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per variant, split and model: the mean primary metric's mean and sd over the seeds."""
+    summary = rows.groupby(["variant", "split", "model"], sort=False).agg(
+        seeds=("seed", "count"), mean=("mean", "mean"), sd=("mean", "std"))
+    return summary.reset_index()
+
+
 def task_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Per variant, split and task: means over the seeds and the mean of the seed-by-seed final - multi-task."""
     rows = rows.assign(difference=rows["final"] - rows["multitask"])
@@ -159,7 +173,7 @@ def main() -> None:
     configs = {(name, seed): variant_config(base, overrides, seed, Path(args.runs_root) / name / f"seed{seed}")
                for seed in seeds for name, overrides in variants}
     command = "python " + shlex.join(["benchmarks/sharing.py", *sys.argv[1:]])
-    rows, task_rows, done = [], [], {}
+    rows, task_rows, model_rows, done = [], [], [], {}
     for (name, seed), cfg in configs.items():
         run = RunDir(cfg.resolved_run_dir)
         if args.finished_only and not (run.report / "report.json").is_file():
@@ -175,8 +189,10 @@ def main() -> None:
         result = json.loads((run.report / "report.json").read_text(encoding="utf-8"))
         rows += rows_of(name, seed, result)
         task_rows += task_rows_of(name, seed, result)
+        model_rows += model_rows_of(name, seed, result)
         # after every run: nothing finished is lost
-        summary = write_results(base.name, command, pd.DataFrame(rows), pd.DataFrame(task_rows))
+        summary = write_results(base.name, command, pd.DataFrame(rows), pd.DataFrame(task_rows),
+                                pd.DataFrame(model_rows))
     if args.record:
         chosen = summary[summary["variant"] == args.record]
         names = {"test": args.test_name}
@@ -186,19 +202,23 @@ def main() -> None:
         record(values, command=command, notes=args.notes)
 
 
-def write_results(name: str, command: str, table: pd.DataFrame, tasks: pd.DataFrame) -> pd.DataFrame:
+def write_results(name: str, command: str, table: pd.DataFrame, tasks: pd.DataFrame,
+                  models: pd.DataFrame) -> pd.DataFrame:
     """Write sharing_<name>.{md,json} from the rows so far; return the summary over seeds."""
-    summary, by_task = summary_table(table), task_summary(tasks)
+    summary, by_task, by_model = summary_table(table), task_summary(tasks), model_summary(models)
     text = (f"# Sharing and budget split: {name}\n\n`{command}`\n\nPer seed (primary metric, mean over tasks; "
             "difference: final - multi-task LoRA, paired bootstrap 95% interval):\n\n" + markdown_table(table)
             + "\nOver the seeds:\n\n" + markdown_table(summary)
             + "\nPer task, over the seeds (primary metric; final - multi-task: mean and sd of the seed-by-seed "
-              "differences):\n\n" + markdown_table(by_task))
+              "differences):\n\n" + markdown_table(by_task)
+            + "\nEvery model of the final tables, over the seeds (mean primary metric over tasks, each row of a "
+              "split on the same examples):\n\n" + markdown_table(by_model))
     (RESULTS / f"sharing_{name}.md").write_text(text, encoding="utf-8")
     (RESULTS / f"sharing_{name}.json").write_text(json.dumps(
         {"command": command, "rows": table.replace({np.nan: None}).to_dict("records"),
          "summary": summary.replace({np.nan: None}).to_dict("records"),
-         "tasks": by_task.replace({np.nan: None}).to_dict("records")}, indent=2) + "\n", encoding="utf-8")
+         "tasks": by_task.replace({np.nan: None}).to_dict("records"),
+         "models": by_model.replace({np.nan: None}).to_dict("records")}, indent=2) + "\n", encoding="utf-8")
     print(text)
     return summary
 

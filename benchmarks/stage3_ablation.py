@@ -13,7 +13,9 @@ into `RUN/report/ablation-<name>/` (resumable, kept) and is scored on the run's 
 `--demonstrations K` scores the run's own final model again with K demonstrations per task before every question
 (`sentimerge demonstrations`' draw: train rows outside dev and test, seeded by the data seed). Per variant, run and
 split: the mean primary metric, its difference to the reference with a paired bootstrap interval; over the runs: the
-mean and sd of the differences and the runs where the variant is ahead. Writes
+mean and sd of the differences and the runs where the variant is ahead. `--against-multitask` adds, for the reference
+and every variant, the difference to the run's multi-task LoRA (`sentimerge report`'s, trained on the base with the
+pipeline's whole example budget; trained here if the report has not). Writes
 benchmarks/results/stage3_ablation_<name>.{md,json} after every run; `--record KEY` puts the first variant's mean
 difference in summary.json (KEY: test, KEY_dev: dev).
 """
@@ -72,6 +74,50 @@ def predictions_of(scored: tuple) -> dict[str, list]:
     return {name: [row["prediction"] for row in rows] for name, rows in scored[1].items()}
 
 
+def compare_run(folder: Path, variants: list[tuple[str, dict]], *, reference_name: str | None = None,
+                demonstrations: int = 0, against_multitask: bool = False) -> list[dict]:
+    """One finished run: train the variants' stage 3 (resumable, kept), score them on the run's final-table examples of
+    every split and compare each with the reference (and with the multi-task LoRA when asked): one row per variant,
+    reference and split, with the mean primary metric of both and the paired bootstrap interval of the difference."""
+    rows = []
+    cfg = load_config(folder / "config.yaml", run_dir=str(folder))
+    run = RunDir(cfg.resolved_run_dir)
+    own = report.Variant(f"final ({cfg.finetune.weighting.name})", f"finetune-{cfg.finetune.weighting.name}",
+                         run.finetune, cfg)
+    built = {name: finetune_variant(cfg, run, name, overrides) for name, overrides in variants}
+    reference = built[reference_name] if reference_name else own
+    arms = [variant for variant in built.values() if variant is not reference]
+    multitask = report.multitask_variant(cfg, run, report.budgets(cfg)["multitask_steps"]) \
+        if against_multitask else None
+    if demonstrations:
+        demo_cfg = with_demonstrations(cfg, demonstrations)
+        arms.append(report.Variant(f"final, {demonstrations} demonstrations",
+                                   f"{own.key}-k{demonstrations}", run.finetune, demo_cfg))
+    with session(cfg):
+        for variant in [reference, *arms]:
+            if variant.folder != run.finetune:
+                finetune.main(variant.cfg, folder=variant.folder)
+        if multitask is not None:
+            report.train(multitask, run)
+        for split in evaluation_splits(run, cfg):
+            examples = final_examples(run, cfg, split)
+            gold = {name: [row["label"] for row in data] for name, data in examples.items()}
+            base = report.evaluate_variant(reference, run, examples, split=split)
+            pairs = [(variant, reference, base) for variant in arms]
+            if multitask is not None:
+                baseline = report.evaluate_variant(multitask, run, examples, split=split)
+                pairs += [(variant, multitask, baseline) for variant in [reference, *arms]]
+            for variant, against, against_scored in pairs:
+                scored = report.evaluate_variant(variant, run, examples, split=split)
+                versus = paired_bootstrap(list(cfg.tasks), gold, predictions_of(scored),
+                                          predictions_of(against_scored), seed=cfg.seed)["mean"]
+                rows.append({"variant": variant.label, "reference": against.label, "run": str(folder),
+                             "seed": cfg.seed, "split": split, "value": float(scored[0]["primary"].mean()),
+                             "reference_value": float(against_scored[0]["primary"].mean()),
+                             "difference": versus["difference"], "low": versus["low"], "high": versus["high"]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -79,6 +125,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="NAME: finetune.key=value, ...")
     parser.add_argument("--reference", help="a variant's name (default: the run's own stage 3)")
     parser.add_argument("--demonstrations", type=int, default=0, help="also score the run's final model with K")
+    parser.add_argument("--against-multitask", action="store_true",
+                        help="also compare the reference and every variant with the run's multi-task LoRA")
     parser.add_argument("--record", metavar="KEY", help="record the first variant's mean difference over the runs in "
                                                         "summary.json: KEY on test (it chose nothing), KEY_dev on dev")
     args = parser.parse_args()
@@ -87,47 +135,24 @@ def main() -> None:
     command = "python " + shlex.join(["benchmarks/stage3_ablation.py", *sys.argv[1:]])
     rows = []
     for folder in args.runs:
-        cfg = load_config(folder / "config.yaml", run_dir=str(folder))
-        run = RunDir(cfg.resolved_run_dir)
-        own = report.Variant(f"final ({cfg.finetune.weighting.name})", f"finetune-{cfg.finetune.weighting.name}",
-                             run.finetune, cfg)
-        built = {name: finetune_variant(cfg, run, name, overrides) for name, overrides in variants}
-        reference = built[args.reference] if args.reference else own
-        arms = [variant for variant in built.values() if variant is not reference]
-        if args.demonstrations:
-            demo_cfg = with_demonstrations(cfg, args.demonstrations)
-            arms.append(report.Variant(f"final, {args.demonstrations} demonstrations",
-                                       f"{own.key}-k{args.demonstrations}", run.finetune, demo_cfg))
-        with session(cfg):
-            for variant in [reference, *arms]:
-                if variant.folder != run.finetune:
-                    finetune.main(variant.cfg, folder=variant.folder)
-            for split in evaluation_splits(run, cfg):
-                examples = final_examples(run, cfg, split)
-                gold = {name: [row["label"] for row in data] for name, data in examples.items()}
-                base = report.evaluate_variant(reference, run, examples, split=split)
-                for variant in arms:
-                    scored = report.evaluate_variant(variant, run, examples, split=split)
-                    versus = paired_bootstrap(list(cfg.tasks), gold, predictions_of(scored), predictions_of(base),
-                                              seed=cfg.seed)["mean"]
-                    rows.append({"variant": variant.label, "reference": reference.label, "run": str(folder),
-                                 "seed": cfg.seed, "split": split, "value": float(scored[0]["primary"].mean()),
-                                 "reference_value": float(base[0]["primary"].mean()),
-                                 "difference": versus["difference"], "low": versus["low"], "high": versus["high"]})
+        rows += compare_run(folder, variants, reference_name=args.reference, demonstrations=args.demonstrations,
+                            against_multitask=args.against_multitask)
         summary = write_results(args.name, command, pd.DataFrame(rows))
     if args.record:
-        first = summary[summary["variant"] == summary["variant"].iloc[0]].set_index("split")
+        first = summary[(summary["variant"] == summary["variant"].iloc[0])
+                        & (summary["reference"] == summary["reference"].iloc[0])].set_index("split")
         record({f"{args.record}{'' if split == 'test' else f'_{split}'}": float(first.loc[split, "difference"])
                 for split in first.index}, command=command,
-               notes=f"{first['variant'].iloc[0]} minus {rows[0]['reference']}, mean over {len(args.runs)} runs")
+               notes=f"{first['variant'].iloc[0]} minus {first['reference'].iloc[0]}, mean over {len(args.runs)} runs")
 
 
 def write_results(name: str, command: str, rows: pd.DataFrame) -> pd.DataFrame:
     summary = []
-    for (variant, split), group in rows.groupby(["variant", "split"], sort=False):
+    for (variant, reference, split), group in rows.groupby(["variant", "reference", "split"], sort=False):
         differences = group["difference"]
-        summary.append({"variant": variant, "split": split, "runs": len(group), "mean": group["value"].mean(),
-                        "reference": group["reference_value"].mean(), "difference": differences.mean(),
+        summary.append({"variant": variant, "reference": reference, "split": split, "runs": len(group),
+                        "mean": group["value"].mean(), "reference_mean": group["reference_value"].mean(),
+                        "difference": differences.mean(),
                         "sd": differences.std(ddof=1) if len(group) > 1 else np.nan,
                         "ahead": f"{int((differences > 0).sum())} of {len(group)}"})
     summary = pd.DataFrame(summary)

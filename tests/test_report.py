@@ -173,3 +173,27 @@ def test_more_stage3_seeds_add_a_table_across_them(reported):
     assert "## Across stage 3 seeds" in (run.report / "report.md").read_text()
     with pytest.raises(SentimergeError, match="--seeds must be at least 1"):
         report.main(cfg, seeds=0)
+
+
+def test_a_stage3_variant_is_compared_with_the_run_and_with_the_multitask_lora_without_retraining_it(reported):
+    """benchmarks/stage3_ablation.py --against-multitask: the run's own stage 3 and a variant, each against the
+    report's multi-task LoRA (reused, not trained again) with the differences of the report's own rows."""
+    from benchmarks.stage3_ablation import compare_run
+
+    cfg, table = reported
+    run = RunDir(cfg.resolved_run_dir)
+    trained = read_manifest(run.report_multitask)["finished_at"]
+    rows = compare_run(run.root, [("lr", {"learning_rate": 1e-3})], against_multitask=True)
+    assert read_manifest(run.report_multitask)["finished_at"] == trained
+    pairs = {(row["variant"], row["reference"]): row for row in rows if row["split"] == "dev"}
+    assert set(pairs) == {("final (lr)", "final (dao)"), ("final (dao)", MULTITASK), ("final (lr)", MULTITASK)}
+    means = table.set_index("model")["mean"]
+    own = pairs[("final (dao)", MULTITASK)]
+    assert own["value"] == pytest.approx(means["final (dao)"], abs=1e-6)
+    assert own["difference"] == pytest.approx(means["final (dao)"] - means[MULTITASK], abs=1e-6)
+    variant = pairs[("final (lr)", MULTITASK)]
+    assert variant["difference"] == pytest.approx(variant["value"] - means[MULTITASK], abs=1e-6)
+    assert pairs[("final (lr)", "final (dao)")]["difference"] == pytest.approx(
+        variant["value"] - own["value"], abs=1e-6)
+    trained_with = yaml.safe_load((run.report / "ablation-lr" / "config.yaml").read_text())
+    assert trained_with["finetune"]["learning_rate"] == 1e-3
