@@ -42,7 +42,7 @@ from sentimerge.pipeline import finetune, report  # noqa: E402
 from sentimerge.pipeline.api import session  # noqa: E402
 from sentimerge.pipeline.core.config import RunConfig, load_config  # noqa: E402
 from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, markdown_table  # noqa: E402
-from sentimerge.pipeline.core.metrics import resampled_metric  # noqa: E402
+from sentimerge.pipeline.core.metrics import bootstrap_rows, interval, resampled_metric  # noqa: E402
 from sentimerge.pipeline.core.rundir import RunDir, is_done  # noqa: E402
 from sentimerge.pipeline.core.runtime import setup_logging  # noqa: E402
 from sentimerge.pipeline.core.tasks import TaskSpec  # noqa: E402
@@ -67,40 +67,29 @@ def paired_changes(tasks: list[TaskSpec], gold: dict[str, list], a: dict[str, li
     of each task for both): `primary` the difference of the mean primary metric over tasks; `mse_pct:<task>` each
     regression task's MSE change in % of b's (negative = a has the lower MSE); `accuracy_points` and
     `macro_f1_points` the mean over classification tasks of the difference, in points (x 100)."""
-    rng = np.random.default_rng(seed)
-    identity, draws = {}, {}
-    for task in tasks:
-        n = len(gold[task.name])
-        identity[task.name] = np.arange(n)[None]
-        draws[task.name] = rng.integers(0, n, size=(resamples, n))
+    rows = bootstrap_rows(tasks, gold, resamples=resamples, seed=seed)
 
     def values(task: TaskSpec, metric: str, predicted: dict[str, list]) -> tuple[float, np.ndarray]:
-        name = task.name
-        return (float(resampled_metric(task, metric, gold[name], predicted[name], identity[name])[0]),
-                resampled_metric(task, metric, gold[name], predicted[name], draws[name]))
+        identity, draws = rows[task.name]
+        return (float(resampled_metric(task, metric, gold[task.name], predicted[task.name], identity)[0]),
+                resampled_metric(task, metric, gold[task.name], predicted[task.name], draws))
 
     def difference(task: TaskSpec, metric: str) -> tuple[float, np.ndarray]:
         (observed_a, drawn_a), (observed_b, drawn_b) = values(task, metric, a), values(task, metric, b)
         return observed_a - observed_b, drawn_a - drawn_b
 
-    tail = (1 - level) / 2
-
-    def summary(observed: float, drawn: np.ndarray) -> dict:
-        low, high = np.quantile(drawn, [tail, 1 - tail])
-        return {"difference": round(float(observed), 6), "low": round(float(low), 6), "high": round(float(high), 6)}
-
     parts = [difference(task, task.primary) for task in tasks]
-    result = {"primary": summary(np.mean([p[0] for p in parts]), np.mean([p[1] for p in parts], axis=0))}
+    result = {"primary": interval(np.mean([p[0] for p in parts]), np.mean([p[1] for p in parts], axis=0), level)}
     for task in tasks:
         if task.kind == "regression":
             (observed_a, drawn_a), (observed_b, drawn_b) = values(task, "mse", a), values(task, "mse", b)
-            result[f"mse_pct:{task.name}"] = summary(100 * (observed_a / observed_b - 1),
-                                                     100 * (drawn_a / np.maximum(drawn_b, 1e-12) - 1))
+            result[f"mse_pct:{task.name}"] = interval(100 * (observed_a / observed_b - 1),
+                                                      100 * (drawn_a / np.maximum(drawn_b, 1e-12) - 1), level)
     classification = [task for task in tasks if task.kind == "classification"]
     for metric in ("accuracy", "macro_f1") if classification else ():
         parts = [difference(task, metric) for task in classification]
-        result[f"{metric}_points"] = summary(100 * np.mean([p[0] for p in parts]),
-                                             100 * np.mean([p[1] for p in parts], axis=0))
+        result[f"{metric}_points"] = interval(100 * np.mean([p[0] for p in parts]),
+                                              100 * np.mean([p[1] for p in parts], axis=0), level)
     return result
 
 

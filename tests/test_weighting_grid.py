@@ -27,7 +27,7 @@ def test_a_model_against_itself_changes_nothing_with_a_zero_interval():
     changes = paired_changes(TASKS, gold, model, model, seed=0)
     assert set(changes) == {"primary", "mse_pct:reg", "accuracy_points", "macro_f1_points"}
     for interval in changes.values():
-        assert interval == {"difference": 0.0, "low": 0.0, "high": 0.0}
+        assert interval == {"difference": 0.0, "low": 0.0, "high": 0.0, "p_better": 0.0}
 
 
 def test_the_changes_equal_their_definitions_and_a_clear_lead_has_an_interval_clear_of_zero():

@@ -74,32 +74,46 @@ def resampled_metric(task: TaskSpec, metric: str, gold: list, predicted: list, i
     return np.mean(f1, axis=0)
 
 
+def bootstrap_rows(tasks: list[TaskSpec], gold: dict[str, list], *, resamples: int = 2000,
+                   seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per task, the rows of a paired bootstrap: (identity (1, n), resampled indices (resamples, n)), drawn with
+    replacement, task after task from one generator seeded with `seed`; both models of a comparison are scored on
+    the same rows."""
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for task in tasks:
+        n = len(gold[task.name])
+        rows[task.name] = (np.arange(n)[None], rng.integers(0, n, size=(resamples, n)))
+    return rows
+
+
+def interval(observed: float, draws: np.ndarray, level: float = 0.95) -> dict:
+    """The observed difference, the percentile interval of its resampled values at `level` and the share of
+    resamples above zero (`p_better`)."""
+    tail = (1 - level) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail])
+    return {"difference": round(float(observed), 6), "low": round(float(low), 6), "high": round(float(high), 6),
+            "p_better": round(float((draws > 0).mean()), 4)}
+
+
 def paired_bootstrap(tasks: list[TaskSpec], gold: dict[str, list], a: dict[str, list], b: dict[str, list], *,
                      resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """How sure is "model a beats model b" on the same examples? A paired bootstrap of the primary metric.
 
-    Each task's examples are resampled with replacement (the same rows for both models); the difference a - b of
-    each task's primary metric and of their mean over tasks (the tables' `mean`) is computed on every resample.
-    Returns the observed differences, their percentile interval at `level` and the share of resamples where a is
-    better (> 0), per task and for the mean.
+    Each task's examples are resampled with replacement (the same rows for both models, `bootstrap_rows`); the
+    difference a - b of each task's primary metric and of their mean over tasks (the tables' `mean`) is computed on
+    every resample. Returns the observed differences, their percentile interval at `level` and the share of
+    resamples where a is better (> 0), per task and for the mean.
     """
-    rng = np.random.default_rng(seed)
     per_task, observed = {}, {}
+    rows = bootstrap_rows(tasks, gold, resamples=resamples, seed=seed)
     for task in tasks:
-        n = len(gold[task.name])
-        indices = rng.integers(0, n, size=(resamples, n))
-        identity = np.arange(n)[None]
+        identity, indices = rows[task.name]
         observed[task.name] = float(resampled_primary(task, gold[task.name], a[task.name], identity)[0]
                                     - resampled_primary(task, gold[task.name], b[task.name], identity)[0])
         per_task[task.name] = (resampled_primary(task, gold[task.name], a[task.name], indices)
                                - resampled_primary(task, gold[task.name], b[task.name], indices))
-    tail = (1 - level) / 2
-
-    def summary(observed_value: float, draws: np.ndarray) -> dict:
-        low, high = np.quantile(draws, [tail, 1 - tail])
-        return {"difference": round(observed_value, 6), "low": round(float(low), 6), "high": round(float(high), 6),
-                "p_better": round(float((draws > 0).mean()), 4)}
-
-    result = {"mean": summary(float(np.mean(list(observed.values()))), np.mean(list(per_task.values()), axis=0))}
-    result["tasks"] = {name: summary(observed[name], draws) for name, draws in per_task.items()}
+    result = {"mean": interval(float(np.mean(list(observed.values()))), np.mean(list(per_task.values()), axis=0),
+                               level)}
+    result["tasks"] = {name: interval(observed[name], draws, level) for name, draws in per_task.items()}
     return {**result, "resamples": resamples, "level": level, "seed": seed}
