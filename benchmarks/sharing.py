@@ -16,8 +16,9 @@ Writes benchmarks/results/sharing_<name>.{md,json}: per variant, seed and split 
 metric, the multi-task LoRA's, their difference with its paired bootstrap interval, the evolved merge's, the
 experts' share of the budget and the examples and optimizer steps; then per variant and split the mean and sd over
 the seeds and the seeds where the final model is ahead. With `--record VARIANT`, that variant's mean differences go
-to summary.json as `<name>_final_minus_multitask_<split>` (`--test-name` renames the test split there) and its expert
-share as `<name>_expert_budget_share`.
+to summary.json as `<name>_final_minus_multitask_<split>` (`--test-name` renames the test split there), its expert
+share as `<name>_expert_budget_share`, and the means over the seeds of the final model and the multi-task LoRA as
+`<name>_final_mean_over_seeds` and `<name>_multitask_lora_mean_over_seeds` (dev; `_<test-name>` beside them).
 """
 
 from __future__ import annotations
@@ -199,6 +200,13 @@ def main() -> None:
         values = {f"{base.name}_final_minus_multitask_{names.get(row['split'], row['split'])}": row["final - multitask"]
                   for row in chosen.to_dict("records")}
         values[f"{base.name}_expert_budget_share"] = float(chosen["expert share"].iloc[0])
+        models = model_summary(pd.DataFrame(model_rows))
+        for row in models[models["variant"] == args.record].to_dict("records"):
+            suffix = "" if row["split"] == "dev" else f"_{names.get(row['split'], row['split'])}"
+            if row["model"] == report.MULTITASK:
+                values[f"{base.name}_multitask_lora_mean_over_seeds{suffix}"] = row["mean"]
+            elif row["model"].startswith("final ("):
+                values[f"{base.name}_final_mean_over_seeds{suffix}"] = row["mean"]
         record(values, command=command, notes=args.notes)
 
 
