@@ -75,12 +75,12 @@ def predictions_of(scored: tuple) -> dict[str, list]:
 
 
 def compare_run(folder: Path, variants: list[tuple[str, dict]], *, reference_name: str | None = None,
-                demonstrations: int = 0, against_multitask: bool = False) -> list[dict]:
+                demonstrations: int = 0, against_multitask: bool = False, data_root: str | None = None) -> list[dict]:
     """One finished run: train the variants' stage 3 (resumable, kept), score them on the run's final-table examples of
     every split and compare each with the reference (and with the multi-task LoRA when asked): one row per variant,
     reference and split, with the mean primary metric of both and the paired bootstrap interval of the difference."""
     rows = []
-    cfg = load_config(folder / "config.yaml", run_dir=str(folder))
+    cfg = load_config(folder / "config.yaml", run_dir=str(folder), data_root=data_root)
     run = RunDir(cfg.resolved_run_dir)
     own = report.Variant(f"final ({cfg.finetune.weighting.name})", f"finetune-{cfg.finetune.weighting.name}",
                          run.finetune, cfg)
@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="NAME: finetune.key=value, ...")
     parser.add_argument("--reference", help="a variant's name (default: the run's own stage 3)")
     parser.add_argument("--demonstrations", type=int, default=0, help="also score the run's final model with K")
+    parser.add_argument("--data-root", help="the runs' data root, for runs whose config.yaml holds it relative to "
+                                            "the directory they were started from (benchmarks/sharing.py variants)")
     parser.add_argument("--against-multitask", action="store_true",
                         help="also compare the reference and every variant with the run's multi-task LoRA")
     parser.add_argument("--record", metavar="KEY", help="record the first variant's mean difference over the runs in "
@@ -136,7 +138,7 @@ def main() -> None:
     rows = []
     for folder in args.runs:
         rows += compare_run(folder, variants, reference_name=args.reference, demonstrations=args.demonstrations,
-                            against_multitask=args.against_multitask)
+                            against_multitask=args.against_multitask, data_root=args.data_root)
         summary = write_results(args.name, command, pd.DataFrame(rows))
     if args.record:
         first = summary[(summary["variant"] == summary["variant"].iloc[0])
