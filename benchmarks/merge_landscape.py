@@ -183,7 +183,7 @@ def main() -> None:
                                   ["uniform", "ties", *(n for n in result["gold_dev"]
                                                         if n.startswith(("probe: all", "probe: ties")))]])
     text = (f"# The merge landscape of a finished search ({cfg.name})\n\n"
-            f"{time.strftime('%Y-%m-%d')}, {machine()}, seed {cfg.seed}, bf16, scoring batch {args.batch_size}; "
+            f"{time.strftime('%Y-%m-%d')}, {machine()}, seed {cfg.seed}, bf16 model with the float32 LM head of every score, scoring batch {args.batch_size}; "
             f"`{command}` ({time.time() - started:.0f} s, cached scores reused).\n\n"
             "## Gold dev mean (primary metric) over the search space\n\n" + markdown_table(spread) +
             f"\nBest logged candidate: {result['best_logged']} "
