@@ -13,7 +13,10 @@ arithmetic: if no point of the space clears TIES by more than noise, no fitness 
 (2) per task, the Spearman correlation over the logged candidates between gold dev and the candidates' metric
 against each labelling of the weak + held-out examples: the run's labeller, the VADER lexicon where it applies, and
 the rows' own gold labels (an upper bound for any labeller on that many examples).
-Writes benchmarks/results/merge_landscape_<config name>.{md,json}.
+(3) the weak fitness the search saw against the gold dev mean, Spearman over the logged candidates of each level:
+a multi-stage search's level-1 groups (their fitness and gold over the group's tasks; their candidates are scored
+too) and level 2, or the flat search.
+Writes benchmarks/results/merge_landscape_<config name, or --name>.{md,json}.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ def candidates(run: RunDir, genome, density: float, *, every: int = 1,
     logged = [row for row in read_jsonl(run.search_candidates) if row["status"] == "ok"]
     found += [(f"gen {row['generation']} cand {row['index']}", method, density, row["coefficients"])
               for row in logged[::every]]
+    for group, rows in level_logs(run).items():  # a multi-stage search's level-1 candidates (full genomes)
+        found += [(f"level {group}: gen {row['generation']} cand {row['index']}", method, density, row["coefficients"])
+                  for row in rows[::every]]
     if not probes:
         return found
     start = np.asarray(baselines["uniform"]["coefficients"], dtype=float).reshape(genome.size)
@@ -78,6 +84,36 @@ def candidates(run: RunDir, genome, density: float, *, every: int = 1,
         found += [(f"probe: ties density {value:g}", "ties", value, baselines["ties"]["coefficients"])
                   for value in DENSITIES]
     return found
+
+
+def level_logs(run: RunDir) -> dict[str, list[dict]]:
+    """A multi-stage search's level-1 logs: group -> its scored candidates (status ok), in log order; {} for a flat
+    search."""
+    folder = run.search / "levels"
+    return {path.stem: [row for row in read_jsonl(path) if row["status"] == "ok"]
+            for path in sorted(folder.glob("*.jsonl"))} if folder.is_dir() else {}
+
+
+def level_spearman(run: RunDir, gold: dict[str, dict[str, float]], every: int = 1) -> list[dict]:
+    """Weak fitness against gold at each level of the search: per level-1 group, the Spearman over its logged
+    candidates between the fitness the search saw (on the group's weak sets) and the gold dev mean over the group's
+    tasks; then the flat search's (or level 2's) candidates against the gold mean over every task. `gold` holds each
+    scored model's gold dev metric per task (`analyse`)."""
+    rows = []
+    logs = {f"level 1: {group}": (f"level {group}: ", entries) for group, entries in level_logs(run).items()}
+    flat = [row for row in read_jsonl(run.search_candidates) if row["status"] == "ok"]
+    logs["level 2" if logs else "flat"] = ("", flat)
+    for level, (prefix, entries) in logs.items():
+        entries = [row for row in entries[::every]
+                   if f"{prefix}gen {row['generation']} cand {row['index']}" in gold]
+        if not entries:
+            continue
+        tasks = list(entries[0]["tasks"])  # the tasks this level's fitness was scored on
+        golds = [float(np.mean([gold[f"{prefix}gen {row['generation']} cand {row['index']}"][task]
+                                for task in tasks])) for row in entries]
+        rows.append({"level": level, "tasks": ", ".join(tasks), "candidates": len(entries),
+                     "spearman": spearman([row["fitness"] for row in entries], golds)})
+    return rows
 
 
 def score_all(cfg, run: RunDir, cache: Path, batch_size: int, **which) -> dict[str, dict]:
@@ -118,7 +154,7 @@ def score_all(cfg, run: RunDir, cache: Path, batch_size: int, **which) -> dict[s
     return {name: scored[name] for name, _, _, _ in wanted}
 
 
-def analyse(cfg, run: RunDir, scored: dict[str, dict]) -> dict:
+def analyse(cfg, run: RunDir, scored: dict[str, dict], every: int = 1) -> dict:
     tasks = {task.name: task for task in cfg.tasks}
     dev = gold_examples(run, cfg, cfg.search.gold.final, "eval")
     rows = {task: read_jsonl(run.search_weak(task)) + (read_jsonl(run.search_select_weak(task))
@@ -137,7 +173,7 @@ def analyse(cfg, run: RunDir, scored: dict[str, dict]) -> dict:
     gold = {name: {task: metric(tasks[task], [e["label"] for e in dev[task]], kept["gold"][task]) for task in tasks}
             for name, kept in scored.items()}
     means = {name: float(np.mean(list(values.values()))) for name, values in gold.items()}
-    logged = [name for name in scored if name.startswith("gen ")]
+    logged = [name for name in scored if name.startswith("gen ")]  # the flat search's, or level 2's
     probes = [name for name in scored if name.startswith("probe: ")]
     weak_logprobs = {name: {task: torch.cat([kept["weak"][task], *([kept["held"][task]] if kept["held"] else [])])
                             for task in tasks} for name, kept in scored.items()}
@@ -158,6 +194,7 @@ def analyse(cfg, run: RunDir, scored: dict[str, dict]) -> dict:
         "ties": means.get("ties"), "uniform": means.get("uniform"),
         "best_logged": max(logged, key=means.get), "best_probe": best_probe,
         "labeller_trust": trust,
+        "level_spearman": level_spearman(run, gold, every),
     }
 
 
@@ -169,12 +206,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1, metavar="K",
                         help="score every K-th logged candidate (a large search: the suite's 80 take about 40 s each)")
     parser.add_argument("--no-probes", action="store_true", help="skip the probes around the start point")
+    parser.add_argument("--name", help="the results file's name: merge_landscape_<name> (default: the config's)")
     args = parser.parse_args()
     cfg, run = finished_search(args.config, args.run_dir)
     started = time.time()
     scored = score_all(cfg, run, run.search / "landscape", args.batch_size, every=args.every,
                        probes=not args.no_probes)
-    result = analyse(cfg, run, scored)
+    result = analyse(cfg, run, scored, args.every)
     command = "python " + shlex.join(["benchmarks/merge_landscape.py", *sys.argv[1:]])
     spread = pd.DataFrame([{"models": part, **values} for part, values in result["spread"].items()]
                           + [{"models": "TIES", "n": 1, "max": result["ties"]},
@@ -183,7 +221,8 @@ def main() -> None:
                                   ["uniform", "ties", *(n for n in result["gold_dev"]
                                                         if n.startswith(("probe: all", "probe: ties")))]])
     text = (f"# The merge landscape of a finished search ({cfg.name})\n\n"
-            f"{time.strftime('%Y-%m-%d')}, {machine()}, seed {cfg.seed}, bf16 model with the float32 LM head of every score, scoring batch {args.batch_size}; "
+            f"{time.strftime('%Y-%m-%d')}, {machine()}, seed {cfg.seed}, bf16 model with the float32 LM head of "
+            f"every score, scoring batch {args.batch_size}; "
             f"`{command}` ({time.time() - started:.0f} s, cached scores reused).\n\n"
             "## Gold dev mean (primary metric) over the search space\n\n" + markdown_table(spread) +
             f"\nBest logged candidate: {result['best_logged']} "
@@ -193,9 +232,11 @@ def main() -> None:
             + (f"## Scaling every expert together, and TIES's density\n\n{markdown_table(global_probes)}\n"
                if len(global_probes) > 2 else "") +
             "## Which labels rank candidates like gold dev? (Spearman over the logged candidates, per task)\n\n"
-            + markdown_table(pd.DataFrame(result["labeller_trust"])))
+            + markdown_table(pd.DataFrame(result["labeller_trust"]))
+            + "\n## Weak fitness against gold dev at each level (Spearman over the level's logged candidates)\n\n"
+            + markdown_table(pd.DataFrame(result["level_spearman"])))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"merge_landscape_{cfg.name}"
+    stem = RESULTS / f"merge_landscape_{args.name or cfg.name}"
     stem.with_suffix(".md").write_text(text, encoding="utf-8")
     stem.with_suffix(".json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n",
                                          encoding="utf-8")

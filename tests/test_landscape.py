@@ -92,3 +92,29 @@ def test_float32_scores_benchmark_reproduces_the_final_table_and_counts_what_the
         assert table.loc[model, "mean float32"] == pytest.approx(final.loc[model, "mean"], abs=1e-6)
     assert (table["float32 - bf16"] == table["mean float32"] - table["mean bf16"]).all()
     assert (table["changed"] >= 0).all() and (table["ties float32"] <= table["examples"]).all()
+
+
+def test_the_landscape_of_a_multistage_search_gives_each_level_its_weak_vs_gold_spearman(tmp_path, cache_dir):
+    """Issue 22: per level, the fitness the search saw against the gold dev mean over that level's tasks; level-1
+    candidates are scored as logged (full genomes, zero outside the group)."""
+    import numpy as np
+
+    from sentimerge.pipeline.core.metrics import spearman
+    from sentimerge.pipeline.core.rundir import read_jsonl
+    from tests.test_multistage import GROUPS
+
+    cfg = tiny_search(tmp_path, cache_dir, **GROUPS)
+    run = RunDir(cfg.resolved_run_dir)
+    search.main(cfg)
+    scored = merge_landscape.score_all(cfg, run, tmp_path / "landscape", cfg.search.batch_size, probes=False)
+    level = read_jsonl(run.search / "levels" / "sentiment.jsonl")
+    assert sum(name.startswith("level sentiment: ") for name in scored) == len(level) == 8
+    result = merge_landscape.analyse(cfg, run, scored)
+    rows = {row["level"]: row for row in result["level_spearman"]}
+    assert set(rows) == {"level 1: sentiment", "level 2"}
+    assert rows["level 1: sentiment"]["tasks"] == "polarity, intensity" and rows["level 2"]["candidates"] == 8
+    gold = result["gold_dev"]
+    expected = spearman([row["fitness"] for row in level],
+                        [np.mean([gold[f"level sentiment: gen {row['generation']} cand {row['index']}"][task]
+                                  for task in ("polarity", "intensity")]) for row in level])
+    assert np.isfinite(expected) and rows["level 1: sentiment"]["spearman"] == pytest.approx(expected)
