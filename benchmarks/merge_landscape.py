@@ -61,11 +61,9 @@ def candidates(run: RunDir, genome, density: float, *, every: int = 1,
     method = read_manifest(run.search)["method"]  # what the logged candidates were merged with
     found = [(name, b["method"], density, b["coefficients"]) for name, b in baselines.items()]
     logged = [row for row in read_jsonl(run.search_candidates) if row["status"] == "ok"]
-    found += [(f"gen {row['generation']} cand {row['index']}", method, density, row["coefficients"])
-              for row in logged[::every]]
+    found += [(logged_name(row), method, density, row["coefficients"]) for row in logged[::every]]
     for group, rows in level_logs(run).items():  # a multi-stage search's level-1 candidates (full genomes)
-        found += [(f"level {group}: gen {row['generation']} cand {row['index']}", method, density, row["coefficients"])
-                  for row in rows[::every]]
+        found += [(logged_name(row, f"level {group}: "), method, density, row["coefficients"]) for row in rows[::every]]
     if not probes:
         return found
     start = np.asarray(baselines["uniform"]["coefficients"], dtype=float).reshape(genome.size)
@@ -86,6 +84,11 @@ def candidates(run: RunDir, genome, density: float, *, every: int = 1,
     return found
 
 
+def logged_name(row: dict, prefix: str = "") -> str:
+    """A logged candidate's name in the landscape: `gen G cand I`, after `level <group>: ` for level 1."""
+    return f"{prefix}gen {row['generation']} cand {row['index']}"
+
+
 def level_logs(run: RunDir) -> dict[str, list[dict]]:
     """A multi-stage search's level-1 logs: group -> its scored candidates (status ok), in log order; {} for a flat
     search."""
@@ -104,13 +107,11 @@ def level_spearman(run: RunDir, gold: dict[str, dict[str, float]], every: int = 
     flat = [row for row in read_jsonl(run.search_candidates) if row["status"] == "ok"]
     logs["level 2" if logs else "flat"] = ("", flat)
     for level, (prefix, entries) in logs.items():
-        entries = [row for row in entries[::every]
-                   if f"{prefix}gen {row['generation']} cand {row['index']}" in gold]
+        entries = [row for row in entries[::every] if logged_name(row, prefix) in gold]
         if not entries:
             continue
         tasks = list(entries[0]["tasks"])  # the tasks this level's fitness was scored on
-        golds = [float(np.mean([gold[f"{prefix}gen {row['generation']} cand {row['index']}"][task]
-                                for task in tasks])) for row in entries]
+        golds = [float(np.mean([gold[logged_name(row, prefix)][task] for task in tasks])) for row in entries]
         rows.append({"level": level, "tasks": ", ".join(tasks), "candidates": len(entries),
                      "spearman": spearman([row["fitness"] for row in entries], golds)})
     return rows

@@ -30,7 +30,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -223,10 +222,8 @@ def write_results(name: str, command: str, table: pd.DataFrame, tasks: pd.DataFr
               "split on the same examples):\n\n" + markdown_table(by_model))
     (RESULTS / f"sharing_{name}.md").write_text(text, encoding="utf-8")
     (RESULTS / f"sharing_{name}.json").write_text(json.dumps(
-        {"command": command, "rows": table.replace({np.nan: None}).to_dict("records"),
-         "summary": summary.replace({np.nan: None}).to_dict("records"),
-         "tasks": by_task.replace({np.nan: None}).to_dict("records"),
-         "models": by_model.replace({np.nan: None}).to_dict("records")}, indent=2) + "\n", encoding="utf-8")
+        {"command": command, "rows": report.records(table), "summary": report.records(summary),
+         "tasks": report.records(by_task), "models": report.records(by_model)}, indent=2) + "\n", encoding="utf-8")
     print(text)
     return summary
 

@@ -163,8 +163,8 @@ def write_results(name: str, command: str, rows: pd.DataFrame) -> pd.DataFrame:
             + markdown_table(rows) + "\nOver the runs (seeds):\n\n" + markdown_table(summary))
     (RESULTS / f"stage3_ablation_{name}.md").write_text(text, encoding="utf-8")
     (RESULTS / f"stage3_ablation_{name}.json").write_text(json.dumps(
-        {"command": command, "rows": rows.replace({np.nan: None}).to_dict("records"),
-         "summary": summary.replace({np.nan: None}).to_dict("records")}, indent=2) + "\n", encoding="utf-8")
+        {"command": command, "rows": report.records(rows), "summary": report.records(summary)}, indent=2) + "\n",
+        encoding="utf-8")
     print(text)
     return summary
 

@@ -193,7 +193,8 @@ def write_results(name: str, command: str, cfg: RunConfig, tasks: list[TaskSpec]
     (RESULTS / f"weighting_grid_{name}.md").write_text(text, encoding="utf-8")
     (RESULTS / f"weighting_grid_{name}.json").write_text(json.dumps(
         {"command": command, "run_dir": str(cfg.resolved_run_dir), "cells": report.records(cells),
-         "means": report.records(means), "over_seeds": report.records(over_seeds), "pairs": report.records(pairs)}, indent=2) + "\n",
+         "means": report.records(means), "over_seeds": report.records(over_seeds), "pairs": report.records(pairs)},
+        indent=2) + "\n",
         encoding="utf-8")
 
 
