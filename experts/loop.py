@@ -58,12 +58,14 @@ class Loop:
     logs_to_truncate: list[Path] = field(default_factory=list)
     before_step: Callable[[int], None] = lambda step: None  # e.g. a test that kills the run at a given step
     max_skipped_in_a_row: int = 5
+    evaluate_start: bool = True  # False: no evaluation before the first step (`zero_shot` is None)
 
 
 def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.device) -> dict:
     """Train to `loop.total_steps`, resuming from the checkpoint if there is one; returns the final state.
 
-    The state holds `zero_shot` (metrics before training), `last` and `best` ({step, dev}), and seconds spent.
+    The state holds `zero_shot` (metrics before training; None with `loop.evaluate_start` off), `last` and `best`
+    ({step, dev}), and seconds spent.
     With `keep: best` the model ends with the best evaluated weights loaded.
     """
     trainable = [param for param in model.parameters() if param.requires_grad]
@@ -81,10 +83,11 @@ def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.
         for path in [loop.metrics_log, *loop.logs_to_truncate]:
             truncate_log(path, -1)
         started = time.time()
-        zero_shot = loop.evaluate()
+        zero_shot = loop.evaluate() if loop.evaluate_start else None
         state = {"step": 0, "fingerprint": loop.fingerprint, "zero_shot": zero_shot, "train_seconds": 0.0,
                  "eval_seconds": time.time() - started, "best": None, "last": None}
-        append_jsonl(loop.metrics_log, {"step": 0, "dev": zero_shot})
+        if zero_shot is not None:
+            append_jsonl(loop.metrics_log, {"step": 0, "dev": zero_shot})
 
     model.train()
     step = state["step"]

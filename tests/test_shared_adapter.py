@@ -40,7 +40,10 @@ def test_the_shared_adapter_trains_on_every_task_and_is_merged_into_the_base(sha
     run = RunDir(cfg.resolved_run_dir)
     manifest = read_manifest(run.shared)
     assert is_done(run.shared) and manifest["steps"] == 4 and manifest["examples"] == 24  # 4 steps x 2 x 3 tasks
-    drawn = [row for row in read_jsonl(run.shared_training / "metrics.jsonl") if "task_loss" in row]
+    metrics = read_jsonl(run.shared_training / "metrics.jsonl")
+    drawn = [row for row in metrics if "task_loss" in row]
+    assert manifest["zero_shot"] is None and all(row["step"] > 0 for row in metrics)  # the base: not evaluated here
+    assert manifest["dev"] == [row for row in metrics if "dev" in row][-1]["dev"]
     assert len(drawn) == 4 and all(set(row["task_loss"]) == {"polarity", "aspect3", "intensity"} for row in drawn)
     base, shared = _weights(Path(prepared_model_path(run))), _weights(run.shared_model)
     assert base.keys() == shared.keys()
