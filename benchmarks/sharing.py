@@ -62,7 +62,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
 
 def variant_config(cfg: RunConfig, overrides: dict[str, object], seed: int, run_dir: Path) -> RunConfig:
     """`cfg` with the dotted overrides, training seed `seed`, the data of `cfg.seed`, and its own run directory;
-    validated as a config file would be."""
+    validated as a config file would be. A relative `data_root` override is taken from the working directory, as
+    `--data-root` on the command line is (the run's config.yaml then holds the absolute path)."""
     raw = cfg.model_dump(mode="json", exclude_unset=True)  # as written: a default never conflicts with an override
     for key, value in overrides.items():
         node = raw
@@ -70,6 +71,8 @@ def variant_config(cfg: RunConfig, overrides: dict[str, object], seed: int, run_
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    if isinstance(overrides.get("data_root"), str):
+        raw["data_root"] = str(Path(overrides["data_root"]).absolute())
     raw.update(seed=seed, data_seed=cfg.resolved_data_seed, run_dir=str(run_dir))
     try:
         return RunConfig.model_validate(raw)

@@ -1,15 +1,12 @@
 """Training throughput of stage 1 (and the stage 3 per-example loss) against a plain peft loop, same data.
 
     python benchmarks/training_throughput.py configs/demo.yaml --run-dir RUN [--examples 64] [--batch-size 8]
-        [--per-task 2] [--only-stage3]
 
 sentimerge's loop: bf16 base weights and bf16 autocast (LoRA weights and optimizer in fp32), batches grouped by
 length, loss logits only at the answer positions, no LoRA dropout, the prompt prefix every example of a batch shares
 (system turn, instruction, answer list) computed once per batch, eager attention on CPU. Stage 1 rows train batches
-of one task (as the experts do), stage 3 rows batches that mix the tasks (sorted by length; then, as stage 3 and
-the shared adapter draw them, `--per-task` examples of every task per step, as one mixed batch or one batch per
-task with each task's prefix once); the rows without the shared prefix or with sdpa attention show what each of
-the two contributes. The plain loop: what a user writes from the peft
+of one task (as the experts do), stage 3 rows batches that mix the tasks; the rows without the shared prefix or
+with sdpa attention show what each of the two contributes. The plain loop: what a user writes from the peft
 docs: the model in fp32, every example padded to the longest one, full logits and the model's own loss, the same LoRA
 rank and targets (peft's usual dropout 0.05). Both train the same examples for the same number of steps, timed on
 a second pass (the first, untimed, builds each batch shape's kernels); tokens/s counts the real (non-pad) tokens.
@@ -31,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.summary import machine, record  # noqa: E402
 from sentimerge.experts.config import ExpertsConfig  # noqa: E402
-from sentimerge.experts.multitask import per_example_losses, task_grouped_losses  # noqa: E402
+from sentimerge.experts.multitask import per_example_losses  # noqa: E402
 from sentimerge.experts.train import answer_loss, collate, encode, load_lora_model  # noqa: E402
 from sentimerge.pipeline.core.config import load_config  # noqa: E402
 from sentimerge.pipeline.core.models import set_attention  # noqa: E402
@@ -63,18 +60,8 @@ def timed(steps, run_step) -> float:
     return time.perf_counter() - started
 
 
-def task_balanced(by_task: list[list], per_task: int):
-    """Stage 3's batches: `per_task` examples of every task per step, as (rows, task of each row)."""
-    steps = min(len(rows) for rows in by_task) // per_task
-    return [([pair for rows in by_task for pair in rows[s * per_task:(s + 1) * per_task]],
-             [t for t in range(len(by_task)) for _ in range(per_task)]) for s in range(steps)]
-
-
 def ours(base: str, batches, pad_id: int, lora, *, per_example: bool, share_prefix: bool = True,
-         attention: str = "auto", grouped: bool | None = None) -> float:
-    """Seconds for sentimerge's training step over `batches`; with `grouped` set, `batches` are `task_balanced`
-    steps, computed as one mixed batch (False) or one batch per task (True, `task_grouped_losses`, as stage 3 and the
-    shared adapter train)."""
+         attention: str = "auto") -> float:
     set_attention(attention)
     try:
         model, _ = load_lora_model(base, lora, dtype="bfloat16", device=torch.device("cpu"), seed=0)
@@ -84,18 +71,6 @@ def ours(base: str, batches, pad_id: int, lora, *, per_example: bool, share_pref
     model.train()
 
     def step(pairs):
-        if grouped is not None:
-            rows, task_of_row = pairs
-            if grouped:
-                loss = task_grouped_losses(model, rows, task_of_row, pad_id, torch.device("cpu"),
-                                           use_autocast=True).mean()
-            else:
-                loss = per_example_losses(model, collate(rows, pad_id, share_prefix=True), torch.device("cpu"),
-                                          use_autocast=True).mean()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return
         batch = collate(pairs, pad_id, share_prefix=share_prefix)
         if per_example:
             loss = per_example_losses(model, batch, torch.device("cpu"), use_autocast=True).mean()
@@ -141,9 +116,6 @@ def main() -> None:
     parser.add_argument("--run-dir")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--per-task", type=int, default=2, help="stage 3's examples of every task per step")
-    parser.add_argument("--only-stage3", action="store_true",
-                        help="only the stage 3 rows (mixed batch vs one batch per task); writes nothing")
     args = parser.parse_args()
     cfg = load_config(args.config, run_dir=args.run_dir)
     set_threads(cfg.threads)
@@ -159,7 +131,6 @@ def main() -> None:
     tokens = sum(len(ids) for ids, _ in encoded)
     lora = cfg.experts.lora if cfg.experts else ExpertsConfig().lora
     one_task, mixed = batches_by_task(by_task, args.batch_size), batches_by_length(encoded, args.batch_size)
-    balanced = task_balanced(by_task, args.per_task)
 
     rows = {}
     variants = [
@@ -172,22 +143,14 @@ def main() -> None:
                                                                     share_prefix=False, attention="sdpa")),
         ("sentimerge stage 3 (per-example losses, mixed tasks)", lambda: ours(base, mixed, pad_id, lora,
                                                                              per_example=True)),
-        (f"stage 3, {args.per_task} per task per step, one mixed batch (before)",
-         lambda: ours(base, balanced, pad_id, lora, per_example=True, grouped=False)),
-        (f"stage 3, {args.per_task} per task per step, each task's prefix once",
-         lambda: ours(base, balanced, pad_id, lora, per_example=True, grouped=True)),
         ("plain peft, fp32, padded to the longest", lambda: plain_peft(base, encoded, args.batch_size, pad_id, lora)),
     ]
-    if args.only_stage3:
-        variants = [variant for variant in variants if variant[0].startswith("stage 3,")]
     for name, measure in variants:
         seconds = measure()
         rows[name] = {"seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
                       "examples_per_s": round(len(encoded) / seconds, 2)}
         print(f"{name:52s} {seconds:7.1f} s  {tokens / seconds:8.1f} tokens/s  {len(encoded) / seconds:6.2f} ex/s",
               flush=True)
-    if args.only_stage3:
-        return
     plain = rows["plain peft, fp32, padded to the longest"]["tokens_per_s"]
     for row in rows.values():
         row["speedup"] = round(row["tokens_per_s"] / plain, 2)

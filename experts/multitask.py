@@ -150,49 +150,13 @@ def task_losses(example_losses: torch.Tensor, task_of_example: torch.Tensor, exa
     return weighted / totals.clamp(min=1e-8)
 
 
-def gradient_norms(losses: torch.Tensor, representation: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-    """||d L_k / d h|| for each task loss [k] at the shared representation h (the graph is kept for backward); h
-    may come in parts (one per forward of `task_grouped_losses`), and the norm is then taken over all of them."""
-    parts = list(representation) if isinstance(representation, (list, tuple)) else [representation]
+def gradient_norms(losses: torch.Tensor, representation: torch.Tensor) -> torch.Tensor:
+    """||d L_k / d h|| for each task loss at the shared representation h (the graph is kept for backward)."""
     norms = []
     for k in range(len(losses)):
-        gradients = torch.autograd.grad(losses[k], parts, retain_graph=True, allow_unused=True)
-        squares = [gradient.float().pow(2).sum() for gradient in gradients if gradient is not None]
-        norms.append(torch.stack(squares).sum().sqrt().detach().cpu() if squares else torch.zeros(()))
+        (gradient,) = torch.autograd.grad(losses[k], representation, retain_graph=True, allow_unused=True)
+        norms.append(torch.zeros(()) if gradient is None else gradient.float().norm().detach().cpu())
     return torch.stack(norms)
-
-
-def task_grouped_losses(model, encoded: list[tuple[list[int], list[int]]], task_of_row: list[int], pad_id: int,
-                        device: torch.device, *, use_autocast: bool, capture: list | None = None,
-                        regression: RegressionRows | None = None) -> torch.Tensor:
-    """`per_example_losses` of a multi-task batch, shape [batch] in the rows' order, computed one task at a time.
-
-    The rows of a task share their whole prompt prefix (system turn, the task's instruction and answer list), while
-    rows of different tasks share only the system turn; so each task's rows form a `collate` batch of their own
-    with `share_prefix`, and the task's prefix goes through the model once per step instead of once per row. The
-    same losses and gradients as one mixed batch, up to rounding (tests/test_experts.py), with fewer positions
-    through the model and each task's rows padded only to that task's longest. Tasks with one row in the batch go
-    into one mixed batch together (sharing the system turn). With `capture`, one head input per batch is appended (`gradient_norms` takes the list); `regression`'s rows are renumbered within each task's batch.
-    """
-    groups = [[row for row, t in enumerate(task_of_row) if t == task] for task in dict.fromkeys(task_of_row)]
-    singles = [group[0] for group in groups if len(group) == 1]  # one row has no prefix to share: these go together
-    groups = [group for group in groups if len(group) > 1] + ([singles] if singles else [])
-    parts, order = [], []
-    for rows in groups:
-        batch = collate([encoded[row] for row in rows], pad_id, share_prefix=True)
-        subset = None
-        if regression is not None:
-            within = [(rows.index(row), j) for j, row in enumerate(regression.rows) if row in rows]
-            subset = RegressionRows([i for i, _ in within], regression.gold[[j for _, j in within]],
-                                    [regression.levels[j] for _, j in within], regression.loss,
-                                    regression.mse_weight)
-        parts.append(per_example_losses(model, batch, device, use_autocast=use_autocast, capture=capture,
-                                        regression=subset))
-        order += rows
-    losses = torch.cat(parts)
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return losses[inverse.to(losses.device)]
 
 
 def pacing_schedule(settings: FinetuneConfig, order: list[str], names: list[str]) -> Callable[[int], list[int] | None]:
@@ -246,10 +210,8 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
     With `finetune.task_pacing` on, `task_order` (task names, easiest first) sets when each task enters the batches
     (`pacing_schedule`); a task left out of a step's batch keeps its last loss and gradient norm (`fill_absent`).
 
-    Each step's rows are computed one task at a time (`task_grouped_losses`: the task's prompt prefix once), except
-    for Hybrid LoRA, whose forward routes the whole batch. With `evaluate_start` off, nothing is evaluated before
-    the first step and the manifest's `zero_shot` is None (the shared adapter: its start is the base model, which
-    the report scores anyway)."""
+    With `evaluate_start` off, nothing is evaluated before the first step and the manifest's `zero_shot` is None
+    (the shared adapter: its start is the base model, which the report scores anyway)."""
     settings = cfg.finetune
     tasks = list(cfg.tasks)
     unlabelled = [task.name for task in tasks if task.source.unlabelled_train]
@@ -295,11 +257,10 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
         counts = counts_at(step_index)
         drawn = sampler.next_batch(counts)
         present = None if counts is None or min(counts) > 0 else torch.tensor([count > 0 for count in counts])
-        encoded_rows = [encode(t, i) for t, i in drawn]
-        task_of_row = [t for t, _ in drawn]
-        if set_task is not None:  # Hybrid LoRA routes every row by its own task: one batch, no shared prefix
-            batch = collate(encoded_rows, tokenizer.pad_token_id)
-            set_task(torch.tensor(task_of_row))
+        # the tasks' common prefix (system turn) once per batch; Hybrid LoRA routes every row by its own task
+        batch = collate([encode(t, i) for t, i in drawn], tokenizer.pad_token_id, share_prefix=set_task is None)
+        if set_task is not None:
+            set_task(torch.tensor([t for t, _ in drawn]))
         measure = weighting.needs_grad_norms and step_index % settings.weighting.grad_norm_every == 0
         capture = [] if measure else None
         regression = None
@@ -309,21 +270,16 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
                                                             for row in rows]),
                                         [levels[drawn[row][0]] for row in rows], settings.regression_loss,
                                         settings.mse_weight)
-        if set_task is None:
-            batch = {"encoded": encoded_rows, "task_of_row": task_of_row}
-            losses = task_grouped_losses(model, encoded_rows, task_of_row, tokenizer.pad_token_id, device,
-                                         use_autocast=settings.autocast, capture=capture, regression=regression)
-        else:
-            losses = per_example_losses(model, batch, device, use_autocast=settings.autocast, capture=capture,
-                                        regression=regression)
-        task_index = torch.tensor(task_of_row, device=losses.device)
+        losses = per_example_losses(model, batch, device, use_autocast=settings.autocast, capture=capture,
+                                    regression=regression)
+        task_index = torch.tensor([t for t, _ in drawn], device=losses.device)
         example_weights = torch.stack([balance[t][i] for t, i in drawn]).to(losses.device)
         per_task = task_losses(losses, task_index, example_weights, len(tasks))
         if present is not None:
             per_task = fill_absent(per_task, present.to(per_task.device), carried["loss"])
         weights = weighting.weights()
         total = weighting.combine(per_task)
-        pending["norms"] = gradient_norms(per_task, capture) if measure else None
+        pending["norms"] = gradient_norms(per_task, capture[0]) if measure else None
         if present is not None and pending["norms"] is not None:
             pending["norms"] = fill_absent(pending["norms"], present, carried["norm"])
         total.backward()
@@ -356,13 +312,8 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
         weighting.observe(pending["losses"], pending["norms"])
         if weighting.needs_losses_after_step:
             with torch.no_grad():
-                if set_task is None:
-                    losses = task_grouped_losses(model, pending["batch"]["encoded"], pending["batch"]["task_of_row"],
-                                                 tokenizer.pad_token_id, device, use_autocast=settings.autocast,
-                                                 regression=pending["regression"])
-                else:
-                    losses = per_example_losses(model, pending["batch"], device, use_autocast=settings.autocast,
-                                                regression=pending["regression"])
+                losses = per_example_losses(model, pending["batch"], device, use_autocast=settings.autocast,
+                                            regression=pending["regression"])
                 after = task_losses(losses, pending["task_index"], pending["example_weights"], len(tasks)).float().cpu()
             if pending["present"] is not None:  # a task not in the batch: no change
                 after = fill_absent(after, pending["present"], pending["losses"])

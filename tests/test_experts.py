@@ -255,57 +255,6 @@ def test_shared_prefix_batch_gives_the_same_loss_and_gradients(prepared_tiny, lo
             torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("counts", [(2, 2, 2), (1, 1, 3)], ids=["two-each", "singles"])
-def test_one_batch_per_task_gives_the_same_losses_gradients_and_norms(prepared_tiny, counts):
-    """Stage 3 and the shared adapter compute each task's rows as a batch of their own (the task's prefix once):
-    per-example losses in the rows' order, the LoRA gradients and the per-task gradient norms at the head input
-    equal the mixed batch's, with expected_mse rows renumbered right; tasks with one row share one batch."""
-    from sentimerge.experts.config import LoraSettings
-    from sentimerge.experts.multitask import (RegressionRows, gradient_norms, per_example_losses, regression_levels,
-                                              task_grouped_losses, task_losses)
-    from sentimerge.experts.train import load_lora_model
-
-    run = RunDir(prepared_tiny.resolved_run_dir)
-    model, tokenizer = load_lora_model(prepared_model_path(run), LoraSettings(r=4, alpha=8, dropout=0.0),
-                                       dtype="float32", device=torch.device("cpu"), seed=0)
-    for name in model.state_dict():
-        if "lora_B" in name:
-            model.get_parameter(name).data.normal_(0, 0.1)
-    names = ["polarity", "aspect3", "intensity"]
-    tasks = [prepared_tiny.task(name) for name in names]
-    train = [load_prepared(run, name, "train") for name in names]
-    drawn = [(t, i) for i in range(max(counts)) for t in (2, 0, 1) if i < counts[t]]  # interleaved, task 2 first
-    rows = [encode(tokenizer, tasks[t], [train[t][i]])[0] for t, i in drawn]
-    task_of_row = [t for t, _ in drawn]
-    regression_rows = [row for row, t in enumerate(task_of_row) if t == 2]
-    regression = RegressionRows(regression_rows, torch.tensor([float(train[2][drawn[r][1]]["label"])
-                                                               for r in regression_rows]),
-                                [regression_levels(tokenizer, tasks[2])] * len(regression_rows), "expected_mse", 1.0)
-    results = []
-    for grouped in (False, True):
-        model.zero_grad()
-        capture = []
-        if grouped:
-            losses = task_grouped_losses(model, rows, task_of_row, tokenizer.pad_token_id, torch.device("cpu"),
-                                         use_autocast=False, capture=capture, regression=regression)
-        else:
-            losses = per_example_losses(model, collate(rows, tokenizer.pad_token_id, share_prefix=True),
-                                        torch.device("cpu"), use_autocast=False, capture=capture,
-                                        regression=regression)
-        per_task = task_losses(losses, torch.tensor(task_of_row), torch.ones(len(rows)), len(names))
-        norms = gradient_norms(per_task, capture)
-        per_task.sum().backward()
-        results.append((losses.detach(), norms, {n: p.grad.clone() for n, p in model.named_parameters()
-                                                 if p.requires_grad}, len(capture)))
-    (mixed, mixed_norms, mixed_grads, one), (grouped, grouped_norms, grouped_grads, forwards) = results
-    assert one == 1 and forwards == sum(c > 1 for c in counts) + (1 if 1 in counts else 0)
-    assert torch.all(mixed_norms > 0)
-    torch.testing.assert_close(grouped, mixed, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grouped_norms, mixed_norms, rtol=1e-4, atol=1e-6)
-    for name, grad in mixed_grads.items():
-        torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
 def test_shared_prefix_stops_before_the_first_answer_token():
     rows = [([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [-100] * 10 + [11, 12, 13])] * 2
     from sentimerge.experts.train import shared_prefix_length

@@ -197,3 +197,17 @@ def test_a_stage3_variant_is_compared_with_the_run_and_with_the_multitask_lora_w
         variant["value"] - own["value"], abs=1e-6)
     trained_with = yaml.safe_load((run.report / "ablation-lr" / "config.yaml").read_text())
     assert trained_with["finetune"]["learning_rate"] == 1e-3
+
+
+def test_a_sharing_variants_relative_data_root_is_taken_from_the_working_directory(tmp_path, cache_dir,
+                                                                                  monkeypatch):
+    """benchmarks/sharing.py: `data_root=runs/x` means the folder under the directory the benchmark runs in, also
+    when the run's own config.yaml is read back from its run folder."""
+    from benchmarks.sharing import variant_config
+
+    cfg = load_config(write_tiny_config(tmp_path, cache_dir=cache_dir))
+    monkeypatch.chdir(tmp_path)
+    variant = variant_config(cfg, {"data_root": "halves/data", "finetune.steps": 3}, seed=2,
+                             run_dir=tmp_path / "runs" / "v" / "seed2")
+    assert variant.data_root == str(tmp_path / "halves" / "data")
+    assert variant.seed == 2 and variant.finetune.steps == 3 and variant.resolved_data_seed == cfg.resolved_data_seed
