@@ -92,9 +92,8 @@ def logged_name(row: dict, prefix: str = "") -> str:
 def level_logs(run: RunDir) -> dict[str, list[dict]]:
     """A multi-stage search's level-1 logs: group -> its scored candidates (status ok), in log order; {} for a flat
     search."""
-    folder = run.search / "levels"
-    return {path.stem: [row for row in read_jsonl(path) if row["status"] == "ok"]
-            for path in sorted(folder.glob("*.jsonl"))} if folder.is_dir() else {}
+    return {group: [row for row in read_jsonl(path) if row["status"] == "ok"]
+            for group, path in run.search_level_logs().items()}
 
 
 def level_spearman(run: RunDir, gold: dict[str, dict[str, float]], every: int = 1) -> list[dict]:

@@ -75,8 +75,8 @@ def multistage_run(cfg: RunConfig, flat: RunDir, root: Path, overrides: dict) ->
 
 def evaluations(run: RunDir) -> int:
     """Candidates the search scored: the flat log, plus every level-1 group log of a multi-stage search."""
-    levels = sorted((run.search / "levels").glob("*.jsonl")) if (run.search / "levels").is_dir() else []
-    return len(read_jsonl(run.search_candidates)) + sum(len(read_jsonl(path)) for path in levels)
+    return len(read_jsonl(run.search_candidates)) + sum(len(read_jsonl(path))
+                                                         for path in run.search_level_logs().values())
 
 
 def predictions(run: RunDir, split: str) -> dict[str, dict[str, list]]:

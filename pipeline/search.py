@@ -244,9 +244,9 @@ def _level_one(run: RunDir, cfg: RunConfig, plan: GroupPlan, genome: Genome, mer
     one after the other: a generation of `population` candidates already fills the actors). Returns ({group: its
     best candidate}, candidates scored now), or (None, scored) when `max_evaluations` stopped it."""
     settings, best, used = cfg.search, {}, 0
-    (run.search / "levels").mkdir(parents=True, exist_ok=True)
+    run.search_levels.mkdir(parents=True, exist_ok=True)
     for name, experts in plan.searched():
-        path = run.search / "levels" / f"{name}.jsonl"
+        path = run.search_level_log(name)
         _, decode = level_one(genome, experts)
         sets = [scored for scored in weak_sets if scored.task.name in experts]
         strategy = Strategy(restrict(genome, start, experts), settings.sigma0, settings.bounds, settings.population,

@@ -169,6 +169,20 @@ class RunDir:
     def search_weak(self, task: str) -> Path:
         return self.search / "weak" / f"{task}.jsonl"
 
+    @property
+    def search_levels(self) -> Path:
+        """A multi-stage search's level-1 logs, one per group."""
+        return self.search / "levels"
+
+    def search_level_log(self, group: str) -> Path:
+        """The level-1 log of `group`: one JSON line per scored candidate (like the flat log)."""
+        return self.search_levels / f"{group}.jsonl"
+
+    def search_level_logs(self) -> dict[str, Path]:
+        """group -> its level-1 log, of every group logged so far; {} for a flat search."""
+        folder = self.search_levels
+        return {path.stem: path for path in sorted(folder.glob("*.jsonl"))} if folder.is_dir() else {}
+
     def search_select_weak(self, task: str) -> Path:
         """The held-out weak set that picks the evolved merge among the best candidates."""
         return self.search / "weak-select" / f"{task}.jsonl"
