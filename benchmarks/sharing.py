@@ -10,9 +10,12 @@ A variant is a name and dotted overrides of the config (values are YAML). Each v
 (`<runs-root>/<variant>/seed<s>`, `seed` = s, `data_seed` = the config's seed, so every run is scored on the same
 dev and test examples) followed by `sentimerge report` with the run's weighting and the multi-task LoRA. The
 multi-task LoRA depends only on the seed and the total budget: a variant whose budget equals an earlier one's reuses
-its trained baseline and scores (copied, then checked by the report's own fingerprints).
+its trained baseline and scores (copied, then checked by the report's own fingerprints). Likewise a variant whose
+stage 0 and stage 1 settings equal an earlier one's (it changes only the search, stage 3 or the export) starts from
+that run's prepared data, shared adapter and experts (copied; the stages' fingerprints check them as on a resume).
 
-Writes benchmarks/results/sharing_<name>.{md,json}: per variant, seed and split the final model's mean primary
+Writes benchmarks/results/sharing_<name>.{md,json} (the variants of earlier invocations kept, a variant run again
+replaced): per variant, seed and split the final model's mean primary
 metric, the multi-task LoRA's, their difference with its paired bootstrap interval, the evolved merge's, the
 experts' share of the budget and the examples and optimizer steps; then per variant and split the mean and sd over
 the seeds and the seeds where the final model is ahead. With `--record VARIANT`, that variant's mean differences go
@@ -88,6 +91,29 @@ def reuse_multitask(run: RunDir, done: dict[tuple[int, int], RunDir], seed: int,
     shutil.copytree(earlier.report_multitask, run.report_multitask)
     for path in earlier.report.glob("eval-multitask-base*"):
         shutil.copy2(path, run.report / path.name)
+
+
+STAGE1_FOLDERS = ("prepare", "shared", "hybrid", "experts")
+LATER_SECTIONS = ("search", "finetune", "export", "run_dir")
+
+
+def stage1_key(cfg: RunConfig) -> str:
+    """Everything of `cfg` that stages 0 and 1 may read: two runs with the same key train the same experts. (It leaves
+    out only the later stages' sections, so it is stricter than the stages' own fingerprints, never looser.)"""
+    raw = {**cfg.model_dump(mode="json"), "data_seed": cfg.resolved_data_seed}
+    return json.dumps({key: value for key, value in raw.items() if key not in LATER_SECTIONS}, sort_keys=True)
+
+
+def reuse_stage1(run: RunDir, cfg: RunConfig, done: dict[str, RunDir]) -> None:
+    """Copy stages 0 and 1 of an earlier run with the same `stage1_key` (`done`: key -> run) into `run`, unless
+    `run` already has experts of its own. The pipeline then finds them finished and checks their fingerprints."""
+    earlier = done.get(stage1_key(cfg))
+    if earlier is None or earlier.root == run.root or run.experts.exists() or not is_done(earlier.prepare):
+        return
+    for folder in STAGE1_FOLDERS:
+        source = earlier.root / folder
+        if source.is_dir():
+            shutil.copytree(source, run.root / folder)
 
 
 def task_rows_of(name: str, seed: int, result: dict) -> list[dict]:
@@ -176,7 +202,7 @@ def main() -> None:
     configs = {(name, seed): variant_config(base, overrides, seed, Path(args.runs_root) / name / f"seed{seed}")
                for seed in seeds for name, overrides in variants}
     command = "python " + shlex.join(["benchmarks/sharing.py", *sys.argv[1:]])
-    rows, task_rows, model_rows, done = [], [], [], {}
+    rows, task_rows, model_rows, done, trained = [], [], [], {}, {}
     for (name, seed), cfg in configs.items():
         run = RunDir(cfg.resolved_run_dir)
         if args.finished_only and not (run.report / "report.json").is_file():
@@ -186,9 +212,11 @@ def main() -> None:
         if not args.finished_only:
             run.report.mkdir(parents=True, exist_ok=True)
             reuse_multitask(run, done, seed, examples)
+            reuse_stage1(run, cfg, trained)
             with session(cfg):
                 report.main(cfg, weightings=(cfg.finetune.weighting.name,), multitask=True, command=command)
         done.setdefault((seed, examples), run)
+        trained.setdefault(stage1_key(cfg), run)
         result = json.loads((run.report / "report.json").read_text(encoding="utf-8"))
         rows += rows_of(name, seed, result)
         task_rows += task_rows_of(name, seed, result)
@@ -214,18 +242,34 @@ def main() -> None:
 
 def write_results(name: str, command: str, table: pd.DataFrame, tasks: pd.DataFrame,
                   models: pd.DataFrame) -> pd.DataFrame:
-    """Write sharing_<name>.{md,json} from the rows so far; return the summary over seeds."""
-    summary, by_task, by_model = summary_table(table), task_summary(tasks), model_summary(models)
-    text = (f"# Sharing and budget split: {name}\n\n`{command}`\n\nPer seed (primary metric, mean over tasks; "
-            "difference: final - multi-task LoRA, paired bootstrap 95% interval):\n\n" + markdown_table(table)
+    """Write sharing_<name>.{md,json} from the rows so far, keeping the rows of the variants this invocation does
+    not run from the file already there (earlier benchmarks; a variant run again replaces its rows); return the
+    summary over seeds."""
+    path = RESULTS / f"sharing_{name}.json"
+    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    ran = set(table["variant"])
+
+    def kept(key: str, new: pd.DataFrame) -> pd.DataFrame:
+        old = pd.DataFrame(earlier.get(key, []))
+        old = old[~old["variant"].isin(ran)] if len(old) else old
+        return pd.concat([old, new], ignore_index=True) if len(old) else new
+
+    table = kept("rows", table)
+    summary, by_task, by_model = summary_table(table), kept("tasks", task_summary(tasks)), \
+        kept("models", model_summary(models))
+    commands = [*(entry for entry in earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
+                  if entry != command), command]
+    text = (f"# Sharing and budget split: {name}\n\n" + "".join(f"`{entry}`\n\n" for entry in commands)
+            + "Per seed (primary metric, mean over tasks; difference: final - multi-task LoRA, paired bootstrap 95% "
+              "interval):\n\n" + markdown_table(table)
             + "\nOver the seeds:\n\n" + markdown_table(summary)
             + "\nPer task, over the seeds (primary metric; final - multi-task: mean and sd of the seed-by-seed "
               "differences):\n\n" + markdown_table(by_task)
             + "\nEvery model of the final tables, over the seeds (mean primary metric over tasks, each row of a "
               "split on the same examples):\n\n" + markdown_table(by_model))
     (RESULTS / f"sharing_{name}.md").write_text(text, encoding="utf-8")
-    (RESULTS / f"sharing_{name}.json").write_text(json.dumps(
-        {"command": command, "rows": report.records(table), "summary": report.records(summary),
+    path.write_text(json.dumps(
+        {"commands": commands, "rows": report.records(table), "summary": report.records(summary),
          "tasks": report.records(by_task), "models": report.records(by_model)}, indent=2) + "\n", encoding="utf-8")
     print(text)
     return summary

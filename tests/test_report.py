@@ -211,3 +211,60 @@ def test_a_sharing_variants_relative_data_root_is_taken_from_the_working_directo
                              run_dir=tmp_path / "runs" / "v" / "seed2")
     assert variant.data_root == str(tmp_path / "halves" / "data")
     assert variant.seed == 2 and variant.finetune.steps == 3 and variant.resolved_data_seed == cfg.resolved_data_seed
+
+
+def test_a_sharing_variant_that_changes_only_later_stages_starts_from_the_earlier_variants_experts(tmp_path,
+                                                                                                  cache_dir):
+    """benchmarks/sharing.py: a variant changing only stage 2 or 3 gets the earlier run's prepared data and experts,
+    which the experts stage then finds finished (nothing trains again); a variant changing stage 1 gets nothing."""
+    from benchmarks.sharing import reuse_stage1, stage1_key, variant_config
+    from sentimerge.pipeline import experts, prepare
+
+    cfg = load_config(write_tiny_config(tmp_path, cache_dir=cache_dir, experts=SECTIONS["experts"]))
+    prepare.main(cfg)
+    trained = experts.main(cfg)
+    earlier = RunDir(cfg.resolved_run_dir)
+    done = {stage1_key(cfg): earlier}
+    search_only = variant_config(cfg, {"search.init": 0.5, "finetune.steps": 1}, seed=cfg.seed,
+                                 run_dir=tmp_path / "search_only")
+    other_experts = variant_config(cfg, {"experts.learning_rate": 5e-3}, seed=cfg.seed,
+                                   run_dir=tmp_path / "other_experts")
+    assert stage1_key(search_only) == stage1_key(cfg) != stage1_key(other_experts)
+    for variant in (search_only, other_experts):
+        reuse_stage1(RunDir(variant.resolved_run_dir), variant, done)
+    assert not (tmp_path / "other_experts").exists()
+    before = {task: read_manifest(folder) for task, folder in trained.items()}
+    folders = experts.main(search_only)  # finished and fingerprint-checked: returned as they are, nothing retrained
+    assert {task: read_manifest(folder) for task, folder in folders.items()} == before
+    assert all(folder.is_relative_to(tmp_path / "search_only") for folder in folders.values())
+
+
+def test_sharing_results_keep_the_variants_of_earlier_invocations_and_replace_a_variant_run_again(tmp_path,
+                                                                                                   monkeypatch):
+    """benchmarks/sharing.py: a second invocation adds its variants to sharing_<name>.json; one it runs again
+    replaces that variant's rows (per seed, per task, per model), the others stay as they were."""
+    from benchmarks import sharing
+
+    monkeypatch.setattr(sharing, "RESULTS", tmp_path)
+
+    def tables(variants: dict[str, float]):
+        rows = pd.DataFrame([{"variant": name, "seed": seed, "split": "dev", "final": value + seed / 100,
+                              "multitask": 0.8, "difference": value + seed / 100 - 0.8, "low": None, "high": None,
+                              "evolved": 0.7, "experts": 0.7, "expert_share": 0.6, "examples": 96,
+                              "multitask_steps": 16} for name, value in variants.items() for seed in (0, 1)])
+        tasks = pd.DataFrame([{"variant": row["variant"], "seed": row["seed"], "split": "dev", "task": "t",
+                               "final": row["final"], "multitask": 0.8, "evolved": 0.7} for _, row in rows.iterrows()])
+        models = pd.DataFrame([{"variant": row["variant"], "seed": row["seed"], "split": "dev", "model": "final (dao)",
+                                "mean": row["final"]} for _, row in rows.iterrows()])
+        return rows, tasks, models
+
+    sharing.write_results("x", "first", *tables({"a": 0.70, "b": 0.75}))
+    summary = sharing.write_results("x", "second", *tables({"b": 0.90, "c": 0.85}))
+    written = json.loads((tmp_path / "sharing_x.json").read_text())
+    assert written["commands"] == ["first", "second"]
+    finals = summary.set_index("variant")["final"]
+    assert finals.to_dict() == pytest.approx({"a": 0.705, "b": 0.905, "c": 0.855})
+    for key in ("rows", "tasks", "models"):
+        by_variant = pd.DataFrame(written[key]).groupby("variant")["final" if key != "models" else "mean"].mean()
+        assert by_variant.to_dict() == pytest.approx({"a": 0.705, "b": 0.905, "c": 0.855}), key
+    assert "`first`" in (tmp_path / "sharing_x.md").read_text()
