@@ -19,10 +19,23 @@ KEYS = ("candidate_speedup_vs_mergekit", "merge_share_of_candidate_time", "scori
         "retention_final", "weak_gold_spearman")
 
 
+def cpu_model() -> str:
+    """The CPU's model name, its clock and whether it has AMX (bf16 tiles), from /proc/cpuinfo (Linux; '' elsewhere):
+    the same seed trains to other numbers on other CPUs (bf16 kernels round differently), so results say which."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    fields = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    amx = ", AMX" if "amx_bf16" in fields.get("flags", "").split() else ""
+    return f"{fields.get('model name', '?')} {float(fields.get('cpu MHz', 0)):.0f} MHz{amx}, "
+
+
 def machine() -> str:
     import torch
 
-    return (f"{platform.machine()} {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), "
+    return (f"{platform.machine()} {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), {cpu_model()}"
             f"{platform.system()} {platform.release()}, torch {torch.__version__}"
             + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"))
 
