@@ -68,12 +68,16 @@ def test_the_test_split_benchmark_scores_every_test_example_and_its_leads_add_up
     assert all(count > 0 for count in result["examples"].values())
     scores = result["scores"]
     assert list(scores) == ["uniform", "ties", "evolved"]
+    # scores and differences keep 6 decimals: a difference of two rounded scores is within 2e-6 of the rounded
+    # difference (as in test_search; CI once saw -0.2641 against -0.264099)
+    rounding = 2e-6
     for name in ("uniform", "ties"):
         lead = result["evolved_minus"][name]
         for task in tasks:
             assert lead["tasks"][task]["difference"] == pytest.approx(scores["evolved"][task] - scores[name][task],
-                                                                      abs=1e-6)
-        assert lead["mean"]["difference"] == pytest.approx(scores["evolved"]["mean"] - scores[name]["mean"], abs=1e-6)
+                                                                      abs=rounding)
+        assert lead["mean"]["difference"] == pytest.approx(scores["evolved"]["mean"] - scores[name]["mean"],
+                                                           abs=rounding)
     # each merge starts from the restored base: scoring again, in the same order, gives the same numbers
     assert test_split.score_test(cfg, run, cfg.search.batch_size)["scores"] == scores
 
