@@ -136,3 +136,21 @@ def test_the_cli_caps_the_kernel_cache_unless_the_user_set_it(monkeypatch):
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
     assert main(["inspect", "/nonexistent-run"]) == 2
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
+
+
+def test_logging_follows_stderr_after_the_stream_it_started_with_is_closed(monkeypatch):
+    """A run started under one stderr (a test's capture, a notebook's redirect) that is then closed and replaced logs
+    to the new one; before, every later record printed "--- Logging error --- ... I/O operation on closed file"."""
+    import io
+    import logging
+
+    from sentimerge.pipeline.core.runtime import setup_logging
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging()
+    logging.getLogger("sentimerge").info("into the first")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("sentimerge").info("into the second")
+    assert second.getvalue() == "[sentimerge] into the second\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -12,9 +13,30 @@ import torch
 log = logging.getLogger("sentimerge")
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """A stream handler that writes to `sys.stderr` as it is when a record is emitted, not as it was at set-up.
+
+    A handler bound once (`logging.basicConfig`'s) keeps writing to a stream that may since have been replaced and
+    closed (a test's captured stderr, a notebook's redirected one), and every later record then prints a "--- Logging
+    error ---" traceback (`ValueError: I/O operation on closed file`) instead of the message.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # read by logging.StreamHandler.emit and flush
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ and setStream assign it: sys.stderr wins
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
+    """Log sentimerge's messages as `[sentimerge] message` to the current stderr; quiet the libraries' own logs."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="[sentimerge] %(message)s",
-                        force=True)
+                        handlers=[CurrentStderrHandler()], force=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
     import transformers
