@@ -1,10 +1,11 @@
 """Where a pipeline run spends its time and memory: per stage, per kind of work, by sampling the running stack.
 
-    python benchmarks/demo_profile.py configs/demo.yaml --run-dir RUN --label after [--interval 0.05]
+    python benchmarks/demo_profile.py configs/demo.yaml --run-dir RUN --label after [--interval 0.05] [--in-process]
 
-Runs `sentimerge run CONFIG` in this process from an empty run directory (refused otherwise: a skipped stage would
-measure nothing) while a thread samples, every `--interval` seconds, the main thread's Python stack and the process's
-resident memory (`/proc/self/statm`). Each sample is charged to the stage that is running and to one kind of work,
+Runs `sentimerge run CONFIG` from an empty run directory (refused otherwise: a skipped stage would measure nothing)
+while a thread in the process that runs each stage (the stage's forked child, `core.isolation`, or this process with
+`SENTIMERGE_ISOLATE=0`) samples, every `--interval` seconds, that process's main-thread Python stack and resident
+memory (`/proc/self/statm`). Each sample is charged to the stage that is running and to one kind of work,
 the first of these found anywhere on the stack:
 
     scoring       pipeline/core/scoring.py (every evaluation, weak label, candidate fitness, base-model loss)
@@ -67,12 +68,33 @@ def kind_of(frame) -> str:
     return "other"
 
 
+def where(frame, depth: int = 3) -> list[str]:
+    """The innermost frame on the stack, then the innermost `depth` frames of this project (the package, not the
+    venv or the benchmark), as `path:line function`."""
+    found: list[str] = []
+    innermost = frame
+    while frame is not None and len(found) < depth:
+        name = frame.f_code.co_filename.replace(os.sep, "/")
+        if name.startswith(str(ROOT)) and "/site-packages/" not in name and "/benchmarks/" not in name:
+            found.append(f"{name.removeprefix(str(ROOT) + '/')}:{frame.f_lineno} {frame.f_code.co_name}")
+        frame = frame.f_back
+    if innermost is not None:
+        name = innermost.f_code.co_filename.replace(os.sep, "/").split("/site-packages/")[-1]
+        top = f"{name.removeprefix(str(ROOT) + '/')}:{innermost.f_lineno} {innermost.f_code.co_name}"
+        if not found or found[0] != top:
+            found.insert(0, top)
+    return found
+
+
 class Sampler(threading.Thread):
-    def __init__(self, interval: float):
+    """Samples this process's main thread and resident memory, charging each sample to `stage` and a kind."""
+
+    def __init__(self, interval: float, stage: str = "start"):
         super().__init__(daemon=True)
-        self.interval, self.stage, self.stop = interval, "start", threading.Event()
+        self.interval, self.stage, self.stop = interval, stage, threading.Event()
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)
         self.peak: dict[tuple[str, str], float] = defaultdict(float)
+        self.peak_where: dict[str, tuple[float, list[str]]] = {}  # stage -> (MB, the stack at the stage's peak)
         self.main = threading.main_thread().ident
 
     def run(self) -> None:
@@ -82,50 +104,86 @@ class Sampler(threading.Thread):
             frame = sys._current_frames().get(self.main)
             key = (self.stage, kind_of(frame) if frame is not None else "other")
             self.seconds[key] += now - last
-            self.peak[key] = max(self.peak[key], rss_mb())
+            resident = rss_mb()
+            self.peak[key] = max(self.peak[key], resident)
+            if resident > self.peak_where.get(self.stage, (0.0, []))[0]:
+                self.peak_where[self.stage] = (resident, where(frame))
             last = now
+
+    def finish(self) -> dict:
+        self.stop.set()
+        self.join()
+        return {"seconds": [[stage, kind, value] for (stage, kind), value in self.seconds.items()],
+                "peak": [[stage, kind, value] for (stage, kind), value in self.peak.items()],
+                "peak_where": {stage: frames for stage, (_, frames) in self.peak_where.items()}}
+
+
+WAITING = "(waiting for a stage's child process)"
 
 
 def profile(config: str, run_dir: str, interval: float) -> dict:
+    """Profile `sentimerge run CONFIG` as it runs: each stage in the process that runs it (the forked child of
+    `core.isolation`, or this one where isolation is off), with a sampler of its own started there."""
+    import tempfile
+
     from sentimerge.pipeline import cli, run
+    from sentimerge.pipeline.core.isolation import isolation_available
 
     if Path(run_dir).exists() and any(Path(run_dir).iterdir()):
         raise SystemExit(f"{run_dir}: not empty; the profile needs a run from nothing (every stage runs)")
+    parts = Path(tempfile.mkdtemp(prefix="demo-profile-"))
+    names = {stage: name for name, stage in run.stages()}
     sampler = Sampler(interval)
-    original = run.stages
+    original = run.run_isolated
 
-    def staged():
-        def wrap(name, stage):
-            def call(cfg):
-                sampler.stage = name
-                try:
-                    return stage(cfg)
-                finally:
-                    sampler.stage = "results"
-            return call
-        return [(name, wrap(name, stage)) for name, stage in original()]
+    def in_stage_process(stage, cfg):
+        name = names[stage]
+        inner = Sampler(interval, stage=name)
+        inner.start()
+        try:
+            return stage(cfg)
+        finally:
+            (parts / f"{name}.json").write_text(json.dumps(inner.finish()))
 
-    run.stages = staged
+    def isolated(stage, cfg):
+        sampler.stage = WAITING
+        try:
+            return original(in_stage_process, stage, cfg)
+        finally:
+            sampler.stage = "results"
+
+    run.run_isolated = isolated
     sampler.start()
     started = time.perf_counter()
     try:
         code = cli.main(["run", config, "--run-dir", run_dir])
     finally:
-        sampler.stop.set()
-        sampler.join()
-        run.stages = original
+        own = sampler.finish()
+        run.run_isolated = original
     if code:
         raise SystemExit(f"sentimerge run exited with {code}")
     wall = time.perf_counter() - started
-    stages = list(dict.fromkeys(stage for stage, _ in sampler.seconds))
+    seconds: dict[tuple[str, str], float] = defaultdict(float)
+    peak: dict[tuple[str, str], float] = defaultdict(float)
+    peak_where: dict[str, list[str]] = {}
+    for data in [own, *(json.loads(path.read_text()) for path in sorted(parts.glob("*.json")))]:
+        for stage, kind, value in data["seconds"]:
+            seconds[stage, kind] += value
+        for stage, kind, value in data["peak"]:
+            peak[stage, kind] = max(peak[stage, kind], value)
+        peak_where.update(data["peak_where"])
+    order = ["start", *names.values(), "results"]
+    stages = [stage for stage in order if any(key[0] == stage for key in seconds)]
     info = json.loads((Path(run_dir) / "run.json").read_text())
     return {
         "config": config, "wall_seconds": round(wall, 1), "peak_rss_mb": info["peak_rss_mb"],
         "interval": interval, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-        "seconds": {stage: {kind: round(sampler.seconds[stage, kind], 1) for kind in ORDER
-                            if (stage, kind) in sampler.seconds} for stage in stages},
-        "peak_mb": {stage: {kind: round(sampler.peak[stage, kind]) for kind in ORDER
-                            if (stage, kind) in sampler.peak} for stage in stages},
+        "isolated_stages": isolation_available(),
+        "seconds": {stage: {kind: round(seconds[stage, kind], 1) for kind in ORDER
+                            if (stage, kind) in seconds} for stage in stages},
+        "peak_mb": {stage: {kind: round(peak[stage, kind]) for kind in ORDER
+                            if (stage, kind) in peak} for stage in stages},
+        "peak_where": {stage: peak_where[stage] for stage in stages if stage in peak_where},
     }
 
 
@@ -156,6 +214,11 @@ def side_by_side(profiles: dict[str, dict]) -> str:
     for stage in stages:
         values = [max(data["peak_mb"].get(stage, {}).values(), default=None) for data in profiles.values()]
         lines.append(f"| {stage} | " + " | ".join("-" if v is None else f"{v:.0f}" for v in values) + " |")
+    lines += ["", "Where each stage's peak was reached (the innermost frame, then this project's innermost frames, innermost first):",
+              "", "| label | stage | where |", "|---|---|---|"]
+    for label, data in profiles.items():
+        for stage, frames in data.get("peak_where", {}).items():
+            lines.append(f"| {label} | {stage} | {' < '.join(f'`{f}`' for f in frames) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -165,9 +228,15 @@ def main() -> None:
     parser.add_argument("--run-dir", required=True, help="an empty or missing directory")
     parser.add_argument("--label", required=True, help="the column's name, e.g. before or after")
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between samples")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every stage in this process (as before 2026-12-02), not in a child per stage")
     args = parser.parse_args()
     if args.interval <= 0:
         parser.error("--interval must be positive")
+    if not args.in_process:  # this process has run no model math: it may fork a child per stage, as the CLI does
+        from sentimerge.pipeline.core.isolation import allow_fork
+
+        allow_fork()
     data = profile(args.config, args.run_dir, args.interval)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"demo_profile_{args.label}.json").write_text(json.dumps(data, indent=2) + "\n")

@@ -1,5 +1,5 @@
 import sys
 
-from sentimerge.pipeline.cli import main
+from sentimerge.pipeline.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -72,6 +72,15 @@ def _module(name: str):
     return importlib.import_module(f"sentimerge.pipeline.{MODULES.get(name, name)}")
 
 
+def entry() -> int:
+    """The command line's entry point (`sentimerge`, `python -m sentimerge`): `main` in a process that may fork a
+    child per stage (`core.isolation`), since it has run no model math yet."""
+    from sentimerge.pipeline.core.isolation import allow_fork
+
+    allow_fork()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from sentimerge.pipeline.core.runtime import limit_kernel_cache, setup_logging

@@ -206,6 +206,7 @@ def train_shared_adapter(cfg: RunConfig, run: RunDir, *, force: bool = False) ->
                                    seed=cfg.seed, manifest={"stage": "shared adapter"}, evaluate_start=False)
         release_memory()  # the training's model, optimizer and activations, before the merge and the experts
     merge_adapter_into(run.shared_training / "adapter", run.shared_model, dtype=cfg.base_model.dtype)
+    release_memory()  # the merge's two model copies: the experts then start from an idle process's memory
     write_manifest(run.shared, stage="shared adapter", fingerprint=key, base_model=base, steps=training["steps"],
                    examples=training["examples"], dev=training["dev"], zero_shot=training["zero_shot"])
     log.info("shared adapter: mean dev primary %.3f -> %s", training["dev"]["primary"], run.shared_model)

@@ -1,6 +1,7 @@
 """`sentimerge inspect RUN`: print the story of a run's search and write its plots.
 
-Prints the per-generation table, the best coefficients (layer groups by experts), the baselines, the gold dev table
+Prints the tree of searches of a multi-stage search (level 2 and each group's level-1 search), the per-generation
+table, the best coefficients (layer groups by experts), the baselines, the gold dev table
 with the weak-vs-gold rank correlation, and where the time went. Writes `<run>/search/plots/fitness.png` (fitness over
 evaluations, baselines as lines) and `coefficients.png` (a heatmap of the best coefficients).
 """
@@ -23,10 +24,11 @@ from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl, save_fi
 
 def main(run_dir: str | Path) -> dict[str, Path]:
     run = RunDir(run_dir)
-    if not run.search_candidates.is_file() or not (run.search / "genome.json").is_file():
+    started = run.search_candidates.is_file() or run.search_level_plan.is_file()  # flat, or a multi-stage level 1
+    if not started or not (run.search / "genome.json").is_file():
         raise SentimergeError(f"{run.search}: no search to inspect; run `sentimerge search` first")
     genome = json.loads((run.search / "genome.json").read_text(encoding="utf-8"))
-    candidates = read_jsonl(run.search_candidates)
+    candidates = read_jsonl(run.search_candidates) if run.search_candidates.is_file() else []
     baselines = _read_json(run.search_baselines) or {}
     best = _read_json(run.search_best)
     selected = _read_json(run.search_selected)  # the evolved merge, once the search has chosen it
@@ -34,6 +36,9 @@ def main(run_dir: str | Path) -> dict[str, Path]:
     print(f"search in {run.search}: {status}; {len(candidates)} candidates, "
           f"{sum(row['status'] != 'ok' for row in candidates)} failed\n")
 
+    tree = search_tree(run, candidates)
+    if tree:
+        print(tree)
     if run.search_generations.is_file():
         print("generations:\n")
         print(markdown_table(pd.read_csv(run.search_generations), digits=4))
@@ -74,6 +79,45 @@ def main(run_dir: str | Path) -> dict[str, Path]:
         plots["coefficients"] = plot_coefficients(run, genome, shown["coefficients"])
     print("plots: " + ", ".join(str(path) for path in plots.values() if path))
     return plots
+
+
+def search_tree(run: RunDir, candidates: list[dict]) -> str | None:
+    """The tree of a multi-stage search (`search.stages: groups`), None for a flat one: level 2 at the root, one
+    branch per task group in the order the groups enter, each with its level-1 search's progress, its baselines on
+    the group's weak sets and the group model it chose (a group of one expert enters as that expert)."""
+    plan = _read_json(run.search_level_plan)
+    if plan is None:
+        return None
+    report = _read_json(run.search_level_models) or {}
+    ok = [row for row in candidates if row["status"] == "ok"]
+    root = (f"level 2: one CMA-ES over the {len(plan['groups'])} group models' deltas, "
+            + (f"{len(candidates)} candidates, best weak fitness {max(r['fitness'] for r in ok):.4f}" if ok
+               else "not started"))
+    lines = [f"search tree (multi-stage; groups enter by {plan['order']}):", "", root]
+    for position, group in enumerate(plan["groups"]):
+        name, experts = group["name"], group["experts"]
+        branch = "└─" if position == len(plan["groups"]) - 1 else "├─"
+        stem = "  " if branch == "└─" else "│ "
+        if len(experts) == 1:
+            lines.append(f"{branch} {name}: {experts[0]} (one expert: enters level 2 as it is)")
+            continue
+        rows = read_jsonl(run.search_level_log(name)) if run.search_level_log(name).is_file() else []
+        scored = [row for row in rows if row["status"] == "ok"]
+        progress = (f"{len(rows)} candidates, best weak fitness {max(r['fitness'] for r in scored):.4f}" if scored
+                    else "not started")
+        lines.append(f"{branch} {name}: level-1 CMA-ES over {', '.join(experts)}; {progress}")
+        baselines = _read_json(run.search_level_baselines(name)) or {}
+        if baselines:
+            lines.append(f"{stem}   baselines on the group's weak sets: "
+                         + ", ".join(f"{key} {value['fitness']:.4f}" for key, value in baselines.items()))
+        chosen = report.get(name)
+        if chosen is not None:
+            which = "the start" if chosen["generation"] is None else \
+                f"gen {chosen['generation']} cand {chosen['index']}"
+            held = "" if chosen.get("select_fitness") is None else f", held-out {chosen['select_fitness']:.4f}"
+            lines.append(f"{stem}   group model: {which} (by {chosen.get('selected_by', 'weak fitness')}; "
+                         f"weak {chosen['fitness']:.4f}{held})")
+    return "\n".join(lines) + "\n"
 
 
 def _read_json(path: Path) -> dict | None:

@@ -171,8 +171,8 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
         if settings.stages == "groups":
             plan = group_plan_of(cfg, run, genome)
             with timer.phase("search_level_one"):
-                levels, used = _level_one(run, cfg, plan, genome, merger, model, tokenizer, weak_sets, start, seed,
-                                          max_evaluations, pool)
+                levels, used = _level_one(run, cfg, plan, genome, merger, model, tokenizer, weak_sets, select_sets,
+                                          start, seed, max_evaluations, pool)
             write_json_atomic(run.search / "timing.json", {"seconds": timer.seconds})
             if levels is None:
                 log.info("search: stopped after %d new candidates; run the same command again to continue", used)
@@ -236,50 +236,107 @@ def group_plan_of(cfg: RunConfig, run: RunDir, genome: Genome) -> GroupPlan:
 
 
 def _level_one(run: RunDir, cfg: RunConfig, plan: GroupPlan, genome: Genome, merger: InMemoryMerge, model, tokenizer,
-               weak_sets: list[ScoredSet], start: np.ndarray, seed: int,
+               weak_sets: list[ScoredSet], select_sets: list[ScoredSet], start: np.ndarray, seed: int,
                max_evaluations: int | None, pool=None) -> tuple[dict[str, dict] | None, int]:
     """Level 1 of a multi-stage search: one CMA-ES per group of two experts or more, from the start point's
     coefficients of its experts, scored on the group's weak sets, logged in `search/levels/<group>.jsonl` (resumed
-    like the flat log). With a `RayScorerPool`, each generation's candidates are scored on its actors (the groups
-    one after the other: a generation of `population` candidates already fills the actors). Returns ({group: its
-    best candidate}, candidates scored now), or (None, scored) when `max_evaluations` stopped it."""
-    settings, best, used = cfg.search, {}, 0
-    run.search_levels.mkdir(parents=True, exist_ok=True)
-    for name, experts in plan.searched():
-        path = run.search_level_log(name)
-        _, decode = level_one(genome, experts)
-        sets = [scored for scored in weak_sets if scored.task.name in experts]
-        strategy = Strategy(restrict(genome, start, experts), settings.sigma0, settings.bounds, settings.population,
-                            seed)
+    like the flat log). Each group keeps what the flat search keeps: its baselines (the start point and each of its
+    experts alone, on the group's weak sets, `levels/baselines/<group>.json`) and a held-out choice of its group
+    model (the best of the top candidates and the start on the group's held-out weak sets,
+    `levels/selection/<group>.jsonl`; the best weak fitness when selection is off). The plan (groups in the order
+    they enter) is written to `levels/plan.json` first.
 
-        def logged(row: dict, name=name) -> dict:
+    The group searches are independent: with a `RayScorerPool` they run at once, one driver thread each, their
+    candidates sharing the actors (the local path, and a run capped by `max_evaluations`, searches the groups one
+    after the other). Baselines and selection are scored on the driver, before and after the searches. Returns
+    ({group: its chosen candidate}, candidates scored now), or (None, scored) when `max_evaluations` stopped it."""
+    settings = cfg.search
+    run.search_levels.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run.search_level_plan, {"groups": [{"name": name, "experts": list(experts)}
+                                                         for name, experts in plan.groups],
+                                              "order": "ascending mean task difficulty, then name"})
+    searched = plan.searched()
+    decoders = {name: level_one(genome, experts)[1] for name, experts in searched}
+    group_sets = {name: [scored for scored in weak_sets if scored.task.name in experts] for name, experts in searched}
+    starts = {name: restrict(genome, start, experts) for name, experts in searched}
+    baselines = {name: _level_baselines(run, name, experts, genome, merger, model, tokenizer, group_sets[name],
+                                        decoders[name](starts[name]), settings) for name, experts in searched}
+
+    def search_group(name: str, experts: tuple[str, ...], left: int | None) -> tuple[bool, int]:
+        """Run (or resume) one group's CMA-ES; (finished, candidates scored now)."""
+        path = run.search_level_log(name)
+
+        def logged(row: dict) -> dict:
             log.info("level 1 %s gen %d cand %d: %s fitness %.4f", name, row["generation"], row["index"],
                      row["status"], row["fitness"])
             return {"level": name, **row}
 
-        def score(generation: int, index: int, candidate: np.ndarray, sets=sets, logged=logged) -> dict:
-            row = score_candidate(merger, model, tokenizer, sets, candidate, settings)
+        def score(generation: int, index: int, candidate: np.ndarray) -> dict:
+            row = score_candidate(merger, model, tokenizer, group_sets[name], candidate, settings)
             return logged({"generation": generation, "index": index, **row})
 
         before = len(read_log(path))
-        left = None if max_evaluations is None else max_evaluations - used
-        if left is not None and left <= 0:
-            return None, used
         evaluate = pool.evaluator(logged, tasks=experts) if pool is not None else one_by_one(score)
+        strategy = Strategy(starts[name], settings.sigma0, settings.bounds, settings.population, seed)
         finished = run_cma(strategy, settings.group_generations, evaluate, path, max_evaluations=left,
-                           decode=decode)
-        used += len(read_log(path)) - before
-        if not finished:
-            return None, used
+                           decode=decoders[name])
+        return finished, len(read_log(path)) - before
+
+    used = 0
+    if pool is not None and max_evaluations is None and len(searched) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(searched), thread_name_prefix="level1") as threads:
+            futures = [threads.submit(search_group, name, experts, None) for name, experts in searched]
+            used = sum(future.result()[1] for future in futures)
+    else:
+        for name, experts in searched:
+            left = None if max_evaluations is None else max_evaluations - used
+            if left is not None and left <= 0:
+                return None, used
+            finished, scored = search_group(name, experts, left)
+            used += scored
+            if not finished:
+                return None, used
+
+    best: dict[str, dict] = {}
+    for name, experts in searched:
+        path = run.search_level_log(name)
         rows = [row for row in read_log(path) if row["status"] == "ok"]
         if not rows:
             raise SentimergeError(f"{path}: every candidate of group {name} failed (see their `error`)")
-        chosen = max(rows, key=lambda row: row["fitness"])  # the first of equal ones
+        held_out = [scored for scored in select_sets if scored.task.name in experts]
+        if held_out:
+            chosen = held_out_choice(rows, run.search_level_selection(name), settings, merger, model, tokenizer,
+                                     group_sets[name], held_out, decoders[name](starts[name]),
+                                     label=f"level 1 {name} selection", start_scores=baselines[name]["uniform"])
+        else:
+            chosen = {**max(rows, key=lambda row: row["fitness"]), "selected_by": "weak fitness"}  # first of equal
         best[name] = {"experts": list(experts), "fitness": chosen["fitness"], "coefficients": chosen["coefficients"],
-                      "generation": chosen["generation"], "index": chosen["index"], "evaluations": len(rows)}
-        log.info("level 1 %s (%s): best fitness %.4f (gen %d cand %d)", name, ", ".join(experts), chosen["fitness"],
-                 chosen["generation"], chosen["index"])
+                      "generation": chosen["generation"], "index": chosen["index"], "evaluations": len(rows),
+                      "selected_by": chosen["selected_by"], "select_fitness": chosen.get("select_fitness")}
+        write_json_atomic(run.search_level_models, best)
+        log.info("level 1 %s (%s): group model %s, weak fitness %.4f", name, ", ".join(experts),
+                 "the start" if chosen["generation"] is None else
+                 f"gen {chosen['generation']} cand {chosen['index']}", chosen["fitness"])
     return best, used
+
+
+def _level_baselines(run: RunDir, group: str, experts: tuple[str, ...], genome: Genome, merger: InMemoryMerge, model,
+                     tokenizer, sets: list[ScoredSet], start: np.ndarray, settings) -> dict[str, dict]:
+    """A level-1 group's baselines on its weak sets, scored once and kept: the start point (`uniform`) and each of
+    its experts alone (`expert:<name>`)."""
+    path = run.search_level_baselines(group)
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    candidates = [("uniform", start)] + [(f"expert:{expert}", genome.one_hot(expert)) for expert in experts]
+    baselines = {}
+    for name, candidate in candidates:
+        row = score_candidate(merger, model, tokenizer, sets, np.asarray(candidate, dtype=float), settings)
+        baselines[name] = {"method": "task_arithmetic", **row}
+        log.info("level 1 %s baseline %-20s fitness %.4f", group, name, row["fitness"])
+    write_json_atomic(path, baselines)
+    return baselines
 
 
 def _check_inputs(cfg: RunConfig, run: RunDir) -> None:
@@ -445,14 +502,26 @@ def _select(run: RunDir, cfg: RunConfig, merger: InMemoryMerge, model, tokenizer
         return json.loads(run.search_selected.read_text(encoding="utf-8"))
     if not select_sets:
         chosen = {**json.loads(run.search_best.read_text(encoding="utf-8")), "selected_by": "weak fitness"}
-        write_json_atomic(run.search_selected, chosen)
-        return chosen
-    settings = cfg.search
-    ranked = sorted((row for row in read_log(run.search_candidates) if row["status"] == "ok"),
+    else:
+        chosen = held_out_choice(read_log(run.search_candidates), run.search_selection, cfg.search, merger, model,
+                                 tokenizer, weak_sets, select_sets, start)
+    write_json_atomic(run.search_selected, chosen)
+    return chosen
+
+
+def held_out_choice(candidates: list[dict], selection_log: Path, settings, merger: InMemoryMerge, model, tokenizer,
+                    weak_sets: list[ScoredSet], select_sets: list[ScoredSet], start: np.ndarray,
+                    label: str = "selection", start_scores: dict | None = None) -> dict:
+    """The best of the `settings.select.top` candidates with the highest weak fitness and the start point, by their
+    fitness on the held-out weak sets `select_sets` (the first of equal ones). The start's weak fitness is scored
+    here unless `start_scores` (a row of `score_candidate` on `weak_sets` with the searched method) gives it. Each
+    re-scored entry is appended to `selection_log` as it is scored, so a killed selection resumes where it stopped."""
+    ranked = sorted((row for row in candidates if row["status"] == "ok"),
                     key=lambda row: -row["fitness"])[:settings.select.top]  # stable: the first of equal ones
     entries = [(f"gen {row['generation']} cand {row['index']}", row) for row in ranked]
-    entries.append(("start", {"generation": None, "index": None, "coefficients": start.tolist()}))
-    done = {row["name"]: row for row in read_log(run.search_selection)}
+    known = {} if start_scores is None else {key: start_scores[key] for key in ("status", "fitness", "tasks")}
+    entries.append(("start", {"generation": None, "index": None, "coefficients": start.tolist(), **known}))
+    done = {row["name"]: row for row in read_log(selection_log)}
     for name, row in entries:
         if name in done:
             continue
@@ -462,13 +531,11 @@ def _select(run: RunDir, cfg: RunConfig, merger: InMemoryMerge, model, tokenizer
         done[name] = {"name": name, **{k: row.get(k) for k in ("generation", "index", "coefficients", "status",
                                                                   "fitness", "tasks")},
                       "select_fitness": held_out["fitness"], "select_tasks": held_out.get("tasks")}
-        append_jsonl(run.search_selection, done[name])
-        log.info("selection: %-16s weak %.4f held-out %.4f", name, row["fitness"], held_out["fitness"])
+        append_jsonl(selection_log, done[name])
+        log.info("%s: %-16s weak %.4f held-out %.4f", label, name, row["fitness"], held_out["fitness"])
     name = max((name for name, _ in entries), key=lambda name: done[name]["select_fitness"])
-    chosen = {**done[name], "selected_by": "held-out weak set"}
-    write_json_atomic(run.search_selected, chosen)
-    log.info("selection: the evolved merge is %s (held-out %.4f)", name, chosen["select_fitness"])
-    return chosen
+    log.info("%s: chose %s (held-out %.4f)", label, name, done[name]["select_fitness"])
+    return {**done[name], "selected_by": "held-out weak set"}
 
 
 def _gold_sets(run: RunDir, cfg: RunConfig, tokenizer, limit: int | None, salt: str,

@@ -2,6 +2,6 @@
 
 import sys
 
-from sentimerge.pipeline.cli import main
+from sentimerge.pipeline.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

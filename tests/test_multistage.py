@@ -16,6 +16,7 @@ from sentimerge.merge.genome import Genome
 from sentimerge.merge.methods import get_method
 from sentimerge.merge.stages import group_plan, level_one, level_two, restrict
 from sentimerge.pipeline import search
+from sentimerge.pipeline.inspect_run import main as main_inspect
 from sentimerge.pipeline.core.config import load_config
 from sentimerge.pipeline.core.errors import ConfigError
 from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl
@@ -60,8 +61,10 @@ def test_two_levels_merge_to_their_closed_form(tiny_experts):
         assert torch.allclose(value, expected, atol=1e-5), name
 
 
-def test_a_multistage_search_runs_resumes_at_each_level_and_exports_what_mergekit_writes(tmp_path, cache_dir):
-    whole = tiny_search(tmp_path / "whole", cache_dir, **GROUPS, export=True, dtype="float32")
+def test_a_multistage_search_runs_resumes_at_each_level_and_exports_what_mergekit_writes(tmp_path, cache_dir,
+                                                                                           capsys):
+    whole = tiny_search(tmp_path / "whole", cache_dir, **GROUPS, export=True, dtype="float32",
+                        select={"top": 2, "per_task": 4})
     search.main(whole)
     run = RunDir(whole.resolved_run_dir)
     report = json.loads(run.search_report.read_text())
@@ -69,6 +72,24 @@ def test_a_multistage_search_runs_resumes_at_each_level_and_exports_what_mergeki
                                                                                                     "intensity"]
     level = read_jsonl(run.search / "levels" / "sentiment.jsonl")
     assert len(level) == 8 and all(row["level"] == "sentiment" for row in level)
+    # level 1 keeps what the flat search keeps: baselines on the group's weak sets and a held-out choice
+    plan = json.loads(run.search_level_plan.read_text())
+    assert [group["name"] for group in plan["groups"]] == [name for name, _ in search.group_plan_of(
+        whole, run, Genome(("polarity", "aspect3", "intensity"), 2, 1, True)).groups]
+    baselines = json.loads(run.search_level_baselines("sentiment").read_text())
+    assert list(baselines) == ["uniform", "expert:polarity", "expert:intensity"]
+    assert set(baselines["uniform"]["tasks"]) == {"polarity", "intensity"}  # scored on the group's sets only
+    selection = read_jsonl(run.search_level_selection("sentiment"))
+    top = sorted(level, key=lambda row: -row["fitness"])[:2]
+    assert [row["name"] for row in selection] == [f"gen {r['generation']} cand {r['index']}" for r in top] + ["start"]
+    assert selection[-1]["coefficients"] == baselines["uniform"]["coefficients"]
+    chosen = max(selection, key=lambda row: row["select_fitness"])
+    group_model = report["levels"]["sentiment"]
+    assert group_model["coefficients"] == chosen["coefficients"] and group_model["selected_by"] == "held-out weak set"
+    assert json.loads(run.search_level_models.read_text()) == report["levels"]
+    assert main_inspect(run.root) and "search tree (multi-stage" in (tree := capsys.readouterr().out)
+    assert "├─" in tree and "└─" in tree and "level-1 CMA-ES over polarity, intensity; 8 candidates" in tree
+    assert "aspect3 (one expert: enters level 2 as it is)" in tree and "group model: " in tree
     genome = Genome(("polarity", "aspect3", "intensity"), 2, 1, True)
     flat = np.asarray(level[0]["coefficients"]).reshape(3, 2, 2)
     assert np.all(flat[1] == 0)  # level 1 merges only its group's experts
@@ -84,16 +105,20 @@ def test_a_multistage_search_runs_resumes_at_each_level_and_exports_what_mergeki
     for name, value in merger.merged_state(np.asarray(selected)).items():
         assert torch.allclose(written[name], value, atol=1e-5), name
 
-    parts = tiny_search(tmp_path / "parts", cache_dir, **GROUPS, export=True, dtype="float32")
+    parts = tiny_search(tmp_path / "parts", cache_dir, **GROUPS, export=True, dtype="float32",
+                        select={"top": 2, "per_task": 4})
     resumed = RunDir(parts.resolved_run_dir)
     search.main(parts, max_evaluations=3)  # stops inside level 1
     assert len(read_jsonl(resumed.search / "levels" / "sentiment.jsonl")) == 3 and not resumed.search_candidates.exists()
+    assert main_inspect(resumed.root) and "level-1 CMA-ES over polarity, intensity; 3 candidates" in \
+        (tree := capsys.readouterr().out) and "level 2: one CMA-ES over the 2 group models' deltas, not started" in tree
     search.main(parts, max_evaluations=7)  # finishes level 1, stops inside level 2
     assert len(read_jsonl(resumed.search_candidates)) == 2 and not is_done(resumed.search)
     search.main(parts)
     assert without_timing(read_jsonl(resumed.search / "levels" / "sentiment.jsonl")) == \
         without_timing(level)
     assert without_timing(read_jsonl(resumed.search_candidates)) == without_timing(read_jsonl(run.search_candidates))
+    assert without_timing(read_jsonl(resumed.search_level_selection("sentiment"))) == without_timing(selection)
 
 
 @pytest.mark.parametrize("search_section, message", [

@@ -3,6 +3,7 @@ dies mid-candidate is replaced without stopping the search."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -80,8 +81,8 @@ def test_a_ray_search_writes_the_same_log_as_a_local_one(trained, tmp_path):
 
 
 def test_a_multistage_ray_search_writes_the_same_logs_at_each_level_as_a_local_one(trained, tmp_path, monkeypatch):
-    """`search.stages: groups` on Ray: the level-1 group search is scored on the actors (the driver scores no
-    candidate on the group's weak sets), on its group's weak sets only, and both levels log what the local search
+    """`search.stages: groups` on Ray: the level-1 group search is scored on the actors (the driver scores only the
+    group's baselines on its weak sets), on its group's weak sets only, and both levels log what the local search
     logs."""
     staged = {"stages": "groups", "group_generations": 2, "generations": 2,
               "groups": {"s": ["polarity", "intensity"], "a": ["aspect3"]}}
@@ -100,7 +101,9 @@ def test_a_multistage_ray_search_writes_the_same_logs_at_each_level_as_a_local_o
         search.main(cfg, backend=backend)
         runs[name] = RunDir(cfg.resolved_run_dir)
     group = ["intensity", "polarity"]
-    assert driver_scored["local"].count(group) == 8 and group not in driver_scored["ray"]
+    # the driver scores the group's 3 baselines (its start, each expert alone) and re-scores its top 5 and its start
+    # on the held-out sets either way; its 8 candidates only on the local path
+    assert driver_scored["local"].count(group) == 3 + 8 + 6 and driver_scored["ray"].count(group) == 3 + 6
     for log in ("levels/s.jsonl", "candidates.jsonl"):
         want, got = (read_jsonl(runs[name].search / log) for name in ("local", "ray"))
         assert len(want) == 8
@@ -108,6 +111,55 @@ def test_a_multistage_ray_search_writes_the_same_logs_at_each_level_as_a_local_o
     level = read_jsonl(runs["ray"].search / "levels" / "s.jsonl")
     assert {row["level"] for row in level} == {"s"} and all(set(row["tasks"]) == {"polarity", "intensity"}
                                                           for row in level if row["status"] == "ok")
+
+
+def test_the_level_one_group_searches_run_at_once_on_ray_and_log_what_the_local_ones_log(tmp_path, cache_dir,
+                                                                                          ray_session, monkeypatch):
+    """Two groups of two experts: on Ray each group's CMA-ES runs in a driver thread of its own, their candidates
+    sharing the actors; each group's log, choice and the level-2 log equal the local path's, which searches the
+    groups one after the other."""
+    from sentimerge.pipeline.core.ray_backend import RayScorerPool
+    from tests.conftest import TINY_TASKS
+    from tests.test_merge import make_experts
+
+    polarity = next(task for task in TINY_TASKS if task["name"] == "polarity")
+    tasks = [{**task, "source": {"path": "{data_root}/{task}/{split}.jsonl"}} for task in TINY_TASKS]
+    tasks.append({**polarity, "name": "polarity2", "source": {"path": "{data_root}/polarity/{split}.jsonl"}})
+    groups = {"stages": "groups", "group_generations": 2, "generations": 1,
+              "groups": {"s": ["polarity", "intensity"], "p": ["polarity2", "aspect3"]}}
+    path = write_tiny_config(tmp_path, cache_dir=cache_dir, tasks=tasks,
+                             search={"population": 4, "weak": {"per_task": 4}, "select": {"top": 2, "per_task": 4},
+                                     "gold": {"per_generation": 0}, "export": False, **groups},
+                             ray={"num_cpus": 2, "cpus_per_actor": 1})
+    cfg = load_config(path)
+    prepare.main(cfg)
+    make_experts(cfg)
+    threads = set()
+    original = RayScorerPool.evaluate
+
+    def spy(self, generation, pending, tasks=None):
+        import threading
+
+        threads.add((threading.current_thread().name, tuple(sorted(tasks or ()))))
+        yield from original(self, generation, pending, tasks)
+
+    monkeypatch.setattr(RayScorerPool, "evaluate", spy)
+    runs = {}
+    for name, backend in (("local", None), ("ray", "ray")):
+        copy = _copy_run(cfg, tmp_path / name, keep_experts=True)
+        search.main(copy, backend=backend)
+        runs[name] = RunDir(copy.resolved_run_dir)
+    level_one = {(thread, group) for thread, group in threads if thread.startswith("level1")}
+    assert {group for _, group in level_one} == {("intensity", "polarity"), ("aspect3", "polarity2")}
+    assert len({thread for thread, _ in level_one}) == 2  # one thread per group
+    for log in ("levels/s.jsonl", "levels/p.jsonl", "candidates.jsonl"):
+        want, got = (read_jsonl(runs[name].search / log) for name in ("local", "ray"))
+        assert len(want) == 8 if log.startswith("levels") else len(want) == 4
+        _close(_decisive(got), _decisive(want))
+    models = [json.loads(runs[name].search_level_models.read_text()) for name in ("local", "ray")]
+    assert models[0].keys() == models[1].keys() == {"s", "p"}
+    for group in ("s", "p"):
+        assert models[1][group]["coefficients"] == pytest.approx(models[0][group]["coefficients"], abs=1e-9)
 
 
 def _close(got, want) -> None:

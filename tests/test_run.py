@@ -74,6 +74,35 @@ def test_run_does_every_stage_and_ends_with_the_results_table(tmp_path, cache_di
     assert set(json.loads(run.search_report.read_text())["gold_test_comparison"]) == {"uniform", "ties"}
 
 
+def test_the_command_line_runs_each_stage_in_a_child_process_and_reports_its_errors(tmp_path, cache_dir):
+    """`sentimerge run` from the command line forks a child per stage (`core.isolation`): the same finished run and
+    table as in-process, its peak memory is the largest child's, and a stage's error still reaches the user as
+    the one-line error of an in-process run."""
+    import subprocess
+    import sys
+
+    config = write_tiny_config(tmp_path, cache_dir=cache_dir,
+                               experts={"steps": 2, "batch_size": 4, "dev_examples": 4},
+                               search={"population": 4, "generations": 1, "weak": {"per_task": 4},
+                                       "gold": {"per_generation": 0, "final": 4}},
+                               finetune={"steps": 2, "dev_examples": 4})
+    command = [sys.executable, "-m", "sentimerge", "run", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr
+    run = RunDir(tmp_path / "run")
+    info = json.loads(run.run_info.read_text())
+    assert info["stages_in_child_processes"] is True and info["peak_rss_mb"] > 100 and info["skipped"] == []
+    assert all(is_done(folder) for folder in (run.prepare, run.search, run.finetune, run.export))
+    assert "| final (dao) |" in done.stdout and "seconds per stage" in done.stdout
+
+    train = tmp_path / "data" / "polarity" / "train.jsonl"  # the data changes: the child's refusal reaches the user
+    write_jsonl(train, [{**row, "label": "negative"} for row in read_jsonl(train)])
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith("sentimerge run: error: ")
+    assert "the data of polarity/train changed since it was prepared" in refused.stderr
+
+
 def test_changed_data_is_never_reported_as_done(tmp_path, cache_dir, capsys):
     """Labels swapped in a train file after a finished run: prepare refuses to reuse it; once prepared again, every
     later stage refuses its finished result, naming the flag that redoes it, until each is redone."""

@@ -92,6 +92,26 @@ def test_answers_that_prefix_each_other_are_rejected(tiny):
         answer_tokens(tokenizer, task)
 
 
+def test_the_answer_token_cache_does_not_keep_a_tokenizer_alive(prepared_tiny):
+    """A stage's tokenizer (tens of MB for a real vocabulary) is freed when the stage lets it go: the answer-token
+    cache holds it weakly, and the cached answers equal a fresh encoding."""
+    import gc
+    import weakref
+
+    from transformers import AutoTokenizer
+
+    run = RunDir(prepared_tiny.resolved_run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(prepared_model_path(run))
+    task = prepared_tiny.task("polarity")
+    first = answer_tokens(tokenizer, task)
+    assert answer_tokens(tokenizer, task) is first
+    assert first.answers == tuple(tuple(tokenizer(a, add_special_tokens=False).input_ids) for a in task.answers)
+    alive = weakref.ref(tokenizer)
+    del tokenizer
+    gc.collect()
+    assert alive() is None
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_frozen_weights_score_exactly_like_trainable_ones(prepared_tiny, dtype):
     """A peft base or a merged-and-unloaded model is frozen; its scores must not depend on it (nor its speed: torch's

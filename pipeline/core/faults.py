@@ -39,3 +39,14 @@ def reset() -> None:
     """Start counting fault points from zero again (the kill harness runs several stages in one process)."""
     global _count
     _count = 0
+
+
+def count() -> int:
+    """The fault points passed so far in this process."""
+    return _count
+
+
+def set_count(value: int) -> None:
+    """Continue counting from `value` (a forked child's count, `core.isolation`: one sequence, as in one process)."""
+    global _count
+    _count = value

@@ -8,7 +8,7 @@ is the verbalised label followed by the template's end-of-turn token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+import weakref
 
 from sentimerge.pipeline.core.errors import ModelError
 from sentimerge.pipeline.core.tasks import TaskSpec
@@ -63,11 +63,20 @@ class AnswerTokens:
     end_of_turn: int | None
 
 
+# tokenizer -> {answers: AnswerTokens}; weak keys, so the cache never keeps a stage's tokenizer (tens of MB of
+# vocabulary) alive after the stage let it go, as an lru_cache keyed by the tokenizer did
+_ANSWER_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def answer_tokens(tokenizer, task: TaskSpec) -> AnswerTokens:
-    return _answer_tokens(tokenizer, tuple(task.answers))
+    """The task's answers as token ids under `tokenizer` (computed once per tokenizer and answer list)."""
+    answers = tuple(task.answers)
+    known = _ANSWER_TOKENS.setdefault(tokenizer, {})
+    if answers not in known:
+        known[answers] = _answer_tokens(tokenizer, answers)
+    return known[answers]
 
 
-@lru_cache(maxsize=256)
 def _answer_tokens(tokenizer, answers: tuple[str, ...]) -> AnswerTokens:
     encoded = tuple(tuple(tokenizer(answer, add_special_tokens=False).input_ids) for answer in answers)
     for i, first in enumerate(encoded):

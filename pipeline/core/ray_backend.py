@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -147,6 +148,10 @@ class RayScorerPool:
         fault = os.environ.get(WORKER_FAULT_ENV)
         self.actors = [self._start({"SENTIMERGE_FAULT": fault} if fault else None) for _ in range(count)]
         self.replaced = 0
+        # the idle actors' slots, shared by every `evaluate` running at once (the level-1 group searches of a
+        # multi-stage search run in threads): a slot is taken for one candidate and given back when it returns
+        self._idle = list(range(count))
+        self._changed = threading.Condition()
         log.info("ray: %d scoring actor(s) (%g CPU, %g GPU each)", count, settings.cpus_per_actor,
                  settings.gpus_per_actor)
 
@@ -161,39 +166,50 @@ class RayScorerPool:
 
     def evaluate(self, generation: int, pending: list[tuple[int, np.ndarray]],
                  tasks: Sequence[str] | None = None) -> Iterator[dict]:
-        """Score `pending` on the actors (one candidate per free actor), on the weak sets of `tasks` (default all);
-        yield the rows in the order given."""
+        """Score `pending` on the actors (one candidate per idle actor), on the weak sets of `tasks` (default all);
+        yield the rows in the order given. Several evaluations may run at once from different threads: they share
+        the idle actors."""
         ray = self.ray
         queue = [(index, candidate, 0) for index, candidate in pending]
-        free = list(range(len(self.actors)))
         running: dict = {}  # object ref -> (actor slot, index, candidate, attempts)
         done: dict[int, dict] = {}
         order = [index for index, _ in pending]
-        while queue or running:
-            while queue and free:
-                slot = free.pop(0)
-                index, candidate, attempts = queue.pop(0)
-                ref = self.actors[slot].score.remote(generation, index, candidate.tolist(),
-                                                     None if tasks is None else list(tasks))
-                running[ref] = (slot, index, candidate, attempts)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            slot, index, candidate, attempts = running.pop(ready[0])
-            try:
-                done[index] = ray.get(ready[0])
-            except ray.exceptions.RayActorError as error:
-                self.actors[slot] = self._start()  # the dead actor's replacement, without any injected fault
-                self.replaced += 1
-                reason = f"worker died: {type(error).__name__}"
-                if attempts < self.cfg.ray.retries:
-                    log.warning("ray: gen %d cand %d: %s; retrying on a fresh actor", generation, index, reason)
-                    queue.insert(0, (index, candidate, attempts + 1))
-                else:
-                    log.warning("ray: gen %d cand %d: %s %d time(s); logged as failed", generation, index, reason,
-                                attempts + 1)
-                    done[index] = self._failed(generation, index, candidate, reason)
-            free.append(slot)
-            while order and order[0] in done:
-                yield done.pop(order.pop(0))
+        try:
+            while queue or running:
+                with self._changed:
+                    while queue and not running and not self._idle:  # nothing of ours runs: wait for another's actor
+                        self._changed.wait()
+                    while queue and self._idle:
+                        slot = self._idle.pop(0)
+                        index, candidate, attempts = queue.pop(0)
+                        ref = self.actors[slot].score.remote(generation, index, candidate.tolist(),
+                                                             None if tasks is None else list(tasks))
+                        running[ref] = (slot, index, candidate, attempts)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                slot, index, candidate, attempts = running.pop(ready[0])
+                try:
+                    done[index] = ray.get(ready[0])
+                except ray.exceptions.RayActorError as error:
+                    with self._changed:
+                        self.actors[slot] = self._start()  # the dead actor's replacement, without any injected fault
+                        self.replaced += 1
+                    reason = f"worker died: {type(error).__name__}"
+                    if attempts < self.cfg.ray.retries:
+                        log.warning("ray: gen %d cand %d: %s; retrying on a fresh actor", generation, index, reason)
+                        queue.insert(0, (index, candidate, attempts + 1))
+                    else:
+                        log.warning("ray: gen %d cand %d: %s %d time(s); logged as failed", generation, index, reason,
+                                    attempts + 1)
+                        done[index] = self._failed(generation, index, candidate, reason)
+                with self._changed:
+                    self._idle.append(slot)
+                    self._changed.notify_all()
+                while order and order[0] in done:
+                    yield done.pop(order.pop(0))
+        finally:  # a caller that stops early (an error) gives the actors still busy with its candidates back
+            with self._changed:
+                self._idle.extend(slot for slot, *_ in running.values())
+                self._changed.notify_all()
 
     def evaluator(self, after_scoring: Callable[[dict], dict], tasks: Sequence[str] | None = None):
         """`run_cma`'s evaluator: the pool's rows (scored on `tasks`' weak sets, default all), each passed through

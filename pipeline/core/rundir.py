@@ -178,6 +178,24 @@ class RunDir:
         """The level-1 log of `group`: one JSON line per scored candidate (like the flat log)."""
         return self.search_levels / f"{group}.jsonl"
 
+    @property
+    def search_level_plan(self) -> Path:
+        """The groups of a multi-stage search in the order they enter, with their experts."""
+        return self.search_levels / "plan.json"
+
+    @property
+    def search_level_models(self) -> Path:
+        """group -> the level-1 candidate chosen as its group model, of every group chosen so far."""
+        return self.search_levels / "group_models.json"
+
+    def search_level_baselines(self, group: str) -> Path:
+        """A level-1 group's baselines on its weak sets (its start point, each of its experts alone)."""
+        return self.search_levels / "baselines" / f"{group}.json"
+
+    def search_level_selection(self, group: str) -> Path:
+        """A level-1 group's held-out selection log (its top candidates and its start, re-scored)."""
+        return self.search_levels / "selection" / f"{group}.jsonl"
+
     def search_level_logs(self) -> dict[str, Path]:
         """group -> its level-1 log, of every group logged so far; {} for a flat search."""
         folder = self.search_levels
