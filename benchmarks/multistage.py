@@ -118,7 +118,8 @@ def compare(cfg: RunConfig, flat: RunDir, staged: RunDir) -> list[dict]:
             rows.append({"run": str(flat.root), "seed": cfg.seed, "split": split, "comparison": f"{label} evolved",
                          "mean": float(indexed.loc["evolved", "mean"]), "retention": retention(tables[label], "evolved"),
                          "spearman": reports[label]["weak_vs_gold_spearman"]["final_table"],
-                         "evaluations": evaluations(run), "search_seconds": _seconds(run)})
+                         "evaluations": evaluations(run), "search_seconds": _seconds(run),
+                         **{f"gold:{task.name}": float(indexed.loc["evolved", task.name]) for task in cfg.tasks}})
     return rows
 
 
@@ -168,8 +169,9 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
                          ahead=f"{int((differences > 0).sum())} of {len(group)}",
                          clear=f"{int((group['low'] > 0).sum())} of {len(group)}")
         else:
+            gold = [key for key in group.columns if key.startswith("gold:") and group[key].notna().all()]
             entry.update({key: group[key].mean() for key in ("mean", "retention", "spearman", "evaluations",
-                                                             "search_seconds")})
+                                                             "search_seconds", *gold)})
         summary.append(entry)
     return pd.DataFrame(summary)
 
@@ -179,7 +181,8 @@ def write_results(name: str, command: str, rows: pd.DataFrame) -> pd.DataFrame:
     text = (f"# Flat against multi-stage merging: {name}\n\n`{command}`\n\nPer run (the experts' seed) and split "
             "(dev chose the settings, test chose nothing): the multi-stage evolved merge minus the flat one, TIES "
             "and uniform (and the flat one minus TIES), mean primary metric over tasks with a paired bootstrap 95% "
-            "interval on the same examples; each search's evolved merge, its retention of the experts' mean, the "
+            "interval on the same examples; each search's evolved merge (its mean and, `gold:TASK`, each task's primary "
+            "metric), its retention of the experts' mean, the "
             "weak-vs-gold Spearman over its final table, its candidate evaluations and seconds.\n\n"
             + markdown_table(rows) + "\nOver the runs (`clear`: runs whose interval lies above zero):\n\n"
             + markdown_table(summary))

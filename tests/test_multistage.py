@@ -159,5 +159,10 @@ def test_the_flat_against_multistage_benchmark_reuses_the_experts_and_pairs_the_
     assert pairs["multistage - flat"]["difference"] == pytest.approx(expected, abs=1e-5)
     assert pairs["flat - ties"]["difference"] == pytest.approx(
         means["flat"].loc["evolved", "mean"] - means["flat"].loc["ties", "mean"], abs=1e-5)
+    for label in ("flat", "multistage"):  # gold per task, as each search's final table has it
+        for task in ("polarity", "aspect3", "intensity"):
+            assert pairs[f"{label} evolved"][f"gold:{task}"] == pytest.approx(means[label].loc["evolved", task])
     summary = multistage.summarize(pd.DataFrame(rows))
     assert set(multistage.headline(summary, "tiny")) >= {"tiny_multistage_minus_flat_dev"}
+    dev = summary.set_index(["comparison", "split"]).loc[("multistage evolved", "dev")]
+    assert dev["gold:aspect3"] == pytest.approx(means["multistage"].loc["evolved", "aspect3"])
