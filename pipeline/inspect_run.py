@@ -88,7 +88,7 @@ def search_tree(run: RunDir, candidates: list[dict]) -> str | None:
     plan = _read_json(run.search_level_plan)
     if plan is None:
         return None
-    report = _read_json(run.search_level_models) or {}
+    group_models = _read_json(run.search_level_models) or {}
     ok = [row for row in candidates if row["status"] == "ok"]
     root = (f"level 2: one CMA-ES over the {len(plan['groups'])} group models' deltas, "
             + (f"{len(candidates)} candidates, best weak fitness {max(r['fitness'] for r in ok):.4f}" if ok
@@ -110,7 +110,7 @@ def search_tree(run: RunDir, candidates: list[dict]) -> str | None:
         if baselines:
             lines.append(f"{stem}   baselines on the group's weak sets: "
                          + ", ".join(f"{key} {value['fitness']:.4f}" for key, value in baselines.items()))
-        chosen = report.get(name)
+        chosen = group_models.get(name)
         if chosen is not None:
             which = "the start" if chosen["generation"] is None else \
                 f"gen {chosen['generation']} cand {chosen['index']}"

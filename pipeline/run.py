@@ -1,8 +1,8 @@
 """`sentimerge run CONFIG`: every stage in order (prepare, experts, search, finetune, export), skipping the finished
-ones, each in a forked child process (`core.isolation`: a stage's memory goes back to the system when it ends; the
-demo peaked 700 MB lower), then one results table: the zero-shot base model, each expert on its own task, the uniform and TIES merges,
-the evolved merge, and the final model, each task's primary metric and their mean, on dev and (where every task has
-one) test, every row of a split scored on the same examples.
+ones, each in a forked child process from the command line (`core.isolation`: a stage's memory goes back to the
+system when it ends), then one results table: the zero-shot base model, each expert on its own task, the uniform and
+TIES merges, the evolved merge, and the final model, each task's primary metric and their mean, on dev and (where
+every task has one) test, every row of a split scored on the same examples.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pandas as pd
 
 from sentimerge.pipeline.core.config import RunConfig
 from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, markdown_table, merge_labels
-from sentimerge.pipeline.core.rundir import RunDir, is_done, write_csv_atomic, write_json_atomic, write_text_atomic
 from sentimerge.pipeline.core.isolation import isolation_available, run_isolated
+from sentimerge.pipeline.core.rundir import RunDir, is_done, write_csv_atomic, write_json_atomic, write_text_atomic
 from sentimerge.pipeline.core.runtime import release_memory
 
 log = logging.getLogger("sentimerge.run")
@@ -42,7 +42,7 @@ def main(cfg: RunConfig) -> pd.DataFrame:
             skipped.append(name)
         started = time.time()
         run_isolated(stage, cfg)  # in a forked child: every stage starts from the memory of an idle process
-        release_memory()
+        release_memory()  # what the stage loaded where it ran in this process (isolation off)
         seconds[name] = round(time.time() - started, 1)
     # wall time per stage of the invocation that ran it, and the peak memory of those invocations: a stage finished
     # earlier (skipped now: say which) keeps what the earlier run.json recorded, so a second `run` loses nothing

@@ -110,9 +110,8 @@ def _child(work: Callable, args: tuple, kwargs: dict, write_end: int) -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies (a killed `sentimerge run` leaves no child writing)."""
-    if not sys.platform.startswith("linux"):
-        return
+    """SIGKILL this process when its parent dies (Linux's prctl; `run_isolated` forks on Linux only): a killed
+    `sentimerge run` leaves no child writing."""
     import ctypes
 
     PR_SET_PDEATHSIG = 1

@@ -7,8 +7,8 @@ is the verbalised label followed by the template's end-of-turn token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import weakref
+from dataclasses import dataclass
 
 from sentimerge.pipeline.core.errors import ModelError
 from sentimerge.pipeline.core.tasks import TaskSpec
