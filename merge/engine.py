@@ -90,6 +90,45 @@ def merge_position(weight: str, genome: Genome, *, dense: bool) -> tuple[int, in
         raise
 
 
+def merge_as_lora(experts: dict[str, dict[str, Delta]], genome: Genome, coefficients: np.ndarray, scale: float
+                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """The task-arithmetic merge of LoRA experts as one LoRA: per adapted weight, the experts' factors stacked,
+    A = [A_1; ...; A_E] [rank, in] and B = [w_1 s_1 / scale B_1, ..., w_E s_E / scale B_E] [out, rank], so that
+    scale * B @ A = sum_e w_e s_e B_e @ A_e, the merge's delta, where w_e is expert e's coefficient at the weight's
+    layer (and part) in the flat genome `coefficients` [genome.size] and s_e its LoRA scale.
+
+    `scale` is the new adapter's (its alpha / rank). Every weight gets the same rank, the largest sum of the experts'
+    ranks over the weights: where fewer experts adapt a weight, the rest is zero rows of A and zero columns of B,
+    which stay zero under training. Returns ({base weight name: (A, B)} in float32, rank).
+
+    Raises ModelError for what is not a sum of low-rank terms: a dense delta (a full checkpoint's task vector, a LoRA
+    bias) or a transposed (fan_in_fan_out) adapter. Stage 3's `finetune.init: experts` starts from it."""
+    grid = genome.layer_coefficients(np.asarray(coefficients, dtype=float))  # [experts, layers, parts]
+    names = list(genome.experts)
+    stacked: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for index, name in enumerate(names):
+        for weight, delta in experts[name].items():
+            if not isinstance(delta, LoraFactors) or delta.transposed:
+                kind = "a transposed (fan_in_fan_out) adapter" if isinstance(delta, LoraFactors) else "a dense delta"
+                raise ModelError(f"expert {name}: {weight} is {kind}, not LoRA factors; only LoRA experts can start "
+                                 "stage 3 as the merge (finetune.init: experts)")
+            layer, part = merge_position(weight, genome, dense=False)
+            factor = float(grid[index, layer, part]) * delta.scale / scale
+            a_list, b_list = stacked.setdefault(weight, ([], []))
+            a_list.append(delta.a.float())
+            b_list.append(delta.b.float() * factor)
+    rank = max(sum(a.shape[0] for a in a_list) for a_list, _ in stacked.values())
+    result = {}
+    for weight, (a_list, b_list) in stacked.items():
+        a, b = torch.cat(a_list), torch.cat(b_list, dim=1)
+        missing = rank - a.shape[0]
+        if missing:
+            a = torch.cat([a, a.new_zeros(missing, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], missing)], dim=1)
+        result[weight] = (a, b)
+    return result, rank
+
+
 class InMemoryMerge:
     """Writes candidates' merged weights into `model` (the resident scoring copy). An expert is a dict of deltas
     per base weight (`sentimerge.merge.lora`): LoRA factors, dense deltas, or both."""

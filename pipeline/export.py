@@ -224,7 +224,10 @@ def model_card(cfg: RunConfig, run: RunDir, tables: dict, splits: dict[str, dict
     if (folder / "coefficients.png").is_file():
         lines += ["## Merge coefficients", "", "![layer-wise merge coefficients](coefficients.png)", "",
                   "The stage 2 recipe is `mergekit_config.yml`: `mergekit-yaml mergekit_config.yml OUT` rebuilds the "
-                  "merged model before fine-tuning.", ""]
+                  "merged model before fine-tuning." + (
+                      " Stage 3's adapter started as that merge (the experts' LoRA factors stacked, each scaled by "
+                      "its coefficient, `finetune.init: experts`) and was merged into the experts' base model, which "
+                      "`provenance.json` names." if cfg.finetune.init == "experts" else ""), ""]
     lines += ["## Provenance", "", "`provenance.json` lists the package version, git revision, base model and every "
               "data source with the hashes of the prepared splits; `sentimerge_config.yaml` is the resolved run config.",
               ""]

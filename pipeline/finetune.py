@@ -17,23 +17,62 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from sentimerge.experts.multitask import train_multitask
 from sentimerge.pipeline.core.config import RunConfig
 from sentimerge.pipeline.core.errors import SentimergeError
 from sentimerge.pipeline.core.rundir import RunDir, digest, is_done, read_manifest
-from sentimerge.pipeline.core.upstream import prepared_key, prepared_model_path
+from sentimerge.pipeline.core.upstream import expert_deltas, merge_base_path, prepared_key, prepared_model_path
 
 log = logging.getLogger("sentimerge.finetune")
 
 
 def start_model_path(cfg: RunConfig, run: RunDir) -> str:
-    """The model stage 3 starts from: stage 2's merged model (default) or the base model."""
+    """The model stage 3's adapter applies to: stage 2's merged model (default), the base model (`start: base`), or
+    with `init: experts` the experts' base (base, or base + shared adapter), the adapter then holding the merge."""
     if cfg.finetune.start == "base":
         return prepared_model_path(run)
     if not is_done(run.search):
         raise SentimergeError(f"{run.search}: stage 2 has not finished; run `sentimerge search` first "
                               "(or set finetune.start: base)")
+    if cfg.finetune.init == "experts":
+        return merge_base_path(run, bool(cfg.experts.shared.examples))
     return str(run.search_merged)
+
+
+def merge_as_adapter(cfg: RunConfig, run: RunDir, start: str, seed: int):
+    """(peft model, tokenizer) for `finetune.init: experts`: on the experts' base `start`, one LoRA that is stage 2's
+    chosen merge (`merge_as_lora`: the experts' factors stacked, scaled by the selected coefficients), with
+    `finetune.lora`'s scale (alpha / r) and dropout and the experts' target modules. Its rank is the sum of the
+    experts' ranks, so every expert's module keeps training, on every task (the cross-task sharing a fresh LoRA on
+    the merged weights starts without). Raises ModelError for experts that are not LoRA factors."""
+    from sentimerge.experts.train import load_lora_model
+    from sentimerge.merge.engine import merge_as_lora
+    from sentimerge.merge.genome import Genome
+    from sentimerge.pipeline.core.models import pick_device
+
+    settings = cfg.finetune
+    experts = {task.name: expert_deltas(run, task.name, start) for task in cfg.tasks}
+    selected = json.loads(run.search_selected.read_text(encoding="utf-8"))
+    layers = json.loads((Path(start) / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"]
+    genome = Genome(tuple(experts), layers, cfg.search.layer_group_size, cfg.search.split_attention_mlp)
+    scale = settings.lora.alpha / settings.lora.r
+    factors, rank = merge_as_lora(experts, genome, np.asarray(selected["coefficients"]), scale)
+    modules = sorted({weight.split(".")[-2] for weight in factors})  # peft's fresh LoRA elsewhere: B = 0, no change
+    lora = settings.lora.model_copy(update={"r": rank, "alpha": scale * rank, "target_modules": modules})
+    model, tokenizer = load_lora_model(start, lora, dtype=cfg.base_model.dtype, device=pick_device(cfg.device),
+                                       seed=seed, trust_remote_code=cfg.base_model.trust_remote_code)
+    modules_by_name = dict(model.base_model.model.named_modules())
+    with torch.no_grad():
+        for weight, (a, b) in factors.items():
+            layer = modules_by_name[weight.removesuffix(".weight")]
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
+    log.info("finetune: stage 3's LoRA starts as the merge (rank %d: the experts' factors scaled by the chosen "
+             "coefficients) on %s", rank, start)
+    return model, tokenizer
 
 
 def upstream_key(cfg: RunConfig, run: RunDir) -> str | None:
@@ -89,9 +128,11 @@ def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], No
     paced = settings.task_pacing.pacing != "none"
     if paced:
         log.info("finetune: tasks enter easiest first (%s pacing): %s", settings.task_pacing.pacing, ", ".join(order))
+    build = (lambda: merge_as_adapter(cfg, RunDir(cfg.resolved_run_dir), start, seed)) \
+        if settings.init == "experts" else None
     manifest = train_multitask(cfg, run, start=start, fingerprint=key, seed=seed, before_step=before_step,
-                               task_order=order,
-                               manifest={"stage": "finetune", "upstream": upstream,
+                               task_order=order, build_model=build,
+                               manifest={"stage": "finetune", "upstream": upstream, "init": settings.init,
                                          **({"task_order": order} if paced else {})})
     log.info("finetune (%s): mean dev primary %.3f (start %.3f) -> %s", settings.weighting.name,
              manifest["dev"]["primary"], manifest["zero_shot"]["primary"], run.finetune)

@@ -83,6 +83,13 @@ class FinetuneConfig(Frozen):
     """Stage 3: multi-task LoRA fine-tuning of the merged model with dynamic task weights."""
 
     start: Literal["merged", "base"] = Field("merged", description="fine-tune stage 2's merged model, or the base")
+    init: Literal["fresh", "experts"] = Field(
+        "fresh", json_schema_extra=WHEN_SET,
+        description="stage 3's LoRA: `fresh` (lora.r, seeded) on the merged model, or `experts`: the merge itself "
+                    "as the LoRA to train, the experts' factors stacked and scaled by the chosen coefficients "
+                    "(rank: the sum of theirs, scale lora.alpha / lora.r) on the experts' base, so every expert's "
+                    "module keeps training on all tasks (needs start: merged, LoRA experts, search.method "
+                    "task_arithmetic)")
     lora: LoraSettings = LoraSettings()
     weighting: WeightingSettings = WeightingSettings()
     steps: int = Field(60, ge=1)
@@ -199,6 +206,12 @@ class RunConfig(Frozen):
                 raise ValueError(f"search.groups must put every task in exactly one group ({', '.join(wrong)})")
         if self.search.init == "hybrid" and self.experts.mode != "hybrid":
             raise ValueError("search.init hybrid starts from the Hybrid LoRA attention: set experts.mode: hybrid")
+        if self.finetune.init == "experts":
+            if self.finetune.start != "merged":
+                raise ValueError("finetune.init experts starts stage 3 as stage 2's merge: set finetune.start: merged")
+            if self.search.method != "task_arithmetic":
+                raise ValueError(f"finetune.init experts needs a merge that is a sum of the experts' LoRA factors "
+                                 f"(search.method task_arithmetic), not {self.search.method}")
         return self
 
     @property
