@@ -233,4 +233,3 @@ def part_of(weight: str) -> str:
     if "mlp" in weight or "feed_forward" in weight:
         return "mlp"
     raise ModelError(f"{weight}: cannot tell whether it is an attention or an MLP weight")
-

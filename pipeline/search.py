@@ -198,7 +198,8 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
         raise SentimergeError(f"{run.search_candidates}: every candidate failed (see their `error`); "
                               "check the experts and the bounds")
     with timer.phase("selection"):
-        best = _select(run, cfg, merger, model, tokenizer, weak_sets, select_sets, start)
+        best = _select(run, cfg, merger, model, tokenizer, weak_sets, select_sets, start,
+                       start_baseline(baselines, cfg.search.method))
     with timer.phase("final_gold"):
         for split in evaluation_splits(run, cfg):
             _final_table(run, cfg, model, tokenizer, mergers, best, baselines, split)
@@ -493,18 +494,26 @@ def _keep_best(run: RunDir, row: dict) -> None:
     write_json_atomic(run.search_best, row)
 
 
+def start_baseline(baselines: dict[str, dict], method: str) -> dict | None:
+    """The baseline row the start point is (`start_point`'s), when it was scored with the searched `method`: its
+    weak fitness is then the start's, and the selection need not score it again."""
+    row = baselines["hybrid"] if "hybrid" in baselines else baselines["uniform"]
+    return row if row["method"] == method and row.get("status") == "ok" else None
+
+
 def _select(run: RunDir, cfg: RunConfig, merger: InMemoryMerge, model, tokenizer, weak_sets: list[ScoredSet],
-            select_sets: list[ScoredSet], start: np.ndarray) -> dict:
+            select_sets: list[ScoredSet], start: np.ndarray, start_scores: dict | None = None) -> dict:
     """The evolved merge (merge.config.SelectConfig): the best of the top candidates and the start point on the
     held-out weak set, or the best on the weak set when selection is off. Each re-scored candidate is logged as it is
-    scored, so a killed selection resumes; the choice is written to `selected.json`."""
+    scored, so a killed selection resumes; the choice is written to `selected.json`. `start_scores`: the start's
+    row on the weak sets when a baseline already scored it (`start_baseline`)."""
     if run.search_selected.is_file():
         return json.loads(run.search_selected.read_text(encoding="utf-8"))
     if not select_sets:
         chosen = {**json.loads(run.search_best.read_text(encoding="utf-8")), "selected_by": "weak fitness"}
     else:
         chosen = held_out_choice(read_log(run.search_candidates), run.search_selection, cfg.search, merger, model,
-                                 tokenizer, weak_sets, select_sets, start)
+                                 tokenizer, weak_sets, select_sets, start, start_scores=start_scores)
     write_json_atomic(run.search_selected, chosen)
     return chosen
 
@@ -588,10 +597,14 @@ def _final_table(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, best: d
                if not name.startswith("uniform@")]  # the scan of `init: auto`: its chosen one is `uniform`
     entries.append(("evolved", cfg.search.method, best["coefficients"], best["fitness"]))
     own_only = cfg.search.gold.experts == "own"
+    done: dict[tuple, dict] = {}  # the same merge on the same sets (the evolved merge kept its start): scored once
     for name, method, candidate, weak_fitness in entries:
         scored = [s for s in sets if s.task.name == name.removeprefix("expert:")] \
             if own_only and name.startswith("expert:") else sets
-        gold = _gold_score(mergers[method], model, tokenizer, scored, candidate, cfg.search.batch_size)
+        key = (method, tuple(float(c) for c in candidate), tuple(s.task.name for s in scored))
+        if key not in done:
+            done[key] = _gold_score(mergers[method], model, tokenizer, scored, candidate, cfg.search.batch_size)
+        gold = done[key]
         mean = gold["mean"] if len(scored) == len(sets) else float("nan")
         rows.append({"model": name, **gold["tasks"], "mean": mean, "weak_fitness": weak_fitness})
         predictions.append({"model": name, "predictions": gold["predictions"]})

@@ -349,3 +349,28 @@ def test_without_selection_the_evolved_merge_is_the_best_on_the_weak_set(tmp_pat
     assert selected["selected_by"] == "weak fitness"
     assert ("no train rows left for a held-out set of polarity, aspect3, intensity" in caplog.text) == \
         (why == "no rows left")
+
+
+def test_a_merge_already_scored_is_not_scored_again(tmp_path, cache_dir, monkeypatch):
+    """The evolved merge that kept its start is the uniform baseline: the final table copies its row instead of
+    scoring the same model again, and the selection takes the start's weak fitness from the baseline."""
+    from sentimerge.merge.engine import InMemoryMerge
+    from sentimerge.merge.methods import get_method
+    from sentimerge.pipeline.core.candidates import load_search_inputs
+
+    cfg = tiny_search(tmp_path, cache_dir, select={"top": 2, "per_task": 8}, generations=1)
+    run = RunDir(cfg.resolved_run_dir)
+    search.main(cfg)
+    baselines = json.loads(run.search_baselines.read_text())
+    assert read_jsonl(run.search_selection)[-1]["fitness"] == baselines["uniform"]["fitness"]
+
+    model, tokenizer, adapters, genome = load_search_inputs(cfg, run)
+    mergers = {name: InMemoryMerge(model, adapters, genome, get_method(name)) for name in ("task_arithmetic", "ties")}
+    calls = []
+    score = search._gold_score
+    monkeypatch.setattr(search, "_gold_score", lambda *args: calls.append(args) or score(*args))
+    run.search_final_table("dev").unlink()
+    start = {"coefficients": baselines["uniform"]["coefficients"], "fitness": baselines["uniform"]["fitness"]}
+    table = search._final_table(run, cfg, model, tokenizer, mergers, start, baselines).set_index("model")
+    assert len(calls) == len(table) - 1  # base, 3 experts, uniform, ties; the evolved row is uniform's
+    pd.testing.assert_series_equal(table.loc["evolved"], table.loc["uniform"], check_names=False)
