@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 
 from sentimerge.pipeline.core.isolation import isolation_available, run_isolated
 
@@ -150,3 +152,35 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead, only not yet reaped
     except FileNotFoundError:
         return False
+
+
+def test_stage_1_trains_the_shared_adapter_and_each_expert_in_a_child_with_the_same_result(tmp_path, cache_dir):
+    """`sentimerge experts` from the command line forks the shared adapter's training and each expert's (the stage's
+    own process does no model math, so it can fork again): it finishes, without hanging in a child, with adapters
+    equal to the bit to those trained in one process (`SENTIMERGE_ISOLATE=0`)."""
+    from safetensors.torch import load_file
+
+    from sentimerge.pipeline import prepare
+    from sentimerge.pipeline.core.config import load_config
+    from sentimerge.pipeline.core.rundir import RunDir
+    from tests.conftest import write_tiny_config
+
+    config = write_tiny_config(tmp_path, cache_dir=cache_dir,
+                               experts={"steps": 2, "batch_size": 4, "dev_examples": 4,
+                                        "shared": {"examples": 12, "per_task": 2}})
+    prepare.main(load_config(config))
+    adapters = {}
+    for isolate in ("1", "0"):
+        run_dir = tmp_path / f"run-{isolate}"
+        shutil.copytree(tmp_path / "run", run_dir)
+        done = subprocess.run([sys.executable, "-m", "sentimerge", "experts", str(config), "--run-dir", str(run_dir)],
+                              capture_output=True, text=True, check=False, timeout=300,
+                              env={**os.environ, "SENTIMERGE_ISOLATE": isolate})
+        assert done.returncode == 0, done.stderr
+        run = RunDir(str(run_dir))
+        adapters[isolate] = {task: load_file(run.expert_adapter(task) / "adapter_model.safetensors")
+                             for task in ("polarity", "aspect3", "intensity")}
+        adapters[isolate]["shared"] = load_file(run.shared_model / "model.safetensors")
+    for name, tensors in adapters["1"].items():
+        assert tensors.keys() == adapters["0"][name].keys()
+        assert all(torch.equal(value, adapters["0"][name][key]) for key, value in tensors.items()), name
