@@ -17,7 +17,7 @@ from sentimerge.pipeline import export, finetune
 from sentimerge.pipeline.cli import main
 from sentimerge.pipeline.core.candidates import load_search_inputs
 from sentimerge.pipeline.core.config import load_config
-from sentimerge.pipeline.core.errors import ModelError
+from sentimerge.pipeline.core.errors import ModelError, SentimergeError
 from sentimerge.pipeline.core.rundir import RunDir, read_manifest
 from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from tests.conftest import write_tiny_config
@@ -111,3 +111,8 @@ def test_stage_3_starts_as_the_chosen_merge_and_exports_from_the_experts_base(tm
     with torch.no_grad():
         assert not torch.allclose(exported(**ids).logits, model(**ids).logits, atol=1e-4)
     assert json.loads((run.root / "export" / "provenance.json").read_text())["merged_model"] == manifest["start"]
+
+    # the same stage 3 with the other init is another model: refused, not reported as done
+    fresh = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"init": "fresh"})})
+    with pytest.raises(SentimergeError, match="finished with another config"):
+        finetune.main(fresh)
