@@ -383,10 +383,10 @@ def write_weight_history(run: RunDir) -> pd.DataFrame:
 
 def multitask_lora_config(cfg: RunConfig, steps: int, per_task: int | None = None) -> RunConfig:
     """`cfg` with a `finetune` section that trains one multi-task LoRA from the base model the way an expert trains:
-    the experts' LoRA (rank, alpha, targets) and learning rate, equal task weights, no task pacing, `steps` optimizer steps of
-    `per_task` examples of every task (default: stage 3's). The report's multi-task LoRA baseline and the shared
+    the experts' LoRA (rank, alpha, targets), a fresh one (`init: fresh`, whatever stage 3's), and learning rate, equal
+    task weights, no task pacing, `steps` optimizer steps of `per_task` examples of every task (default: stage 3's). The report's multi-task LoRA baseline and the shared
     adapter (`experts.shared`) train with it, so the two differ only in their budgets."""
-    update = {"start": "base", "weighting": WeightingSettings(name="static"), "lora": cfg.experts.lora,
+    update = {"start": "base", "init": "fresh", "weighting": WeightingSettings(name="static"), "lora": cfg.experts.lora,
               "learning_rate": cfg.experts.learning_rate, "steps": steps, "task_pacing": TaskPacingConfig()}
     if per_task is not None:
         update["per_task"] = per_task

@@ -116,3 +116,10 @@ def test_stage_3_starts_as_the_chosen_merge_and_exports_from_the_experts_base(tm
     fresh = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"init": "fresh"})})
     with pytest.raises(SentimergeError, match="finished with another config"):
         finetune.main(fresh)
+    # the baselines and the shared adapter train a fresh LoRA from the base whatever stage 3's init: the report's
+    # multi-task LoRA is not built from the experts, and the shared adapter is not invalidated by the option
+    from sentimerge.pipeline import report
+    from sentimerge.pipeline.experts import shared_fingerprint
+
+    assert report.multitask_variant(cfg, run, 4).cfg.finetune.init == "fresh"
+    assert shared_fingerprint(cfg, run) == shared_fingerprint(fresh, run)
