@@ -25,7 +25,8 @@ SECTIONS = {  # seconds on the tiny model; gold.final unset: the whole dev split
                 "curriculum": {"pool": 16}},
     "search": {"layer_group_size": 2, "population": 2, "generations": 1, "weak": {"per_task": 4},
                "gold": {"per_generation": 4}, "dtype": "float32"},
-    "finetune": {"steps": 2, "per_task": 2, "dev_examples": 4, "evaluations": 1, "lora": LORA},
+    # stage 3 as the demo's default starts it: as the merge (`init: experts`); every baseline trains a fresh LoRA
+    "finetune": {"steps": 2, "per_task": 2, "dev_examples": 4, "evaluations": 1, "lora": LORA, "init": "experts"},
     "export": {"dtype": "float32"},
 }
 
@@ -93,7 +94,8 @@ def test_multitask_lora_starts_from_the_base_model_with_the_pipelines_budget(rep
     manifest = read_manifest(run.report_multitask)
     experts = 3 * 2 * 4  # tasks x expert steps x batch size
     stage3 = 2 * 2 * 3  # steps x per task x tasks
-    assert manifest["start"] == prepared_model_path(run)
+    assert manifest["start"] == prepared_model_path(run) and manifest["init"] == "fresh"
+    assert read_manifest(run.finetune)["init"] == "experts"
     assert manifest["weighting"] == "static"
     assert manifest["examples"] == experts + stage3 and manifest["steps"] == (experts + stage3) // (2 * 3)
     assert json.loads((run.report / "report.json").read_text())["budgets"]["multitask_examples"] == experts + stage3
