@@ -50,14 +50,14 @@ def merge_as_adapter(cfg: RunConfig, run: RunDir, start: str, seed: int):
     the merged weights starts without). Raises ModelError for experts that are not LoRA factors."""
     from sentimerge.experts.train import load_lora_model
     from sentimerge.merge.engine import merge_as_lora
-    from sentimerge.merge.genome import Genome
+    from sentimerge.pipeline.core.candidates import search_genome
     from sentimerge.pipeline.core.models import pick_device
 
     settings = cfg.finetune
     experts = {task.name: expert_deltas(run, task.name, start) for task in cfg.tasks}
     selected = json.loads(run.search_selected.read_text(encoding="utf-8"))
     layers = json.loads((Path(start) / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"]
-    genome = Genome(tuple(experts), layers, cfg.search.layer_group_size, cfg.search.split_attention_mlp)
+    genome = search_genome(cfg, tuple(experts), layers)
     scale = settings.lora.alpha / settings.lora.r
     factors, rank = merge_as_lora(experts, genome, np.asarray(selected["coefficients"]), scale)
     modules = sorted({weight.split(".")[-2] for weight in factors})  # peft's fresh LoRA elsewhere: B = 0, no change

@@ -459,11 +459,15 @@ def _choose_uniform(baselines: dict[str, dict]) -> dict[str, dict]:
     return ordered
 
 
-def start_point(baselines: dict[str, dict], genome: Genome) -> np.ndarray:
-    """CMA-ES's start: the Hybrid LoRA coefficients (`init: hybrid`), else the uniform baseline's (`init`, or the one
+def _start_row(baselines: dict[str, dict]) -> dict:
+    """The baseline CMA-ES starts from: Hybrid LoRA's (`init: hybrid`), else the uniform one (`init`, or the one
     `init: auto` chose)."""
-    start = baselines["hybrid"] if "hybrid" in baselines else baselines["uniform"]
-    return np.asarray(start["coefficients"], dtype=float).reshape(genome.size)
+    return baselines["hybrid"] if "hybrid" in baselines else baselines["uniform"]
+
+
+def start_point(baselines: dict[str, dict], genome: Genome) -> np.ndarray:
+    """CMA-ES's start: the coefficients of `_start_row`."""
+    return np.asarray(_start_row(baselines)["coefficients"], dtype=float).reshape(genome.size)
 
 
 def _baselines(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, genome: Genome,
@@ -497,7 +501,7 @@ def _keep_best(run: RunDir, row: dict) -> None:
 def start_baseline(baselines: dict[str, dict], method: str) -> dict | None:
     """The baseline row the start point is (`start_point`'s), when it was scored with the searched `method`: its
     weak fitness is then the start's, and the selection need not score it again."""
-    row = baselines["hybrid"] if "hybrid" in baselines else baselines["uniform"]
+    row = _start_row(baselines)
     return row if row["method"] == method and row.get("status") == "ok" else None
 
 

@@ -23,9 +23,13 @@ def load_search_inputs(cfg: RunConfig, run: RunDir):
     base_path = merge_base_path(run, bool(cfg.experts.shared.examples))
     model, tokenizer = load_model(base_path, dtype=settings.dtype)
     adapters = {task.name: expert_deltas(run, task.name, base_path) for task in cfg.tasks}
-    genome = Genome(tuple(adapters), model.config.num_hidden_layers, settings.layer_group_size,
-                    settings.split_attention_mlp)
-    return model, tokenizer, adapters, genome
+    return model, tokenizer, adapters, search_genome(cfg, tuple(adapters), model.config.num_hidden_layers)
+
+
+def search_genome(cfg: RunConfig, experts: tuple[str, ...], num_layers: int) -> Genome:
+    """The search space of `cfg.search` over `experts` (the tasks' order) on a model of `num_layers` decoder layers:
+    what the search's coefficients index, so whoever reads them (stage 3's `init: experts`) builds the same one."""
+    return Genome(experts, num_layers, cfg.search.layer_group_size, cfg.search.split_attention_mlp)
 
 
 def load_weak_sets(run: RunDir, cfg: RunConfig, tokenizer, path_for=None) -> list[ScoredSet]:
