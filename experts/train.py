@@ -65,7 +65,8 @@ def autocast(device: torch.device, enabled: bool, model=None):
         return
     from peft.helpers import disable_input_dtype_casting
 
-    with torch.autocast(device.type, dtype=torch.bfloat16), disable_input_dtype_casting(model, active=model is not None):
+    with torch.autocast(device.type, dtype=torch.bfloat16), \
+            disable_input_dtype_casting(model, active=model is not None):
         yield
 
 
