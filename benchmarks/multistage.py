@@ -4,7 +4,7 @@ the same number of candidate evaluations.
     python benchmarks/multistage.py runs/sharing_suite/shared_bs2/seed0 ... --name suite \\
         --runs-root runs/multistage_suite \\
         --groups "sentiment=sst5,fpb,fin_tweets; aspect=absa,fin_headlines; subjectivity=tweet_emotion,tweet_irony,subjectivity" \\
-        --group-generations 2 --generations 2 [--record suite]
+        --group-generations 2 --generations 2 [--record suite] [--level-spearman]
 
 Each RUN is a finished flat search (its `config.yaml` is the resolved config). The multi-stage search runs in
 `<runs-root>/seed<s>`, on RUN's prepared data, shared adapter and experts (hard links: the same files), with
@@ -44,7 +44,10 @@ from sentimerge.pipeline import report, search  # noqa: E402
 from sentimerge.pipeline.api import session  # noqa: E402
 from sentimerge.pipeline.core.config import RunConfig, load_config  # noqa: E402
 from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, markdown_table  # noqa: E402
-from sentimerge.pipeline.core.metrics import paired_bootstrap  # noqa: E402
+from sentimerge.merge.engine import InMemoryMerge  # noqa: E402
+from sentimerge.merge.methods import get_method  # noqa: E402
+from sentimerge.pipeline.core.candidates import load_search_inputs  # noqa: E402
+from sentimerge.pipeline.core.metrics import paired_bootstrap, spearman  # noqa: E402
 from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl  # noqa: E402
 from sentimerge.pipeline.core.runtime import setup_logging  # noqa: E402
 
@@ -123,6 +126,44 @@ def compare(cfg: RunConfig, flat: RunDir, staged: RunDir) -> list[dict]:
     return rows
 
 
+def level_one_spearman(cfg: RunConfig, staged: RunDir, split: str = "dev") -> list[dict]:
+    """Per level-1 group of a finished multi-stage search: the weak-vs-gold Spearman over the group's models that have
+    a weak fitness (its baselines: the start and each expert alone; and every candidate its CMA-ES logged), gold being
+    the mean primary metric over the group's tasks on the final table's `split` examples. Gold scores are kept in
+    `search/levels/gold_<split>.json` (a rerun scores nothing twice). Level 2's Spearman is the final table's."""
+    plan = json.loads(staged.search_level_plan.read_text(encoding="utf-8"))["groups"]
+    cache_path = staged.search_levels / f"gold_{split}.json"
+    cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
+    loaded = None
+    rows = []
+    for group in plan:
+        name, experts = group["name"], group["experts"]
+        if len(experts) < 2:
+            continue  # a group of one goes straight to level 2
+        points = [(key, row["fitness"], row["coefficients"]) for key, row in
+                  json.loads(staged.search_level_baselines(name).read_text(encoding="utf-8")).items()]
+        points += [(f"gen {row['generation']} cand {row['index']}", row["fitness"], row["coefficients"])
+                   for row in read_jsonl(staged.search_level_log(name)) if row["status"] == "ok"]
+        gold = cache.setdefault(name, {})
+        for key, _, coefficients in points:
+            if key in gold:
+                continue
+            if loaded is None:
+                model, tokenizer, adapters, genome = load_search_inputs(cfg, staged)
+                merger = InMemoryMerge(model, adapters, genome, get_method("task_arithmetic"))
+                sets = search._gold_sets(staged, cfg, tokenizer, cfg.search.gold.final, "eval", split)
+                loaded = (model, tokenizer, merger, sets)
+            model, tokenizer, merger, sets = loaded
+            scored = search._gold_score(merger, model, tokenizer, [s for s in sets if s.task.name in experts],
+                                        coefficients, cfg.search.batch_size)
+            gold[key] = scored["mean"]
+            cache_path.write_text(json.dumps(cache, indent=2) + "\n", encoding="utf-8")
+        weak = [fitness for _, fitness, _ in points]
+        rows.append({"group": name, "tasks": ",".join(experts), "models": len(points),
+                     "spearman": spearman(weak, [gold[key] for key, _, _ in points])})
+    return rows
+
+
 def _seconds(run: RunDir) -> float:
     timing = json.loads((run.search / "timing.json").read_text(encoding="utf-8"))["seconds"]
     return round(sum(timing.values()), 1)
@@ -137,6 +178,9 @@ def main() -> None:
     parser.add_argument("--group-generations", type=int, required=True, help="level 1 CMA-ES generations per group")
     parser.add_argument("--generations", type=int, required=True, help="level 2 CMA-ES generations")
     parser.add_argument("--record", metavar="PREFIX")
+    parser.add_argument("--level-spearman", action="store_true",
+                        help="also score every level-1 group's baselines and candidates on gold dev (their "
+                             "weak-vs-gold Spearman; kept in the multi-stage run)")
     args = parser.parse_args()
     setup_logging()
     command = "python " + shlex.join(["benchmarks/multistage.py", *sys.argv[1:]])
@@ -153,6 +197,11 @@ def main() -> None:
         with session(staged_cfg) as staged:
             search.main(staged_cfg)
         rows += compare(cfg, flat, staged)
+        if args.level_spearman:
+            rows += [{"run": str(flat.root), "seed": cfg.seed, "split": "dev",
+                      "comparison": f"level 1 {row['group']} ({row['tasks']})", "spearman": row["spearman"],
+                      "models": row["models"]}
+                     for row in level_one_spearman(staged_cfg, RunDir(staged_cfg.resolved_run_dir))]
         table = write_results(args.name, command, pd.DataFrame(rows))
     if args.record:
         record(headline(table, args.record), command=command,
@@ -171,7 +220,7 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
         else:
             gold = [key for key in group.columns if key.startswith("gold:") and group[key].notna().all()]
             entry.update({key: group[key].mean() for key in ("mean", "retention", "spearman", "evaluations",
-                                                             "search_seconds", *gold)})
+                                                             "search_seconds", "models", *gold) if key in group})
         summary.append(entry)
     return pd.DataFrame(summary)
 
@@ -183,7 +232,9 @@ def write_results(name: str, command: str, rows: pd.DataFrame) -> pd.DataFrame:
             "and uniform (and the flat one minus TIES), mean primary metric over tasks with a paired bootstrap 95% "
             "interval on the same examples; each search's evolved merge (its mean and, `gold:TASK`, each task's primary "
             "metric), its retention of the experts' mean, the "
-            "weak-vs-gold Spearman over its final table, its candidate evaluations and seconds.\n\n"
+            "weak-vs-gold Spearman over its final table (level 2), its candidate evaluations and seconds; with "
+            "`--level-spearman`, each level-1 group's weak-vs-gold Spearman over its `models` (its baselines and "
+            "logged candidates; gold: the group's tasks on the dev final-table examples).\n\n"
             + markdown_table(rows) + "\nOver the runs (`clear`: runs whose interval lies above zero):\n\n"
             + markdown_table(summary))
     (RESULTS / f"multistage_{name}.md").write_text(text, encoding="utf-8")

@@ -111,6 +111,12 @@ class ExpertsConfig(Frozen):
                             "primary dev metric (the earliest on ties; step 0, the base model, is not a candidate)")
     checkpoint_every: int = Field(20, ge=1, description="steps between resumable checkpoints")
     eval_batch_size: int = Field(16, ge=1)
+    answer_space: Literal["vocabulary", "answers"] = Field(
+        "vocabulary", json_schema_extra=WHEN_SET,
+        description="the softmax of each answer token's cross-entropy: the whole vocabulary, or only the tokens "
+                    "that continue the gold answer's prefix into one of the task's answers, so that an expert does "
+                    "not push down answers its task never gives (a binary task's `neutral`); measured no better on "
+                    "the demo (README)")
     mode: Literal["separate", "hybrid"] = Field(
         "separate", json_schema_extra=WHEN_SET,
         description="separate: one expert per task, each on its own data with a curriculum; hybrid: the task "

@@ -156,12 +156,40 @@ def answer_logits(model, batch: dict, device: torch.device, *, use_autocast: boo
                 hook.remove()
 
 
-def answer_loss(model, batch: dict, device: torch.device, *, use_autocast: bool) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens of a `collate` batch (with or without a shared prefix)."""
-    logits = answer_logits(model, batch, device, use_autocast=use_autocast)
+def answer_loss(model, batch: dict, device: torch.device, *, use_autocast: bool,
+                answers: tuple[tuple[int, ...], ...] | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of a `collate` batch (with or without a shared prefix).
+
+    With `answers` (the task's answers as token ids, `answer_tokens(tokenizer, task).answers`), each answer token's
+    softmax runs over the tokens that continue the gold answer's prefix into one of the task's answers
+    (`experts.answer_space: answers`, the constrained decoding of a verbaliser), the end-of-turn token's over the
+    vocabulary as before. Raises ValueError when a row's answer is none of `answers`."""
+    logits = answer_logits(model, batch, device, use_autocast=use_autocast)[:, :-1].float()
     targets = batch["labels"][:, -batch["answer_width"]:].to(device)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             targets.reshape(-1), ignore_index=-100)
+    if answers is not None:
+        logits = logits.masked_fill(~allowed_tokens(targets, answers, logits.shape[-1]), float("-inf"))
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=-100)
+
+
+def allowed_tokens(targets: torch.Tensor, answers: tuple[tuple[int, ...], ...], vocab: int) -> torch.Tensor:
+    """Which logits each position's softmax keeps under `answer_loss(..., answers=...)`: bool [B, W, vocab], every
+    token at positions that are not an answer's own (the end of turn, padding). At the t-th token of a row's gold
+    answer g: the t-th tokens of the answers that start with g[:t]. Raises ValueError naming a row whose answer
+    tokens are none of `answers`."""
+    allowed = torch.ones((*targets.shape, vocab), dtype=torch.bool, device=targets.device)
+    rows = targets.tolist()
+    for row, labels in enumerate(rows):
+        start = next((i for i, token in enumerate(labels) if token != -100), len(labels))
+        gold = next((answer for answer in answers if tuple(labels[start:start + len(answer)]) == answer), None)
+        if gold is None:
+            raise ValueError(f"answer_loss: row {row}'s answer tokens {labels[start:]} start with none of the "
+                             f"task's answers {answers}")
+        for t in range(len(gold)):
+            keep = sorted({answer[t] for answer in answers if len(answer) > t and answer[:t] == gold[:t]})
+            allowed[row, start + t] = False
+            allowed[row, start + t, keep] = True
+    return allowed
 
 
 def learning_rate(step: int, cfg: ExpertsConfig) -> float:

@@ -49,6 +49,7 @@ from sentimerge.pipeline.core.data import sample_examples
 from sentimerge.pipeline.core.errors import ConfigError, ModelError, SentimergeError
 from sentimerge.pipeline.core.isolation import run_isolated
 from sentimerge.pipeline.core.models import check_against_base_model, merge_adapter_into, pick_device
+from sentimerge.pipeline.core.prompts import answer_tokens
 from sentimerge.pipeline.core.rundir import (
     RunDir,
     append_jsonl,
@@ -383,6 +384,7 @@ def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict],
     model, tokenizer = load_lora_model(base_path, settings.lora, dtype=cfg.base_model.dtype, device=device,
                                        seed=seed, trust_remote_code=cfg.base_model.trust_remote_code)
     encoded = encode(tokenizer, task, pool)
+    answers = answer_tokens(tokenizer, task).answers if settings.answer_space == "answers" else None
     lengths = [len(ids) for ids, _ in encoded]
     evaluate = partial(evaluate_dev, model, tokenizer, task, dev_sample, device, use_autocast=settings.autocast,
                        batch_size=settings.eval_batch_size)
@@ -405,7 +407,7 @@ def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict],
         drawn = sampler.next_batch(step)
         tick = time.time()
         batch = collate([encoded[i] for i in drawn["indices"]], tokenizer.pad_token_id, share_prefix=True)
-        loss = answer_loss(model, batch, device, use_autocast=settings.autocast)
+        loss = answer_loss(model, batch, device, use_autocast=settings.autocast, answers=answers)
         loss.backward()
         append_jsonl(run.expert_schedule(task.name), _schedule_row(step + 1, drawn, pool, difficulty))
         return {"loss": round(loss.item(), 5),

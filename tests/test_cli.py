@@ -154,3 +154,24 @@ def test_logging_follows_stderr_after_the_stream_it_started_with_is_closed(monke
     monkeypatch.setattr(sys, "stderr", second)
     logging.getLogger("sentimerge").info("into the second")
     assert second.getvalue() == "[sentimerge] into the second\n"
+
+
+def test_logging_prints_sentimerge_info_and_only_the_warnings_of_other_libraries(monkeypatch):
+    """A fresh machine's first plot made matplotlib log "generated new fontManager" at INFO into the demo's output."""
+    import io
+    import logging
+
+    from sentimerge.pipeline.core.runtime import setup_logging
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging()
+    logging.getLogger("matplotlib.font_manager").info("generated new fontManager")
+    logging.getLogger("sentimerge.experts").info("expert polarity: done")
+    logging.getLogger("sentimerge").debug("a detail")
+    logging.getLogger("some.library").warning("a real warning")
+    assert stream.getvalue() == "[sentimerge] expert polarity: done\n[sentimerge] a real warning\n"
+    setup_logging(verbose=True)
+    logging.getLogger("sentimerge").debug("a detail")
+    logging.getLogger("some.library").info("chatter")
+    assert stream.getvalue().endswith("[sentimerge] a real warning\n[sentimerge] a detail\n")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from sentimerge.experts.config import ExpertsConfig
-from sentimerge.experts.train import answer_loss, collate, encode, learning_rate
+from sentimerge.experts.train import allowed_tokens, answer_loss, collate, encode, learning_rate
 from sentimerge.pipeline import cli, experts, prepare
 from sentimerge.pipeline.core.config import load_config, load_tasks_file
 from sentimerge.pipeline.core.errors import SentimergeError
@@ -216,6 +216,53 @@ def test_answer_loss_is_cross_entropy_on_the_answer_tokens_only(prepared_tiny):
             assert targets[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # the end of turn is taught too
     assert counted > 2 * len(encoded)  # multi-token answers: the first answer token is not the only target
     torch.testing.assert_close(loss, torch.stack(per_token).sum() / counted, rtol=1e-4, atol=1e-5)
+
+
+def test_answer_loss_over_the_answers_renormalises_each_answer_token_over_the_answers_continuing_its_prefix(
+        prepared_tiny):
+    """`experts.answer_space: answers`: the t-th answer token's softmax runs over the t-th tokens of the task's answers
+    that share the gold answer's first t tokens; the end of turn keeps the vocabulary; other logits get no gradient."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sentimerge.pipeline.core.prompts import answer_tokens
+
+    run = RunDir(prepared_tiny.resolved_run_dir)
+    path = prepared_model_path(run)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    task = prepared_tiny.task("aspect3")
+    answers = answer_tokens(tokenizer, task).answers
+    assert max(len(answer) for answer in answers) > 1  # later answer tokens are renormalised too
+    encoded = encode(tokenizer, task, load_prepared(run, "aspect3", "train")[:4])
+    batch = collate(encoded, tokenizer.pad_token_id)
+    loss = answer_loss(model, batch, torch.device("cpu"), use_autocast=False, answers=answers)
+    total, counted = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in encoded:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            targets = labels[1:]
+            start = next(i for i, token in enumerate(targets) if token != -100)
+            gold = next(a for a in answers if tuple(targets[start:start + len(a)]) == a)
+            for i in range(start, len(targets)):
+                t = i - start
+                if t < len(gold):
+                    keep = sorted({a[t] for a in answers if len(a) > t and a[:t] == gold[:t]})
+                    total += -torch.log_softmax(logits[i, keep], -1)[keep.index(targets[i])].item()
+                else:
+                    total += torch.nn.functional.cross_entropy(logits[i], torch.tensor(targets[i])).item()
+                counted += 1
+    assert loss.item() == pytest.approx(total / counted, rel=1e-4)
+    assert loss.item() < answer_loss(model, batch, torch.device("cpu"), use_autocast=False).item()
+    # answers "3 4", "3 5" and "6" and a row answering "3 5" then end of turn (9): {3, 6}, then {4, 5}, then all
+    toy = ((3, 4), (3, 5), (6,))
+    allowed = allowed_tokens(torch.tensor([[-100, 3, 5, 9]]), toy, 10)
+    assert [torch.nonzero(allowed[0, i]).flatten().tolist() for i in range(4)] == \
+        [list(range(10)), [3, 6], [4, 5], list(range(10))]
+    logits = torch.randn(1, 4, 10, requires_grad=True)
+    torch.nn.functional.cross_entropy(logits.masked_fill(~allowed, float("-inf"))[0], torch.tensor([-100, 3, 5, 9]),
+                                      ignore_index=-100).backward()
+    assert logits.grad[0, 1][~allowed[0, 1]].abs().sum() == 0 and logits.grad[0, 1][[3, 6]].abs().sum() > 0
+    with pytest.raises(ValueError, match="row 0's answer tokens"):
+        allowed_tokens(torch.tensor([[-100, 10**6, 5]]), answers, 10)
 
 
 @pytest.mark.parametrize("loss_of", ["answer_loss", "per_example_losses"])

@@ -34,9 +34,14 @@ class CurrentStderrHandler(logging.StreamHandler):
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Log sentimerge's messages as `[sentimerge] message` to the current stderr; quiet the libraries' own logs."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="[sentimerge] %(message)s",
+    """Log sentimerge's messages as `[sentimerge] message` to the current stderr; quiet the libraries' own logs.
+
+    Only the `sentimerge` loggers speak at INFO (DEBUG with `verbose`); every other logger reaches the console from
+    WARNING up, so a library's progress chatter (matplotlib's "generated new fontManager" on a fresh machine) stays
+    out of a run's output while its warnings do not."""
+    logging.basicConfig(level=logging.WARNING, format="[sentimerge] %(message)s",
                         handlers=[CurrentStderrHandler()], force=True)
+    logging.getLogger("sentimerge").setLevel(logging.DEBUG if verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
     import transformers
