@@ -27,6 +27,8 @@ def make_experts(cfg, *, rank: int = 4, targets: list[str] | None = None) -> dic
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from sentimerge.pipeline.core.models import peft_quietly
+
     run = RunDir(cfg.resolved_run_dir)
     base = prepared_model_path(run)
     paths = {}
@@ -34,7 +36,8 @@ def make_experts(cfg, *, rank: int = 4, targets: list[str] | None = None) -> dic
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets or TARGETS, init_lora_weights=False)
-        peft_model = get_peft_model(model, config)
+        with peft_quietly():
+            peft_model = get_peft_model(model, config)
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:  # peft's random B is tiny; make deltas comparable to the weights

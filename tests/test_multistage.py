@@ -19,6 +19,7 @@ from sentimerge.pipeline import search
 from sentimerge.pipeline.inspect_run import main as main_inspect
 from sentimerge.pipeline.core.config import load_config
 from sentimerge.pipeline.core.errors import ConfigError
+from sentimerge.pipeline.core.metrics import spearman
 from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl
 from tests.conftest import write_tiny_config
 from tests.test_merge import load_base
@@ -132,7 +133,8 @@ def test_multistage_settings_are_checked(tmp_path, cache_dir, search_section, me
         load_config(write_tiny_config(tmp_path, cache_dir=cache_dir, search=search_section))
 
 
-def test_the_flat_against_multistage_benchmark_reuses_the_experts_and_pairs_the_final_tables(tmp_path, cache_dir):
+def test_the_flat_against_multistage_benchmark_reuses_the_experts_and_pairs_the_final_tables(
+        tmp_path, cache_dir, monkeypatch):
     """benchmarks/multistage.py: the multi-stage search runs on the flat run's own experts (linked, not retrained),
     counts the candidates of both levels, and its paired differences equal the final tables' difference of means."""
     from benchmarks import multistage
@@ -166,3 +168,15 @@ def test_the_flat_against_multistage_benchmark_reuses_the_experts_and_pairs_the_
     assert set(multistage.headline(summary, "tiny")) >= {"tiny_multistage_minus_flat_dev"}
     dev = summary.set_index(["comparison", "split"]).loc[("multistage evolved", "dev")]
     assert dev["gold:aspect3"] == pytest.approx(means["multistage"].loc["evolved", "aspect3"])
+    # --level-spearman: group s (2 experts) ranks its start, each expert alone and its 8 logged candidates; group a
+    # (one expert) has no level-1 search; gold is cached, so a second call scores nothing
+    (level,) = multistage.level_one_spearman(staged_cfg, staged)
+    assert (level["group"], level["tasks"], level["models"]) == ("s", "polarity,intensity", 3 + 2 * 4)
+    cached = json.loads((staged.search_levels / "gold_dev.json").read_text())["s"]
+    weak = {key: row["fitness"] for key, row in json.loads(staged.search_level_baselines("s").read_text()).items()}
+    weak |= {f"gen {row['generation']} cand {row['index']}": row["fitness"]
+             for row in read_jsonl(staged.search_level_log("s")) if row["status"] == "ok"}
+    assert set(cached) == set(weak) and len(cached) == 11
+    assert level["spearman"] == pytest.approx(spearman(list(weak.values()), [cached[key] for key in weak]))
+    monkeypatch.setattr(search, "_gold_score", lambda *a, **k: pytest.fail("a cached gold score was computed again"))
+    assert multistage.level_one_spearman(staged_cfg, staged) == [level]
