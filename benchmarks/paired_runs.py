@@ -1,0 +1,99 @@
+"""Two sets of finished runs that differ in one setting before stage 3 (the search's start, the experts' loss...):
+their final models on the same examples, run by run, with a paired bootstrap interval.
+
+    python benchmarks/paired_runs.py --name demo_search_auto --a runs/auto0 runs/auto1 runs/auto2 \\
+        --b runs/demo0 runs/demo1 runs/demo2 [--label-a "search.init auto"] [--label-b "search.init 1.0"]
+
+The i-th run of `--a` is paired with the i-th of `--b`: same seed, same data, so the same final-table examples
+(checked by id). Each run's final model is read from the predictions `sentimerge report` (or
+benchmarks/stage3_ablation.py) cached in RUN/report/eval-finetune-<weighting>[-<split>].predictions.jsonl; a run
+without them is named in a one-line error. Per pair and split: both means, a - b with its paired bootstrap 95%
+interval (2000 resamples, seeded by the run's seed); over the pairs: the mean and sd of the differences and the pairs
+where a is ahead. Writes benchmarks/results/paired_runs_<name>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sentimerge.pipeline import report  # noqa: E402
+from sentimerge.pipeline.core.config import load_config  # noqa: E402
+from sentimerge.pipeline.core.evaluation import evaluation_splits, markdown_table  # noqa: E402
+from sentimerge.pipeline.core.metrics import paired_bootstrap  # noqa: E402
+from sentimerge.pipeline.core.rundir import RunDir, read_jsonl  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def final_predictions(folder: Path, split: str) -> tuple[dict[str, list[dict]], float]:
+    """({task: [{"id", "label", "prediction", ...}]}, mean primary metric over tasks) of the run's own final model on
+    `split`'s final-table examples."""
+    cfg = load_config(folder / "config.yaml", run_dir=str(folder))
+    key = f"finetune-{cfg.finetune.weighting.name}"
+    path = RunDir(cfg.resolved_run_dir).report_eval(key if split == "dev" else f"{key}-{split}")
+    kept = path.with_suffix(".predictions.jsonl")
+    if not kept.is_file():
+        raise SystemExit(f"{kept}: no scored final model; run `sentimerge report` or benchmarks/stage3_ablation.py "
+                         "on this run first")
+    return {row["task"]: row["predictions"] for row in read_jsonl(kept)}, float(pd.read_csv(path)["primary"].mean())
+
+
+def compare(a: Path, b: Path) -> list[dict]:
+    """One pair of runs: a row per split."""
+    cfg = load_config(a / "config.yaml", run_dir=str(a))
+    rows = []
+    for split in evaluation_splits(RunDir(cfg.resolved_run_dir), cfg):
+        (first, mean_a), (second, mean_b) = final_predictions(a, split), final_predictions(b, split)
+        for task in cfg.tasks:
+            if [row["id"] for row in first[task.name]] != [row["id"] for row in second[task.name]]:
+                raise SystemExit(f"{a} and {b}: task {task.name} was scored on other {split} examples; pair runs "
+                                 "with the same seed and data")
+        gold = {name: [row["label"] for row in rows_] for name, rows_ in first.items()}
+        versus = paired_bootstrap(list(cfg.tasks), gold,
+                                  {name: [row["prediction"] for row in rows_] for name, rows_ in first.items()},
+                                  {name: [row["prediction"] for row in rows_] for name, rows_ in second.items()},
+                                  seed=cfg.seed)["mean"]
+        rows.append({"a": str(a), "b": str(b), "seed": cfg.seed, "split": split, "a_mean": mean_a, "b_mean": mean_b,
+                     "difference": versus["difference"], "low": versus["low"], "high": versus["high"],
+                     "p_better": versus["p_better"]})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--a", nargs="+", type=Path, required=True)
+    parser.add_argument("--b", nargs="+", type=Path, required=True)
+    parser.add_argument("--label-a", default="a")
+    parser.add_argument("--label-b", default="b")
+    args = parser.parse_args()
+    if len(args.a) != len(args.b):
+        raise SystemExit(f"--a has {len(args.a)} runs and --b {len(args.b)}: pair them one to one")
+    command = "python " + shlex.join(["benchmarks/paired_runs.py", *sys.argv[1:]])
+    rows = pd.DataFrame([row for a, b in zip(args.a, args.b) for row in compare(a, b)])
+    summary = pd.DataFrame([{"split": split, "pairs": len(group), "a_mean": group["a_mean"].mean(),
+                             "b_mean": group["b_mean"].mean(), "difference": group["difference"].mean(),
+                             "sd": group["difference"].std(ddof=1) if len(group) > 1 else None,
+                             "a ahead": f"{int((group['difference'] > 0).sum())} of {len(group)}"}
+                            for split, group in rows.groupby("split", sort=False)])
+    text = (f"# Paired runs: {args.name}\n\n`{command}`\n\nFinal model of a ({args.label_a}) minus b ({args.label_b}), "
+            "mean primary metric over tasks, paired bootstrap 95% interval over the same examples:\n\n"
+            + markdown_table(rows) + "\nOver the pairs:\n\n" + markdown_table(summary))
+    (RESULTS / f"paired_runs_{args.name}.md").write_text(text, encoding="utf-8")
+    (RESULTS / f"paired_runs_{args.name}.json").write_text(json.dumps(
+        {"command": command, "a": args.label_a, "b": args.label_b, "rows": report.records(rows),
+         "summary": report.records(summary)}, indent=2) + "\n", encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
