@@ -250,8 +250,11 @@ def load_finetuned(variant: Variant):
     from sentimerge.pipeline.export import merged_model
 
     cfg = variant.cfg
-    start = read_manifest(variant.folder)["start"]
-    adapter = RunDir(cfg.resolved_run_dir, finetune=variant.folder).finetune_adapter
+    # where the run is now, not the path its manifest recorded: a run made with a relative run_dir (`runs/demo`)
+    # and then moved or copied would load another run's model, or none, from the recorded path
+    run = RunDir(cfg.resolved_run_dir, finetune=variant.folder)
+    start = finetune.start_model_path(cfg, run)
+    adapter = run.finetune_adapter
     model = merged_model(start, adapter, cfg)  # frozen, unlike the reloaded export: the scorer takes one path for both
     model.to(pick_device(cfg.device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=cfg.base_model.trust_remote_code)

@@ -270,3 +270,37 @@ def test_sharing_results_keep_the_variants_of_earlier_invocations_and_replace_a_
         by_variant = pd.DataFrame(written[key]).groupby("variant")["final" if key != "models" else "mean"].mean()
         assert by_variant.to_dict() == pytest.approx({"a": 0.705, "b": 0.905, "c": 0.855}), key
     assert "`first`" in (tmp_path / "sharing_x.md").read_text()
+
+
+def test_a_moved_run_is_scored_on_its_own_shared_adapter_not_the_path_its_manifest_recorded(tmp_path, cache_dir):
+    """A finished run copied elsewhere, its original deleted: the report scores its final model on the copy's base +
+    shared adapter. It used to load the start model from the path the finetune manifest recorded (a relative
+    `runs/demo/shared/model` names whatever is there in the working directory, or nothing)."""
+    import shutil
+
+    from sentimerge.pipeline import export, finetune, prepare, search
+    from sentimerge.pipeline import experts as stage1
+    from sentimerge.pipeline.core.evaluation import final_examples
+
+    sections = {**SECTIONS, "experts": {**SECTIONS["experts"], "shared": {"examples": 6}}}
+    cfg = load_config(write_tiny_config(tmp_path / "first", cache_dir=cache_dir, **sections))
+    for stage in (prepare, stage1, search, finetune):
+        stage.main(cfg)
+    original = RunDir(cfg.resolved_run_dir)
+    assert read_manifest(original.finetune)["start"] == str(original.shared / "model")
+    moved = tmp_path / "moved"
+    shutil.copytree(original.root, moved)
+    own = lambda config, run: report.Variant("final (dao)", "finetune-dao", run.finetune, config)  # noqa: E731
+    examples = final_examples(original, cfg, "dev")
+    before = report.evaluate_variant(own(cfg, original), original, examples, force=True)
+    shutil.rmtree(original.root)
+    copied = load_config(moved / "config.yaml", run_dir=str(moved))
+    run = RunDir(copied.resolved_run_dir)
+    loaded = []
+    merged_model = export.merged_model
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "merged_model",
+                      lambda start, *a, **k: loaded.append(start) or merged_model(start, *a, **k))
+        after = report.evaluate_variant(own(copied, run), run, examples, force=True)
+    assert loaded == [str(run.shared / "model")]
+    assert after[1] == before[1]  # the same predictions, example by example
