@@ -304,3 +304,20 @@ def test_a_moved_run_is_scored_on_its_own_shared_adapter_not_the_path_its_manife
         after = report.evaluate_variant(own(copied, run), run, examples, force=True)
     assert loaded == [str(run.shared / "model")]
     assert after[1] == before[1]  # the same predictions, example by example
+
+
+def test_paired_runs_pairs_final_models_on_the_same_examples_and_names_a_run_without_scores(reported, tmp_path):
+    """benchmarks/paired_runs.py: a run against itself differs by exactly zero with the run's own mean beside it; a
+    run whose final model was never scored is a one-line exit naming the missing file."""
+    from benchmarks import paired_runs
+
+    cfg, table = reported
+    run = RunDir(cfg.resolved_run_dir)
+    (row,) = paired_runs.compare(run.root, run.root)
+    assert (row["split"], row["difference"], row["low"], row["high"]) == ("dev", 0.0, 0.0, 0.0)
+    assert row["a_mean"] == pytest.approx(table.set_index("model").loc["final (dao)", "mean"])
+    empty = tmp_path / "unscored"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((run.root / "config.yaml").read_text())
+    with pytest.raises(SystemExit, match="eval-finetune-dao.predictions.jsonl: no scored final model"):
+        paired_runs.final_predictions(empty, "dev")
