@@ -38,8 +38,9 @@ def final_predictions(folder: Path, split: str) -> tuple[dict[str, list[dict]], 
     """({task: [{"id", "label", "prediction", ...}]}, mean primary metric over tasks) of the run's own final model on
     `split`'s final-table examples."""
     cfg = load_config(folder / "config.yaml", run_dir=str(folder))
-    key = f"finetune-{cfg.finetune.weighting.name}"
-    path = RunDir(cfg.resolved_run_dir).report_eval(key if split == "dev" else f"{key}-{split}")
+    run = RunDir(cfg.resolved_run_dir)
+    key = report.weighting_variant(cfg, run, cfg.finetune.weighting.name).key  # the report's key for the run's own
+    path = run.report_eval(key if split == "dev" else f"{key}-{split}")
     kept = path.with_suffix(".predictions.jsonl")
     if not kept.is_file():
         raise SystemExit(f"{kept}: no scored final model; run `sentimerge report` or benchmarks/stage3_ablation.py "

@@ -290,9 +290,9 @@ def test_a_moved_run_is_scored_on_its_own_shared_adapter_not_the_path_its_manife
     assert read_manifest(original.finetune)["start"] == str(original.shared / "model")
     moved = tmp_path / "moved"
     shutil.copytree(original.root, moved)
-    own = lambda config, run: report.Variant("final (dao)", "finetune-dao", run.finetune, config)  # noqa: E731
     examples = final_examples(original, cfg, "dev")
-    before = report.evaluate_variant(own(cfg, original), original, examples, force=True)
+    before = report.evaluate_variant(report.weighting_variant(cfg, original, "dao"), original, examples,
+                                     force=True)
     shutil.rmtree(original.root)
     copied = load_config(moved / "config.yaml", run_dir=str(moved))
     run = RunDir(copied.resolved_run_dir)
@@ -301,7 +301,7 @@ def test_a_moved_run_is_scored_on_its_own_shared_adapter_not_the_path_its_manife
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(export, "merged_model",
                       lambda start, *a, **k: loaded.append(start) or merged_model(start, *a, **k))
-        after = report.evaluate_variant(own(copied, run), run, examples, force=True)
+        after = report.evaluate_variant(report.weighting_variant(copied, run, "dao"), run, examples, force=True)
     assert loaded == [str(run.shared / "model")]
     assert after[1] == before[1]  # the same predictions, example by example
 
