@@ -98,7 +98,9 @@ def main(cfg: RunConfig, *, force: bool = False, tasks: list[str] | None = None,
         run_isolated(import_given_experts, cfg, run, given, force=force)
         selected = [task for task in selected if task.name not in given]
     if cfg.experts.shared.examples and write_run_config:  # the driver trains it once, before any expert
-        run_isolated(train_shared_adapter, cfg, run, force=force)
+        # `--force --tasks X` trains X's expert again on the shared adapter the other experts stand on; `--force`
+        # alone trains the shared adapter again, and then every expert (all of them are forced)
+        run_isolated(train_shared_adapter, cfg, run, force=force and not tasks)
     if cfg.experts.mode == "hybrid":
         if tasks:
             raise ConfigError("experts.mode hybrid trains every task's module together: drop --tasks")
@@ -519,7 +521,8 @@ def _average_text_tokens(tokenizer, task: TaskSpec, examples: list[dict]) -> flo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true", help="retrain finished experts (they are kept otherwise)")
+    parser.add_argument("--force", action="store_true",
+                        help="retrain finished experts (they are kept otherwise); without --tasks also the shared adapter")
     parser.add_argument("--tasks", help="comma-separated task names (default: every task of the config)")
     parser.add_argument("--backend", choices=["local", "ray"], help="train here, one expert after another, or as "
                                                                    "Ray tasks (default: the config's `backend`)")

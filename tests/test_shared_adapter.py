@@ -115,3 +115,20 @@ def test_a_crash_after_the_training_does_not_train_it_again(shared_run, tmp_path
     assert is_done(run.shared) and (run.shared_training / "metrics.jsonl").read_bytes() == metrics
     after = _weights(run.shared_model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_forcing_one_expert_keeps_the_shared_adapter_the_other_experts_stand_on(shared_run, tmp_path):
+    """`experts --force --tasks polarity` trains polarity's expert again and nothing else: the shared adapter under
+    every expert is kept (training it again would leave the other experts on an adapter that is gone)."""
+    import shutil
+
+    source = load_config(shared_run)
+    shutil.copytree(source.resolved_run_dir, tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    for folder in (run.shared, run.expert("polarity"), run.expert("aspect3")):
+        (folder / "marker").write_text("before")  # a replaced folder loses it
+    shared_weights = _weights(run.shared_model)
+    assert main(["experts", str(shared_run), "--run-dir", str(run.root), "--force", "--tasks", "polarity"]) == 0
+    assert (run.shared / "marker").is_file() and (run.expert("aspect3") / "marker").is_file()
+    assert all(torch.equal(shared_weights[k], v) for k, v in _weights(run.shared_model).items())
+    assert is_done(run.expert("polarity")) and not (run.expert("polarity") / "marker").exists()
