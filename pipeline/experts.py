@@ -522,7 +522,7 @@ def _average_text_tokens(tokenizer, task: TaskSpec, examples: list[dict]) -> flo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
-                        help="retrain finished experts (they are kept otherwise); without --tasks also the shared adapter")
+                        help="retrain finished experts (kept otherwise); without --tasks also the shared adapter")
     parser.add_argument("--tasks", help="comma-separated task names (default: every task of the config)")
     parser.add_argument("--backend", choices=["local", "ray"], help="train here, one expert after another, or as "
                                                                    "Ray tasks (default: the config's `backend`)")
