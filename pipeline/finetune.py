@@ -95,12 +95,30 @@ def task_order(cfg: RunConfig, run: RunDir) -> list[str]:
     return sorted(difficulty, key=lambda name: (difficulty[name], name))
 
 
-def fingerprint(cfg: RunConfig, start: str, order: list[str] | None = None) -> str:
-    decisive = {"finetune": cfg.finetune.decisive(), "seed": cfg.seed, "start": start,
-                "tasks": [task.decisive() for task in cfg.tasks]}
+def fingerprint(cfg: RunConfig, start: str, order: list[str] | None = None, *, legacy: bool = False) -> str:
+    """What decides stage 3: its settings, the seed, the tasks, the start model and (with task pacing) the task order.
+
+    A start model inside the run counts by its place in the run (`run:search/merged`), so a run that was moved or
+    copied keeps its finished stage 3; what that model holds is checked by `upstream_key`. `legacy` hashes the path
+    as given, the key of runs made before 2026-12-07 (accepted by `finished_with`)."""
+    decisive = {"finetune": cfg.finetune.decisive(), "seed": cfg.seed,
+                "start": start if legacy else _within_run(start, cfg), "tasks": [task.decisive() for task in cfg.tasks]}
     if cfg.finetune.task_pacing.pacing != "none":  # only then does the order decide anything
         decisive["task_order"] = order
     return digest(decisive)
+
+
+def _within_run(start: str, cfg: RunConfig) -> str:
+    """`run:<path in the run>` for a start model inside the run directory, else `start` itself (a hub id, the base)."""
+    try:
+        return "run:" + Path(start).resolve().relative_to(Path(cfg.resolved_run_dir).resolve()).as_posix()
+    except (ValueError, OSError):
+        return start
+
+
+def finished_with(manifest: dict, cfg: RunConfig, start: str, order: list[str] | None = None) -> bool:
+    """Whether a finished stage 3's manifest was trained with this config and start (either key of `fingerprint`)."""
+    return manifest.get("fingerprint") in {fingerprint(cfg, start, order), fingerprint(cfg, start, order, legacy=True)}
 
 
 def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], None] | None = None,
@@ -115,7 +133,7 @@ def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], No
     upstream = upstream_key(cfg, RunDir(cfg.resolved_run_dir))
     if is_done(run.finetune) and not force:
         manifest = read_manifest(run.finetune)
-        if manifest.get("fingerprint") != key:
+        if not finished_with(manifest, cfg, start, order):
             raise SentimergeError(f"{run.finetune}: finished with another config; pass --force to train it again")
         if "upstream" in manifest and manifest["upstream"] != upstream:  # runs made before it was kept: no check
             raise SentimergeError(f"{run.finetune}: trained on another stage 2 merge or other prepared data; run "

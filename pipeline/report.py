@@ -205,9 +205,8 @@ def multitask_variant(cfg: RunConfig, run: RunDir, steps: int, offset: int = 0) 
 def train(variant: Variant, run: RunDir) -> dict:
     """Train the variant, or skip it when finished (finetune resumes an interrupted one); its manifest."""
     start = finetune.start_model_path(variant.cfg, run)
-    if is_done(variant.folder) and \
-            read_manifest(variant.folder).get("fingerprint") != finetune.fingerprint(
-                variant.cfg, start, finetune.task_order(variant.cfg, run)):
+    if is_done(variant.folder) and not finetune.finished_with(read_manifest(variant.folder), variant.cfg, start,
+                                                               finetune.task_order(variant.cfg, run)):
         raise SentimergeError(f"{variant.folder}: trained with another config; delete it to train it again")
     log.info("report: %s in %s", variant.label, variant.folder)
     return finetune.main(variant.cfg, folder=variant.folder)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from sentimerge.pipeline.cli import main
@@ -134,3 +135,39 @@ def test_changed_data_is_never_reported_as_done(tmp_path, cache_dir, capsys):
             options = ["--force"]  # every expert read the prepared data
         assert main([command, str(config), *options]) == 0
     assert main(["run", str(config)]) == 0
+
+
+def test_a_moved_run_is_finished_where_it_is_now_and_older_runs_keep_their_stage_3(tmp_path, cache_dir, capsys):
+    """A finished run moved to another folder: `sentimerge run` there redoes nothing (stage 3 hashed the path of its
+    start model, so it refused a moved run as "finished with another config"). A stage 3 finished before its key
+    counted the start by its place in the run is still done; another key is still refused."""
+    from sentimerge.pipeline import finetune
+    from sentimerge.pipeline.core.config import load_config
+    from sentimerge.pipeline.core.errors import SentimergeError
+
+    config = write_tiny_config(tmp_path, cache_dir=cache_dir,
+                               experts={"steps": 2, "batch_size": 4, "dev_examples": 8, "shared": {"examples": 6}},
+                               search={"population": 4, "generations": 1, "weak": {"per_task": 4},
+                                       "gold": {"per_generation": 4}},
+                               finetune={"steps": 2, "dev_examples": 8})
+    assert main(["run", str(config)]) == 0
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    run = RunDir(tmp_path / "moved")
+    kept = [run.shared, run.expert("polarity"), run.search, run.finetune, run.export]
+    for folder in kept:
+        (folder / "marker").write_text("a folder trained again loses it")
+    assert main(["run", str(config), "--run-dir", str(run.root)]) == 0
+    assert [folder for folder in kept if not (folder / "marker").is_file()] == []
+
+    cfg = load_config(config, run_dir=str(run.root))
+    start, order = finetune.start_model_path(cfg, run), finetune.task_order(cfg, run)
+    manifest_path = run.finetune / "DONE.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["fingerprint"] == finetune.fingerprint(cfg, start, order)
+    for key, done in ((finetune.fingerprint(cfg, start, order, legacy=True), True), ("another config", False)):
+        manifest_path.write_text(json.dumps({**manifest, "fingerprint": key}))
+        if done:
+            assert finetune.main(cfg)["fingerprint"] == key and (run.finetune / "marker").is_file()
+        else:
+            with pytest.raises(SentimergeError, match="finished with another config"):
+                finetune.main(cfg)
