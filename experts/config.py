@@ -54,6 +54,21 @@ class HybridSettings(Frozen):
                                                             "over for stage 2's coefficients")
 
 
+class LocalitySettings(Frozen):
+    """Output locality of each expert (`experts.locality`): besides its own task's cross-entropy, an expert is held
+    to its start model's next-token distribution on prompts of the other tasks, with the KL divergence
+    KL(start || expert) at the position where their answer begins, so that its task vector changes little what the
+    merged model answers to the other tasks. This is the regulariser of learning without forgetting (Li and Hoiem,
+    ECCV 2016) applied to the other tasks' inputs, aimed at the property task arithmetic needs: each task vector
+    changes the function only where its own task's inputs are ("weight disentanglement", Ortiz-Jimenez, Favero and
+    Frossard, NeurIPS 2023). It reads the other tasks' inputs, never their labels. Each step adds `per_step`
+    prompts, a forward without the adapter (the start model) and one with it; they are not training examples."""
+
+    weight: float = Field(0.0, ge=0, description="weight of the KL term beside the task's cross-entropy (0: off)")
+    per_step: int = Field(4, ge=1, description="prompts of the other tasks in each optimizer step")
+    pool: int = Field(64, ge=1, description="prompts drawn (seeded) from each other task's training split")
+
+
 class GivenExpert(Frozen):
     """An expert given instead of trained (`experts.given.TASK`): exactly one of a local peft LoRA adapter folder
     (`path`), a LoRA adapter on the Hugging Face hub (`hub`, with a pinned `revision`), or a full checkpoint of the
@@ -117,6 +132,9 @@ class ExpertsConfig(Frozen):
                     "that continue the gold answer's prefix into one of the task's answers, so that an expert does "
                     "not push down answers its task never gives (a binary task's `neutral`); measured no better on "
                     "the demo (README)")
+    locality: LocalitySettings = Field(
+        LocalitySettings(), json_schema_extra=WHEN_SET,
+        description="hold each expert to its start model's answers on the other tasks' prompts (off by default)")
     mode: Literal["separate", "hybrid"] = Field(
         "separate", json_schema_extra=WHEN_SET,
         description="separate: one expert per task, each on its own data with a curriculum; hybrid: the task "
@@ -136,6 +154,9 @@ class ExpertsConfig(Frozen):
             raise ValueError("give the budget as `examples` or `steps`, not both")
         if self.given and self.mode == "hybrid":
             raise ValueError("experts.given: Hybrid LoRA trains every task's module together; use mode separate")
+        if self.locality.weight and self.mode == "hybrid":
+            raise ValueError("experts.locality holds separate experts to their start model; Hybrid LoRA trains every "
+                             "task's module together: use mode separate or drop locality")
         if self.given and self.shared.examples:
             raise ValueError("experts.given: a given expert was not trained on the shared adapter (experts.shared), "
                              "so its delta does not apply to base + shared; drop one of them")

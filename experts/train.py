@@ -172,6 +172,33 @@ def answer_loss(model, batch: dict, device: torch.device, *, use_autocast: bool,
                                              ignore_index=-100)
 
 
+def next_token_logits(model, prompts: list[list[int]], pad_id: int, device: torch.device, *,
+                      use_autocast: bool) -> torch.Tensor:
+    """Logits [len(prompts), vocab] of the token that follows each prompt (token ids), from one left-padded batch."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    with autocast(device, use_autocast, model):
+        return model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                     logits_to_keep=last_positions(input_ids)).logits[:, -1]
+
+
+def locality_kl(model, prompts: list[list[int]], pad_id: int, device: torch.device, *,
+                use_autocast: bool) -> torch.Tensor:
+    """KL(start || expert) in nats, the mean over `prompts` of the KL divergence between the next-token distributions
+    of the start model (the peft `model` with its adapter disabled; no gradient) and of the model with its adapter,
+    over the whole vocabulary, computed in float32 (`experts.locality`). Zero while the adapter changes nothing."""
+    with torch.no_grad(), model.disable_adapter():
+        start = next_token_logits(model, prompts, pad_id, device, use_autocast=use_autocast).float().log_softmax(-1)
+    expert = next_token_logits(model, prompts, pad_id, device, use_autocast=use_autocast).float().log_softmax(-1)
+    return torch.nn.functional.kl_div(expert, start, log_target=True, reduction="batchmean")
+
+
 def allowed_tokens(targets: torch.Tensor, answers: tuple[tuple[int, ...], ...], vocab: int) -> torch.Tensor:
     """Which logits each position's softmax keeps under `answer_loss(..., answers=...)`: bool [B, W, vocab], every
     token at positions that are not an answer's own (the end of turn, padding). At the t-th token of a row's gold

@@ -43,13 +43,14 @@ from sentimerge.experts.train import (
     evaluate_dev,
     learning_rate,
     load_lora_model,
+    locality_kl,
 )
 from sentimerge.pipeline.core.config import RunConfig, dump_config
 from sentimerge.pipeline.core.data import sample_examples
 from sentimerge.pipeline.core.errors import ConfigError, ModelError, SentimergeError
 from sentimerge.pipeline.core.isolation import run_isolated
 from sentimerge.pipeline.core.models import check_against_base_model, merge_adapter_into, pick_device
-from sentimerge.pipeline.core.prompts import answer_tokens
+from sentimerge.pipeline.core.prompts import answer_tokens, prompt_ids
 from sentimerge.pipeline.core.rundir import (
     RunDir,
     append_jsonl,
@@ -404,16 +405,23 @@ def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict],
                                 if curriculum.stratify and curriculum.pacing != "none" else None)
     trainable = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    locality = settings.locality
+    others = locality_prompts(cfg, run, task, tokenizer, seed) if locality.weight else []
 
     def train_step(step: int) -> dict:
         drawn = sampler.next_batch(step)
         tick = time.time()
         batch = collate([encoded[i] for i in drawn["indices"]], tokenizer.pad_token_id, share_prefix=True)
         loss = answer_loss(model, batch, device, use_autocast=settings.autocast, answers=answers)
+        row = {"loss": round(loss.item(), 5)}
+        if others:
+            kl = locality_kl(model, locality_draw(others, locality.per_step, seed, step), tokenizer.pad_token_id,
+                             device, use_autocast=settings.autocast)
+            loss = loss + locality.weight * kl
+            row["locality_kl"] = round(kl.item(), 5)
         loss.backward()
         append_jsonl(run.expert_schedule(task.name), _schedule_row(step + 1, drawn, pool, difficulty))
-        return {"loss": round(loss.item(), 5),
-                "examples_per_s": round(len(drawn["indices"]) / max(time.time() - tick, 1e-9), 2)}
+        return {**row, "examples_per_s": round(len(drawn["indices"]) / max(time.time() - tick, 1e-9), 2)}
 
     state = run_loop(Loop(
         name=f"expert {task.name}", total_steps=total, checkpoint_dir=checkpoint_dir,
@@ -434,6 +442,31 @@ def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict],
              kept["dev"]["primary"], state["zero_shot"]["primary"], trained,
              trained / max(state["train_seconds"], 1e-9), folder)
     return Expert(task, model, tokenizer, folder)
+
+
+def locality_prompts(cfg: RunConfig, run: RunDir, task: TaskSpec, tokenizer, seed: int) -> list[list[int]]:
+    """The prompts `experts.locality` holds `task`'s expert to its start model on: token ids of up to
+    `experts.locality.pool` training inputs of every other task (a seeded sample; their labels are not read), each
+    asked as that task asks it. Raises ConfigError when the run has no other task."""
+    settings = cfg.experts.locality
+    prompts = []
+    for other in cfg.tasks:
+        if other.name == task.name:
+            continue
+        rows = load_prepared(run, other.name, "train")
+        if len(rows) > settings.pool:
+            rows = sample_examples(rows, settings.pool, seed, f"{task.name}/experts/locality/{other.name}")
+        prompts += [prompt_ids(tokenizer, other, row, demonstrations=False) for row in rows]
+    if not prompts:
+        raise ConfigError(f"experts.locality: task {task.name} has no other task whose prompts it could keep")
+    return prompts
+
+
+def locality_draw(prompts: list[list[int]], count: int, seed: int, step: int) -> list[list[int]]:
+    """Step `step`'s `count` locality prompts, without replacement; a function of (seed, step), so a resumed run
+    draws what the uninterrupted one did."""
+    rng = np.random.default_rng([seed, step, 0x10CA1])
+    return [prompts[i] for i in rng.choice(len(prompts), size=min(count, len(prompts)), replace=False)]
 
 
 def evaluation_steps(total: int, evaluations: int) -> set[int]:
