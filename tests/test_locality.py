@@ -15,17 +15,9 @@ from sentimerge.pipeline.core.prompts import prompt_ids
 from sentimerge.pipeline.core.rundir import RunDir, read_jsonl
 from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from tests.conftest import TINY_TASKS, write_tiny_config
-from tests.test_experts import SMALL, Interrupt, stop_at
+from tests.test_experts import SMALL, Interrupt, one_thread, stop_at  # noqa: F401 (one_thread: autouse)
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def prepared(folder, cache_dir, tasks=None, **experts_section):
