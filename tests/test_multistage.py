@@ -180,3 +180,22 @@ def test_the_flat_against_multistage_benchmark_reuses_the_experts_and_pairs_the_
     assert level["spearman"] == pytest.approx(spearman(list(weak.values()), [cached[key] for key in weak]))
     monkeypatch.setattr(search, "_gold_score", lambda *a, **k: pytest.fail("a cached gold score was computed again"))
     assert multistage.level_one_spearman(staged_cfg, staged) == [level]
+
+
+def test_the_mem_mcl_table_reads_each_mechanism_against_its_off_switch_from_the_result_files(tmp_path):
+    """benchmarks/mem_mcl_table.py: the multi-stage rows are multi-stage minus flat only (not the baselines), the
+    unseen split is named per config, and a missing result file leaves its rows out."""
+    import json
+
+    from benchmarks import mem_mcl_table
+
+    summary = {"runs": 3, "sd": 0.01, "ahead": "2 of 3"}
+    (tmp_path / "multistage_suite.json").write_text(json.dumps({"summary": [
+        {**summary, "comparison": "multistage - flat", "split": "test", "difference": -0.016},
+        {**summary, "comparison": "multistage - ties", "split": "test", "difference": 0.5}]}))
+    (tmp_path / "stage3_ablation_demo_task_pacing.json").write_text(json.dumps({"summary": [
+        {**summary, "split": "dev", "difference": -0.009}, {**summary, "split": "test", "difference": -0.011}]}))
+    rows = mem_mcl_table.rows(tmp_path)
+    assert [(r["mechanism"].split(",")[0], r["config"], r["split"], r["difference"]) for r in rows] == [
+        ("multi-stage merge by task group", "suite", "unseen dev half", -0.016),
+        ("task pacing", "demo", "dev", -0.009), ("task pacing", "demo", "test", -0.011)]
