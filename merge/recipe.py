@@ -16,6 +16,7 @@ import yaml
 from sentimerge.merge.genome import Genome
 from sentimerge.merge.methods import MergeMethod
 from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.models import peft_quietly
 
 PART_FILTERS = {"attention": "attn", "mlp": "mlp"}
 
@@ -71,4 +72,5 @@ def run_mergekit(recipe: dict, out: Path, *, cache: Path) -> None:
     config = MergeConfiguration.model_validate(recipe)
     options = MergeOptions(lora_merge_cache=str(cache), lora_merge_dtype="float32", cuda=False, copy_tokenizer=True,
                            quiet=True, write_model_card=True)
-    run_merge(config, str(out), options=options, config_source=recipe_yaml(recipe))
+    with peft_quietly():  # mergekit loads each base+LoRA with peft
+        run_merge(config, str(out), options=options, config_source=recipe_yaml(recipe))
