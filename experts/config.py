@@ -62,7 +62,8 @@ class LocalitySettings(Frozen):
     ECCV 2016) applied to the other tasks' inputs, aimed at the property task arithmetic needs: each task vector
     changes the function only where its own task's inputs are ("weight disentanglement", Ortiz-Jimenez, Favero and
     Frossard, NeurIPS 2023). It reads the other tasks' inputs, never their labels. Each step adds `per_step`
-    prompts, a forward without the adapter (the start model) and one with it; they are not training examples."""
+    prompts, a forward without the adapter (the start model) and one with it; they are not training examples. The
+    expert's `metrics.jsonl` logs the KL as `locality_kl` beside `loss`, which stays the task's cross-entropy."""
 
     weight: float = Field(0.0, ge=0, description="weight of the KL term beside the task's cross-entropy (0: off)")
     per_step: int = Field(4, ge=1, description="prompts of the other tasks in each optimizer step")
