@@ -2,12 +2,14 @@
 (Ding et al., arXiv 2408.11856) measured where it was made.
 
     python benchmarks/weighting_grid.py runs/financial --name financial \\
-        [--weightings dao,static,uncertainty,dwa,famo] [--losses level_ce,expected_mse] [--seeds 3] [--record fin]
+        [--weightings dao,static,uncertainty,dwa,famo,famo:floor=0.1] [--losses level_ce,expected_mse] [--seeds 3]
+        [--record fin]
 
 RUN is a run directory whose stages 1-2 are finished (its `config.yaml` is the resolved config). Every cell trains
 stage 3 from the run's merged model with the same steps, examples per step and dev sample; only
 `finetune.weighting` (the run's own strategy keeps its options, the others run with their defaults, as in
-`sentimerge report`), `finetune.regression_loss` and the stage 3 seed (`finetune.seed` = run seed + 0, 1, ...) change.
+`sentimerge report`, or with the options a spec `name:option=value` gives), `finetune.regression_loss` and the
+stage 3 seed (`finetune.seed` = run seed + 0, 1, ...) change.
 Cells train into `RUN/report/ablation-<weighting>-<loss>-seed<s>/` (resumable, kept) and are scored on the run's
 final-table examples of every split (`report.evaluate_variant`, cached): dev chose the settings, test chose nothing.
 
@@ -52,12 +54,31 @@ REFERENCE = "static"
 LOSS_REFERENCE = "level_ce"
 
 
+def parse_weighting(spec: str) -> tuple[str, str, dict[str, float]]:
+    """`name` or `name:option=value[:option=value]` (e.g. `famo:floor=0.1`) -> (label, name, options); the label
+    (`famo-floor0.1`) names the cell in the tables and its folder. Raises SystemExit on a malformed option."""
+    name, *pairs = spec.strip().split(":")
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            options[key.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"--weightings {spec}: options are key=number, got {pair!r}") from None
+    label = "-".join([name, *(f"{key}{value:g}" for key, value in options.items())])
+    return label, name, options
+
+
 def cell_variant(cfg: RunConfig, run: RunDir, weighting: str, loss: str, seed: int) -> report.Variant:
-    """Stage 3 with `weighting`, regression loss `loss` and stage 3 seed `seed`, from the run's merged model."""
+    """Stage 3 with `weighting` (a `parse_weighting` spec), regression loss `loss` and stage 3 seed `seed`, from
+    the run's merged model."""
+    label, name, options = parse_weighting(weighting)
     own = cfg.finetune.weighting
-    settings = (own.model_dump(mode="json", exclude_unset=True) if weighting == own.name
-                else {"name": weighting, "grad_norm_every": own.grad_norm_every})
-    return finetune_variant(cfg, run, f"{weighting}-{loss}-seed{seed}",
+    if name == own.name and not options:
+        settings = own.model_dump(mode="json", exclude_unset=True)
+    else:
+        settings = {"name": name, "grad_norm_every": own.grad_norm_every, **({"options": options} if options else {})}
+    return finetune_variant(cfg, run, f"{label}-{loss}-seed{seed}",
                             {"weighting": settings, "regression_loss": loss, "seed": seed})
 
 
@@ -118,7 +139,9 @@ def main() -> None:
     run = RunDir(cfg.resolved_run_dir)
     if not is_done(run.search):
         raise SystemExit(f"{run.search}: no finished search; run `sentimerge search` on {args.run} first")
-    weightings = list(report.check_weightings(args.weightings.split(",")))
+    specs = [spec.strip() for spec in args.weightings.split(",") if spec.strip()]
+    report.check_weightings([parse_weighting(spec)[1] for spec in specs])
+    weightings = list(dict.fromkeys(specs))
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
     seeds = [cfg.seed + offset for offset in range(args.seeds)]
     command = "python " + shlex.join(["benchmarks/weighting_grid.py", *sys.argv[1:]])
@@ -130,11 +153,11 @@ def main() -> None:
         for seed, loss, weighting in product(seeds, losses, weightings):  # a whole seed first: usable tables early
             variant = cell_variant(cfg, run, weighting, loss, seed)
             finetune.main(variant.cfg, folder=variant.folder)
+            label = parse_weighting(weighting)[0]
             for split in splits:
-                scored[weighting, loss, seed, split] = report.evaluate_variant(variant, run, examples[split],
-                                                                               split=split)
-                cells.append({"weighting": weighting, "loss": loss, "seed": seed, "split": split,
-                              **cell_metrics(scored[weighting, loss, seed, split][0])})
+                scored[label, loss, seed, split] = report.evaluate_variant(variant, run, examples[split], split=split)
+                cells.append({"weighting": label, "loss": loss, "seed": seed, "split": split,
+                              **cell_metrics(scored[label, loss, seed, split][0])})
             write_results(args.name, command, cfg, tasks, examples, scored, pd.DataFrame(cells))
     result = json.loads((RESULTS / f"weighting_grid_{args.name}.json").read_text(encoding="utf-8"))
     if args.record:

@@ -76,6 +76,27 @@ def test_famo_measures_the_decrease_on_the_same_batch_so_batch_noise_does_not_mo
     assert abs(torch.softmax(next_step.logits.detach(), 0)[0].item() - 0.5) > 0.01
 
 
+def test_famo_floor_bounds_the_weight_a_near_zero_loss_takes_and_keeps_the_objectives_gradient():
+    """One example per task and step: a confident right answer has a loss near 0, and log L gives its task almost
+    all of the gradient (the suite's FAMO collapse); with `floor` f the effective weights are z_k / (L_k + f)
+    normalised, and the combined loss's gradient is exactly that weighting of the tasks' loss gradients."""
+    losses = [2.0, 1e-4]
+    published = make_weighting("famo", STATS, {})
+    _run(published, [losses], after=[losses])
+    assert published.weights()[1].item() > 1.99  # of 2: task b's near-zero loss takes everything
+    floored = make_weighting("famo", STATS, {"floor": 0.5})
+    _run(floored, [losses], after=[losses])
+    z = torch.softmax(floored.logits.detach(), 0)
+    expected = 2 * (z / (torch.tensor(losses) + 0.5)) / (z / (torch.tensor(losses) + 0.5)).sum()
+    torch.testing.assert_close(floored.weights(), expected)
+    assert floored.weights()[1].item() < 2 * (2.0 + 0.5) / (2.0 + 0.5 + 0.5)  # at most (L_max + f) / f times a's
+    values = torch.tensor(losses, requires_grad=True)
+    floored.combine(values).backward()
+    torch.testing.assert_close(values.grad, floored.weights() / 2)  # d objective / d L_k = effective weight_k
+    with pytest.raises(ConfigError, match="floor"):
+        make_weighting("famo", STATS, {"floor": -0.1})
+
+
 def test_dao_weights_each_task_by_the_other_tasks_gradient_share():
     strategy = make_weighting("dao", STATS, {"a_difficulty": 0.0, "window": 1000})
     weights = _run(strategy, [[1.0, 1.0]] * 30, grad_norms=[[3.0, 1.0]] * 30)  # a dominates the gradient

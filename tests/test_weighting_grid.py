@@ -45,3 +45,26 @@ def test_the_changes_equal_their_definitions_and_a_clear_lead_has_an_interval_cl
     assert changes["primary"]["low"] > 0
     for interval in changes.values():
         assert interval["low"] <= interval["difference"] <= interval["high"]
+
+
+def test_a_weighting_spec_gives_the_strategy_its_options_and_the_cell_a_label_of_its_own():
+    from benchmarks.weighting_grid import parse_weighting
+
+    assert parse_weighting("famo") == ("famo", "famo", {})
+    assert parse_weighting("famo:floor=0.1") == ("famo-floor0.1", "famo", {"floor": 0.1})
+    assert parse_weighting("famo:floor=0.5:lr=0.01") == ("famo-floor0.5-lr0.01", "famo", {"floor": 0.5, "lr": 0.01})
+    with pytest.raises(SystemExit, match="key=number"):
+        parse_weighting("famo:floor")
+
+
+def test_a_cell_with_options_trains_that_strategy_with_them(prepared_tiny):
+    from benchmarks.weighting_grid import cell_variant
+    from sentimerge.pipeline.core.rundir import RunDir
+
+    run = RunDir(prepared_tiny.resolved_run_dir)
+    variant = cell_variant(prepared_tiny, run, "famo:floor=0.1", "level_ce", 3)
+    weighting = variant.cfg.finetune.weighting
+    assert (weighting.name, weighting.options, variant.cfg.finetune.seed) == ("famo", {"floor": 0.1}, 3)
+    assert variant.folder.name == "ablation-famo-floor0.1-level_ce-seed3"
+    plain = cell_variant(prepared_tiny, run, "famo", "level_ce", 3)
+    assert plain.cfg.finetune.weighting.options == {} and plain.folder != variant.folder
