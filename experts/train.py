@@ -14,7 +14,13 @@ from sentimerge.experts.config import ExpertsConfig, LoraSettings
 from sentimerge.pipeline.core.metrics import compute_metrics
 from sentimerge.pipeline.core.models import DTYPES, attention_kwargs, peft_quietly
 from sentimerge.pipeline.core.prompts import training_example
-from sentimerge.pipeline.core.scoring import cache_keyword, last_positions, returned_cache, score_task
+from sentimerge.pipeline.core.scoring import (
+    cache_keyword,
+    last_positions,
+    left_padded,
+    returned_cache,
+    score_task,
+)
 from sentimerge.pipeline.core.tasks import TaskSpec
 
 
@@ -175,13 +181,7 @@ def answer_loss(model, batch: dict, device: torch.device, *, use_autocast: bool,
 def next_token_logits(model, prompts: list[list[int]], pad_id: int, device: torch.device, *,
                       use_autocast: bool) -> torch.Tensor:
     """Logits [len(prompts), vocab] of the token that follows each prompt (token ids), from one left-padded batch."""
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention[row, width - len(ids):] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
+    input_ids, attention = left_padded(prompts, pad_id, device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     with autocast(device, use_autocast, model):
         return model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False,

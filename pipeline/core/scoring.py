@@ -146,15 +146,21 @@ def _prefix(model, prompts: list[list[int]], device) -> _Prefix | None:
     return _Prefix(length, returned_cache(out))
 
 
-def _score_batch(model, prompts, answers, pad_id, device, prefix: _Prefix | None = None) -> torch.Tensor:
-    skip = prefix.length if prefix else 0
+def left_padded(prompts: list[list[int]], pad_id: int, device, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both [len(prompts), longest - skip] on `device`: each prompt without its first
+    `skip` tokens (a prefix computed once elsewhere), left-padded so every prompt ends at the last column."""
     width = max(len(p) for p in prompts) - skip
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):  # left padding: after the shared prefix when there is one
+    for row, prompt in enumerate(prompts):
         input_ids[row, width - len(prompt) + skip:] = torch.tensor(prompt[skip:])
         attention[row, width - len(prompt) + skip:] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
+    return input_ids.to(device), attention.to(device)
+
+
+def _score_batch(model, prompts, answers, pad_id, device, prefix: _Prefix | None = None) -> torch.Tensor:
+    skip = prefix.length if prefix else 0
+    input_ids, attention = left_padded(prompts, pad_id, device, skip)  # after the shared prefix when there is one
     cache = None
     if prefix is not None:
         cache = copy.deepcopy(prefix.cache)
