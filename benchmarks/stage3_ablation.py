@@ -17,7 +17,10 @@ mean and sd of the differences and the runs where the variant is ahead. `--again
 and every variant, the difference to the run's multi-task LoRA (`sentimerge report`'s, trained on the base with the
 pipeline's whole example budget; trained here if the report has not). Writes
 benchmarks/results/stage3_ablation_<name>.{md,json} after every run; `--record KEY` puts the first variant's mean
-difference in summary.json (KEY: test, KEY_dev: dev).
+difference in summary.json (KEY: test, KEY_dev: dev). `--seeds K --reference NAME` trains every variant, the
+reference included, with K stage 3 seeds (the run's seed, +1, ...) into `ablation-<name>-seed<s>`, the weighting
+grid's folders (`--reference dao-level_ce --variant "dao-level_ce: weighting.name=dao, regression_loss=level_ce"`
+reuses its dao cells); the summary is then over runs x stage 3 seeds.
 """
 
 from __future__ import annotations
@@ -50,10 +53,23 @@ from sentimerge.pipeline.demonstrations import draw_demonstrations  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def finetune_variant(cfg: RunConfig, run: RunDir, name: str, overrides: dict) -> report.Variant:
-    """Stage 3 with `overrides` of the finetune section, into RUN/report/ablation-<name>."""
+def finetune_variant(cfg: RunConfig, run: RunDir, name: str, overrides: dict, *,
+                     label: str | None = None) -> report.Variant:
+    """Stage 3 with `overrides` of the finetune section, into RUN/report/ablation-<name>; labelled `final (<label>)`
+    (default: the name)."""
     changed = variant_config(cfg, {f"finetune.{key}": value for key, value in overrides.items()}, cfg.seed, run.root)
-    return report.Variant(f"final ({name})", f"ablation-{name}", run.report / f"ablation-{name}", changed)
+    return report.Variant(f"final ({label or name})", f"ablation-{name}", run.report / f"ablation-{name}", changed)
+
+
+def seeded_variants(cfg: RunConfig, run: RunDir, variants: list[tuple[str, dict]],
+                    stage3_seed: int | None) -> dict[str, report.Variant]:
+    """The variants trained with `finetune.seed = stage3_seed` into `ablation-<name>-seed<s>` (the weighting grid's
+    folders: `dao-level_ce` names its `dao`, `level_ce` cells), labelled by the name alone so that the seeds of a
+    variant pool in the summary; `stage3_seed=None`: as given, into `ablation-<name>`."""
+    if stage3_seed is None:
+        return {name: finetune_variant(cfg, run, name, overrides) for name, overrides in variants}
+    return {name: finetune_variant(cfg, run, f"{name}-seed{stage3_seed}", {**overrides, "seed": stage3_seed},
+                                   label=name) for name, overrides in variants}
 
 
 def with_demonstrations(cfg: RunConfig, k: int) -> RunConfig:
@@ -75,16 +91,21 @@ def predictions_of(scored: tuple) -> dict[str, list]:
 
 
 def compare_run(folder: Path, variants: list[tuple[str, dict]], *, reference_name: str | None = None,
-                demonstrations: int = 0, against_multitask: bool = False, data_root: str | None = None) -> list[dict]:
+                demonstrations: int = 0, against_multitask: bool = False, data_root: str | None = None,
+                stage3_seed: int | None = None) -> list[dict]:
     """One finished run: train the variants' stage 3 (resumable, kept), score them on the run's final-table examples of
     every split and compare each with the reference (and with the multi-task LoRA when asked): one row per variant,
-    reference and split, with the mean primary metric of both and the paired bootstrap interval of the difference."""
+    reference and split, with the mean primary metric of both and the paired bootstrap interval of the difference.
+    `stage3_seed`: train every variant with that stage 3 seed instead of the run's (`seeded_variants`); the
+    reference must then be one of them (the run's own stage 3 has the run's seed only)."""
     rows = []
     cfg = load_config(folder / "config.yaml", run_dir=str(folder), data_root=data_root)
     run = RunDir(cfg.resolved_run_dir)
     own = report.Variant(f"final ({cfg.finetune.weighting.name})", f"finetune-{cfg.finetune.weighting.name}",
                          run.finetune, cfg)
-    built = {name: finetune_variant(cfg, run, name, overrides) for name, overrides in variants}
+    if stage3_seed is not None and reference_name is None:
+        raise ValueError("stage 3 seeds other than the run's need --reference: the run's own stage 3 has one seed")
+    built = seeded_variants(cfg, run, variants, stage3_seed)
     reference = built[reference_name] if reference_name else own
     arms = [variant for variant in built.values() if variant is not reference]
     multitask = report.multitask_variant(cfg, run, report.budgets(cfg)["multitask_steps"]) \
@@ -112,7 +133,8 @@ def compare_run(folder: Path, variants: list[tuple[str, dict]], *, reference_nam
                 versus = paired_bootstrap(list(cfg.tasks), gold, predictions_of(scored),
                                           predictions_of(against_scored), seed=cfg.seed)["mean"]
                 rows.append({"variant": variant.label, "reference": against.label, "run": str(folder),
-                             "seed": cfg.seed, "split": split, "value": float(scored[0]["primary"].mean()),
+                             "seed": cfg.seed if stage3_seed is None else stage3_seed, "split": split,
+                             "value": float(scored[0]["primary"].mean()),
                              "reference_value": float(against_scored[0]["primary"].mean()),
                              "difference": versus["difference"], "low": versus["low"], "high": versus["high"]})
     return rows
@@ -129,6 +151,9 @@ def main() -> None:
                                             "the directory they were started from (benchmarks/sharing.py variants)")
     parser.add_argument("--against-multitask", action="store_true",
                         help="also compare the reference and every variant with the run's multi-task LoRA")
+    parser.add_argument("--seeds", type=int, default=0,
+                        help="train each variant with K stage 3 seeds (the run's seed, +1, ...) into "
+                             "ablation-<name>-seed<s>, the weighting grid's folders; needs --reference")
     parser.add_argument("--record", metavar="KEY", help="record the first variant's mean difference over the runs in "
                                                         "summary.json: KEY on test (it chose nothing), KEY_dev on dev")
     args = parser.parse_args()
@@ -136,10 +161,15 @@ def main() -> None:
     variants = [parse_variant(text) for text in args.variant]
     command = "python " + shlex.join(["benchmarks/stage3_ablation.py", *sys.argv[1:]])
     rows = []
+    if args.seeds and not args.reference:
+        parser.error("--seeds needs --reference: the run's own stage 3 has one seed")
     for folder in args.runs:
-        rows += compare_run(folder, variants, reference_name=args.reference, demonstrations=args.demonstrations,
-                            against_multitask=args.against_multitask, data_root=args.data_root)
-        summary = write_results(args.name, command, pd.DataFrame(rows))
+        run_seed = load_config(folder / "config.yaml", run_dir=str(folder), data_root=args.data_root).seed
+        for stage3_seed in [run_seed + offset for offset in range(args.seeds)] or [None]:
+            rows += compare_run(folder, variants, reference_name=args.reference, demonstrations=args.demonstrations,
+                                against_multitask=args.against_multitask, data_root=args.data_root,
+                                stage3_seed=stage3_seed)
+            summary = write_results(args.name, command, pd.DataFrame(rows))
     if args.record:
         first = summary[(summary["variant"] == summary["variant"].iloc[0])
                         & (summary["reference"] == summary["reference"].iloc[0])].set_index("split")

@@ -201,6 +201,24 @@ def test_a_stage3_variant_is_compared_with_the_run_and_with_the_multitask_lora_w
     assert trained_with["finetune"]["learning_rate"] == 1e-3
 
 
+def test_stage3_ablation_seeds_train_every_variant_with_that_seed_and_pool_them_under_one_label(reported):
+    """benchmarks/stage3_ablation.py --seeds: each variant, the reference included, trains with finetune.seed s into
+    ablation-<name>-seed<s> (the weighting grid's folders) and keeps the label of its name, so that the summary pools
+    the seeds of a variant; the run's own stage 3 cannot be the reference of another seed."""
+    from benchmarks.stage3_ablation import compare_run
+
+    cfg, _ = reported
+    run = RunDir(cfg.resolved_run_dir)
+    rows = compare_run(run.root, [("ref", {}), ("lr", {"learning_rate": 1e-3})], reference_name="ref", stage3_seed=1)
+    for name in ("ref", "lr"):
+        trained_with = yaml.safe_load((run.report / f"ablation-{name}-seed1" / "config.yaml").read_text())
+        assert trained_with["finetune"]["seed"] == 1
+    assert trained_with["finetune"]["learning_rate"] == 1e-3
+    assert {(row["variant"], row["reference"], row["seed"]) for row in rows} == {("final (lr)", "final (ref)", 1)}
+    with pytest.raises(ValueError, match="need --reference"):
+        compare_run(run.root, [("lr", {"learning_rate": 1e-3})], stage3_seed=1)
+
+
 def test_a_sharing_variants_relative_data_root_is_taken_from_the_working_directory(tmp_path, cache_dir,
                                                                                   monkeypatch):
     """benchmarks/sharing.py: `data_root=runs/x` means the folder under the directory the benchmark runs in, also
