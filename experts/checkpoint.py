@@ -126,7 +126,9 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_adapter(model, target: Path) -> None:
     """The adapter in peft's own format, written under a temporary name and renamed into place (a model holding
-    several named adapters, as Hybrid LoRA's, gets one subfolder per adapter: peft's layout)."""
+    several named adapters, as Hybrid LoRA's, gets one subfolder per adapter: peft's layout). peft records the base
+    model as it was opened; a local folder opened by a relative path is recorded as its absolute path, so that
+    `sentimerge evaluate --model <adapter>` (or peft's `AutoPeftModelForCausalLM`) finds it from any directory."""
     sweep_leftovers(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -135,7 +137,10 @@ def save_adapter(model, target: Path) -> None:
         settings = json.loads(config.read_text(encoding="utf-8"))
         if isinstance(settings.get("target_modules"), list):
             settings["target_modules"] = sorted(settings["target_modules"])
-            config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        base = settings.get("base_model_name_or_path")
+        if base and Path(base).is_dir():
+            settings["base_model_name_or_path"] = str(Path(base).resolve())
+        config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     faults.point("built adapter/")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

@@ -47,3 +47,37 @@ def test_missing_or_wrong_model_directory_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="not a model directory"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_an_adapter_saved_over_a_relative_base_loads_from_any_directory(tmp_path, monkeypatch):
+    """save_adapter records a base opened by a relative path as its absolute path: the adapter then loads (base +
+    adapter, the same weights) from another working directory; a declared local base that is missing is named."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sentimerge.experts.checkpoint import save_adapter
+    from sentimerge.pipeline.core.models import check_model_dir, peft_quietly
+
+    built = provision_base_model(ModelSpec(tiny={"num_layers": 1, "hidden_size": 32, "vocab_size": 320}),
+                                 tmp_path / "cache", corpus=["good film", "bad film"])
+    shutil.copytree(built, tmp_path / "runs" / "demo" / "shared" / "model")
+    monkeypatch.chdir(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained("runs/demo/shared/model", dtype=torch.float32)
+    torch.manual_seed(0)
+    with peft_quietly():
+        model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    save_adapter(model, tmp_path / "runs" / "demo" / "adapter")
+    config = json.loads((tmp_path / "runs" / "demo" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "runs" / "demo" / "shared" / "model").resolve())
+    monkeypatch.chdir(tmp_path / "runs")
+    loaded, _ = load_model(str(tmp_path / "runs" / "demo" / "adapter"), dtype="float32")
+    expected = model.merge_and_unload().state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.allclose(tensor, expected[name]), name
+    config["base_model_name_or_path"] = "runs/demo/shared/gone"
+    (tmp_path / "runs" / "demo" / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="base model runs/demo/shared/gone not found"):
+        check_model_dir(tmp_path / "runs" / "demo" / "adapter")

@@ -113,8 +113,8 @@ def check_model_dir(path: Path) -> None:
         base = _read_json(adapter).get("base_model_name_or_path")
         if not base:
             raise ModelError(f"{adapter}: no `base_model_name_or_path`")
-        if base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir():
-            raise ModelError(f"{adapter}: base model {base} not found")
+        if looks_local(base) and not Path(base).expanduser().is_dir():
+            raise ModelError(f"{adapter}: base model {base} not found (from {Path.cwd()})")
         if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
             raise ModelError(f"{path}: no adapter weights (adapter_model.safetensors)")
     elif config.is_file():
@@ -124,6 +124,12 @@ def check_model_dir(path: Path) -> None:
             raise ModelError(f"{path}: no weights (model.safetensors or an index of shards)")
     else:
         raise ModelError(f"{path}: not a model directory (no config.json or adapter_config.json)")
+
+
+def looks_local(ref: str) -> bool:
+    """Whether a model reference is a local path rather than a hub id (`org/name`): it starts with `.`, `/` or `~`,
+    or has more than two parts (`runs/demo/shared/model`)."""
+    return ref.startswith((".", "/", "~")) or len(Path(ref).parts) > 2
 
 
 def _read_json(path: Path) -> dict:
@@ -241,7 +247,7 @@ def load_model(ref: str, *, dtype: str = "bfloat16", device: str | torch.device 
 
     path = Path(ref)
     adapter = path.is_dir() and (path / "adapter_config.json").is_file()
-    if path.exists() or ref.startswith((".", "/", "~")):
+    if path.exists() or looks_local(ref):
         check_model_dir(path)
     try:
         if adapter:
