@@ -9,7 +9,9 @@ The i-th run of `--a` is paired with the i-th of `--b`: same seed, same data, so
 benchmarks/stage3_ablation.py) cached in RUN/report/eval-finetune-<weighting>[-<split>].predictions.jsonl; a run
 without them is named in a one-line error. Per pair and split: both means, a - b with its paired bootstrap 95%
 interval (2000 resamples, seeded by the run's seed); over the pairs: the mean and sd of the differences and the pairs
-where a is ahead. Writes benchmarks/results/paired_runs_<name>.{md,json}.
+where a is ahead. `--merges evolved,uniform,ties` pairs those rows of stage 2's final tables too (their predictions in
+RUN/search/final_predictions[_<split>].jsonl, on the same examples as the final model). Writes
+benchmarks/results/paired_runs_<name>.{md,json}.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from sentimerge.pipeline import report  # noqa: E402
 from sentimerge.pipeline.core.config import load_config  # noqa: E402
 from sentimerge.pipeline.core.evaluation import evaluation_splits, markdown_table  # noqa: E402
-from sentimerge.pipeline.core.metrics import paired_bootstrap  # noqa: E402
+from sentimerge.pipeline.core.metrics import paired_bootstrap, resampled_primary  # noqa: E402
 from sentimerge.pipeline.core.rundir import RunDir, read_jsonl  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -48,8 +51,23 @@ def final_predictions(folder: Path, split: str) -> tuple[dict[str, list[dict]], 
     return {row["task"]: row["predictions"] for row in read_jsonl(kept)}, float(pd.read_csv(path)["primary"].mean())
 
 
-def compare(a: Path, b: Path) -> list[dict]:
-    """One pair of runs: a row per split."""
+def merge_predictions(folder: Path, split: str, model: str) -> dict[str, list]:
+    """{task: predictions} of stage 2's final-table row `model` (evolved, uniform, ties, base...) on `split`."""
+    path = RunDir(folder).search / ("final_predictions.jsonl" if split == "dev" else f"final_predictions_{split}.jsonl")
+    rows = {row["model"]: row["predictions"] for row in read_jsonl(path)} if path.is_file() else {}
+    if model not in rows:
+        raise SystemExit(f"{path}: no final-table row {model!r} (rows: {', '.join(rows) or 'none'})")
+    return rows[model]
+
+
+def mean_primary(tasks: list, gold: dict[str, list], predicted: dict[str, list]) -> float:
+    """The final tables' `mean`: each task's primary metric on all its examples, averaged over the tasks."""
+    return float(np.mean([resampled_primary(task, gold[task.name], predicted[task.name],
+                                            np.arange(len(gold[task.name]))[None])[0] for task in tasks]))
+
+
+def compare(a: Path, b: Path, merges: tuple[str, ...] = ()) -> list[dict]:
+    """One pair of runs: a row per split and model (the final model, then each of `merges`)."""
     cfg = load_config(a / "config.yaml", run_dir=str(a))
     rows = []
     for split in evaluation_splits(RunDir(cfg.resolved_run_dir), cfg):
@@ -59,13 +77,17 @@ def compare(a: Path, b: Path) -> list[dict]:
                 raise SystemExit(f"{a} and {b}: task {task.name} was scored on other {split} examples; pair runs "
                                  "with the same seed and data")
         gold = {name: [row["label"] for row in rows_] for name, rows_ in first.items()}
-        versus = paired_bootstrap(list(cfg.tasks), gold,
-                                  {name: [row["prediction"] for row in rows_] for name, rows_ in first.items()},
-                                  {name: [row["prediction"] for row in rows_] for name, rows_ in second.items()},
-                                  seed=cfg.seed)["mean"]
-        rows.append({"a": str(a), "b": str(b), "seed": cfg.seed, "split": split, "a_mean": mean_a, "b_mean": mean_b,
-                     "difference": versus["difference"], "low": versus["low"], "high": versus["high"],
-                     "p_better": versus["p_better"]})
+        pairs = [("final", {name: [row["prediction"] for row in rows_] for name, rows_ in first.items()},
+                  {name: [row["prediction"] for row in rows_] for name, rows_ in second.items()})]
+        pairs += [(model, merge_predictions(a, split, model), merge_predictions(b, split, model)) for model in merges]
+        for model, predicted_a, predicted_b in pairs:
+            result = paired_bootstrap(list(cfg.tasks), gold, predicted_a, predicted_b, seed=cfg.seed)
+            versus = result["mean"]
+            means = (mean_a, mean_b) if model == "final" else (mean_primary(cfg.tasks, gold, predicted_a),
+                                                               mean_primary(cfg.tasks, gold, predicted_b))
+            rows.append({"a": str(a), "b": str(b), "model": model, "seed": cfg.seed, "split": split,
+                         "a_mean": means[0], "b_mean": means[1], "difference": versus["difference"],
+                         "low": versus["low"], "high": versus["high"], "p_better": versus["p_better"]})
     return rows
 
 
@@ -76,18 +98,21 @@ def main() -> None:
     parser.add_argument("--b", nargs="+", type=Path, required=True)
     parser.add_argument("--label-a", default="a")
     parser.add_argument("--label-b", default="b")
+    parser.add_argument("--merges", default="", help="stage 2 rows to pair too, comma-separated: evolved,uniform,ties")
     args = parser.parse_args()
+    merges = tuple(filter(None, (name.strip() for name in args.merges.split(","))))
     if len(args.a) != len(args.b):
         raise SystemExit(f"--a has {len(args.a)} runs and --b {len(args.b)}: pair them one to one")
     command = "python " + shlex.join(["benchmarks/paired_runs.py", *sys.argv[1:]])
-    rows = pd.DataFrame([row for a, b in zip(args.a, args.b) for row in compare(a, b)])
-    summary = pd.DataFrame([{"split": split, "pairs": len(group), "a_mean": group["a_mean"].mean(),
+    rows = pd.DataFrame([row for a, b in zip(args.a, args.b) for row in compare(a, b, merges)])
+    summary = pd.DataFrame([{"model": model, "split": split, "pairs": len(group), "a_mean": group["a_mean"].mean(),
                              "b_mean": group["b_mean"].mean(), "difference": group["difference"].mean(),
                              "sd": group["difference"].std(ddof=1) if len(group) > 1 else None,
                              "a ahead": f"{int((group['difference'] > 0).sum())} of {len(group)}"}
-                            for split, group in rows.groupby("split", sort=False)])
-    text = (f"# Paired runs: {args.name}\n\n`{command}`\n\nFinal model of a ({args.label_a}) minus b ({args.label_b}), "
-            "mean primary metric over tasks, paired bootstrap 95% interval over the same examples:\n\n"
+                            for (model, split), group in rows.groupby(["model", "split"], sort=False)])
+    text = (f"# Paired runs: {args.name}\n\n`{command}`\n\nThe final model (and the stage 2 rows asked for) of a "
+            f"({args.label_a}) minus b ({args.label_b}), mean primary metric over tasks, paired bootstrap 95% interval "
+            "over the same examples:\n\n"
             + markdown_table(rows) + "\nOver the pairs:\n\n" + markdown_table(summary))
     (RESULTS / f"paired_runs_{args.name}.md").write_text(text, encoding="utf-8")
     (RESULTS / f"paired_runs_{args.name}.json").write_text(json.dumps(

@@ -334,6 +334,14 @@ def test_paired_runs_pairs_final_models_on_the_same_examples_and_names_a_run_wit
     (row,) = paired_runs.compare(run.root, run.root)
     assert (row["split"], row["difference"], row["low"], row["high"]) == ("dev", 0.0, 0.0, 0.0)
     assert row["a_mean"] == pytest.approx(table.set_index("model").loc["final (dao)", "mean"])
+    # stage 2's rows, from the search's final-table predictions: the same means as its final table
+    rows = paired_runs.compare(run.root, run.root, ("evolved", "uniform"))
+    assert [(row["model"], row["difference"]) for row in rows] == [("final", 0.0), ("evolved", 0.0), ("uniform", 0.0)]
+    searched = pd.read_csv(run.search / "final.csv").set_index("model")["mean"]
+    for row in rows[1:]:
+        assert row["a_mean"] == pytest.approx(searched[row["model"]], abs=1e-6)
+    with pytest.raises(SystemExit, match="no final-table row 'nope'"):
+        paired_runs.compare(run.root, run.root, ("nope",))
     empty = tmp_path / "unscored"
     empty.mkdir()
     (empty / "config.yaml").write_text((run.root / "config.yaml").read_text())
