@@ -200,3 +200,18 @@ def test_without_retries_the_dead_workers_candidate_is_logged_as_failed_and_the_
     assert len(rows) == 8 and len(failed) == 1
     assert failed[0]["index"] == 2 and failed[0]["fitness"] == cfg.search.failure_penalty
     assert failed[0]["error"].startswith("worker died")
+
+
+def test_ray_overhead_names_where_the_local_and_ray_logs_part():
+    """benchmarks/ray_overhead.py: equal logs agree; otherwise the first differing row is named, with the fitness of
+    both or the note that the candidates themselves differ."""
+    from benchmarks.ray_overhead import logs_agree
+
+    row = {"level": "sentiment", "generation": 0, "index": 1, "coefficients": [1.0, 0.5], "fitness": 0.5}
+    assert logs_agree([row, row], [row, row]) == (True, "")
+    assert logs_agree([row], [{**row, "fitness": 0.5004}]) == (True, "")
+    agree, where = logs_agree([row, row], [row, {**row, "fitness": 0.52}])
+    assert not agree and where == "row 1 (sentiment generation 0 candidate 1): fitness 0.5000 locally, 0.5200 on Ray"
+    agree, where = logs_agree([row], [{**row, "coefficients": [1.0, 0.6]}])
+    assert not agree and "other coefficients" in where
+    assert logs_agree([row, row], [row]) == (False, "2 rows locally, 1 on Ray")
