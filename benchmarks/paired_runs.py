@@ -37,12 +37,13 @@ from sentimerge.pipeline.core.rundir import RunDir, read_jsonl  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def final_predictions(folder: Path, split: str) -> tuple[dict[str, list[dict]], float]:
+def final_predictions(folder: Path, split: str, key: str | None = None) -> tuple[dict[str, list[dict]], float]:
     """({task: [{"id", "label", "prediction", ...}]}, mean primary metric over tasks) of the run's own final model on
-    `split`'s final-table examples."""
+    `split`'s final-table examples; `key`: another scored model of the run instead (`ablation-<name>`, a stage 3
+    variant of benchmarks/stage3_ablation.py or weighting_grid.py)."""
     cfg = load_config(folder / "config.yaml", run_dir=str(folder))
     run = RunDir(cfg.resolved_run_dir)
-    key = report.weighting_variant(cfg, run, cfg.finetune.weighting.name).key  # the report's key for the run's own
+    key = key or report.weighting_variant(cfg, run, cfg.finetune.weighting.name).key  # the report's, for its own
     path = run.report_eval(key if split == "dev" else f"{key}-{split}")
     kept = path.with_suffix(".predictions.jsonl")
     if not kept.is_file():
@@ -66,12 +67,14 @@ def mean_primary(tasks: list, gold: dict[str, list], predicted: dict[str, list])
                                             np.arange(len(gold[task.name]))[None])[0] for task in tasks]))
 
 
-def compare(a: Path, b: Path, merges: tuple[str, ...] = ()) -> list[dict]:
-    """One pair of runs: a row per split and model (the final model, then each of `merges`)."""
+def compare(a: Path, b: Path, merges: tuple[str, ...] = (), keys: tuple[str | None, str | None] = (None, None)
+            ) -> list[dict]:
+    """One pair of runs: a row per split and model (the final model, or the models `keys` name, then each of
+    `merges`)."""
     cfg = load_config(a / "config.yaml", run_dir=str(a))
     rows = []
     for split in evaluation_splits(RunDir(cfg.resolved_run_dir), cfg):
-        (first, mean_a), (second, mean_b) = final_predictions(a, split), final_predictions(b, split)
+        (first, mean_a), (second, mean_b) = final_predictions(a, split, keys[0]), final_predictions(b, split, keys[1])
         for task in cfg.tasks:
             if [row["id"] for row in first[task.name]] != [row["id"] for row in second[task.name]]:
                 raise SystemExit(f"{a} and {b}: task {task.name} was scored on other {split} examples; pair runs "
@@ -98,13 +101,17 @@ def main() -> None:
     parser.add_argument("--b", nargs="+", type=Path, required=True)
     parser.add_argument("--label-a", default="a")
     parser.add_argument("--label-b", default="b")
+    parser.add_argument("--key-a", help="score runs of a by this scored model instead of their own final model "
+                                         "(e.g. ablation-dao-level_ce-seed0, a weighting grid cell)")
+    parser.add_argument("--key-b", help="the same for the runs of b")
     parser.add_argument("--merges", default="", help="stage 2 rows to pair too, comma-separated: evolved,uniform,ties")
     args = parser.parse_args()
     merges = tuple(filter(None, (name.strip() for name in args.merges.split(","))))
     if len(args.a) != len(args.b):
         raise SystemExit(f"--a has {len(args.a)} runs and --b {len(args.b)}: pair them one to one")
     command = "python " + shlex.join(["benchmarks/paired_runs.py", *sys.argv[1:]])
-    rows = pd.DataFrame([row for a, b in zip(args.a, args.b) for row in compare(a, b, merges)])
+    keys = (args.key_a, args.key_b)
+    rows = pd.DataFrame([row for a, b in zip(args.a, args.b) for row in compare(a, b, merges, keys)])
     summary = pd.DataFrame([{"model": model, "split": split, "pairs": len(group), "a_mean": group["a_mean"].mean(),
                              "b_mean": group["b_mean"].mean(), "difference": group["difference"].mean(),
                              "sd": group["difference"].std(ddof=1) if len(group) > 1 else None,

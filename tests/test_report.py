@@ -340,6 +340,10 @@ def test_paired_runs_pairs_final_models_on_the_same_examples_and_names_a_run_wit
     searched = pd.read_csv(run.search / "final.csv").set_index("model")["mean"]
     for row in rows[1:]:
         assert row["a_mean"] == pytest.approx(searched[row["model"]], abs=1e-6)
+    # another scored model of the run by its key: the multi-task LoRA against the run's own final model
+    (other,) = paired_runs.compare(run.root, run.root, keys=("multitask-base", None))
+    assert other["a_mean"] == pytest.approx(table.set_index("model").loc[MULTITASK, "mean"])
+    assert other["difference"] == pytest.approx(other["a_mean"] - other["b_mean"], abs=1e-6)
     with pytest.raises(SystemExit, match="no final-table row 'nope'"):
         paired_runs.compare(run.root, run.root, ("nope",))
     empty = tmp_path / "unscored"
