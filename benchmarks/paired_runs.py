@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from sentimerge.pipeline import report  # noqa: E402
 from sentimerge.pipeline.core.config import load_config  # noqa: E402
 from sentimerge.pipeline.core.evaluation import evaluation_splits, markdown_table  # noqa: E402
-from sentimerge.pipeline.core.metrics import paired_bootstrap, resampled_primary  # noqa: E402
+from sentimerge.pipeline.core.metrics import compute_metrics, paired_bootstrap  # noqa: E402
 from sentimerge.pipeline.core.rundir import RunDir, read_jsonl  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -62,9 +62,8 @@ def merge_predictions(folder: Path, split: str, model: str) -> dict[str, list]:
 
 
 def mean_primary(tasks: list, gold: dict[str, list], predicted: dict[str, list]) -> float:
-    """The final tables' `mean`: each task's primary metric on all its examples, averaged over the tasks."""
-    return float(np.mean([resampled_primary(task, gold[task.name], predicted[task.name],
-                                            np.arange(len(gold[task.name]))[None])[0] for task in tasks]))
+    """The final tables' `mean`: each task's primary metric (`compute_metrics`), averaged over the tasks."""
+    return float(np.mean([compute_metrics(task, gold[task.name], predicted[task.name])["primary"] for task in tasks]))
 
 
 def compare(a: Path, b: Path, merges: tuple[str, ...] = (), keys: tuple[str | None, str | None] = (None, None)

@@ -152,8 +152,8 @@ the base model and the deltas from shared storage (for a 7B model, ~14 GB in bf1
     (RESULTS / f"{name}.md").write_text(text)
     (RESULTS / f"{name}.json").write_text(json.dumps(
         {"seconds": {k: v for k, v in timings.items() if not k.endswith("phases")}, "phases": {
-            k: v for k, v in timings.items() if k.endswith("phases")}, "bytes": payload, "logs_agree": agree, "logs_part": where,
-         "candidates": candidates, "actors": args.actors}, indent=2) + "\n")
+            k: v for k, v in timings.items() if k.endswith("phases")}, "bytes": payload, "logs_agree": agree,
+         "logs_part": where, "candidates": candidates, "actors": args.actors}, indent=2) + "\n")
     print(text)
 
 
