@@ -50,7 +50,10 @@ def logs_agree(local: list[dict], ray: list[dict], tolerance: float = 1e-3) -> t
         if a["coefficients"] != b["coefficients"]:
             return False, f"{name}: other coefficients (an earlier choice differed)"
         if abs(a["fitness"] - b["fitness"]) >= tolerance:
-            return False, f"{name}: fitness {a['fitness']:.4f} locally, {b['fitness']:.4f} on Ray"
+            threads = (a.get("threads"), b.get("threads"))
+            why = f", scored with {threads[0]} and {threads[1]} torch threads (bf16 matmuls round differently with " \
+                  "the thread count)" if None not in threads and threads[0] != threads[1] else ""
+            return False, f"{name}: fitness {a['fitness']:.4f} locally, {b['fitness']:.4f} on Ray{why}"
     if len(local) != len(ray):
         return False, f"{len(local)} rows locally, {len(ray)} on Ray"
     return True, ""

@@ -32,7 +32,12 @@ from sentimerge.merge.methods import get_method
 from sentimerge.merge.recipe import build_recipe, recipe_yaml, run_mergekit
 from sentimerge.merge.stages import GroupPlan, group_plan, level_one, level_two, restrict
 from sentimerge.merge.weak import sample_selection_set, sample_weak_set
-from sentimerge.pipeline.core.candidates import load_search_inputs, load_weak_sets, score_candidate
+from sentimerge.pipeline.core.candidates import (
+    load_search_inputs,
+    load_weak_sets,
+    score_candidate,
+    scoring_threads,
+)
 from sentimerge.pipeline.core.config import RunConfig, dump_config, positive_int
 from sentimerge.pipeline.core.errors import SentimergeError
 from sentimerge.pipeline.core.evaluation import (
@@ -97,7 +102,7 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
         return run.search
     if force:
         shutil.rmtree(run.search, ignore_errors=True)
-    _check_state(cfg, run)
+    _check_state(cfg, run, scoring_threads(cfg, backend or cfg.backend))
     seed = cfg.seed if settings.seed is None else settings.seed
     started = time.perf_counter()
     weak_examples = {task.name: _weak_examples(run, settings, task, seed) for task in tasks}
@@ -375,16 +380,26 @@ def _fingerprint(cfg: RunConfig, run: RunDir) -> str:
     return digest(decisive)
 
 
-def _check_state(cfg: RunConfig, run: RunDir) -> None:
+def _check_state(cfg: RunConfig, run: RunDir, threads: int) -> None:
+    """Start the search's state, or check that a resumed one has the same fingerprint (else raise). A bf16 search
+    resumed with another scoring thread count goes on with a warning: its new candidates may score a few answers
+    differently from an uninterrupted run's (`candidates.scoring_threads`)."""
     fingerprint = _fingerprint(cfg, run)
     if run.search_state.is_file():
-        if json.loads(run.search_state.read_text(encoding="utf-8"))["fingerprint"] != fingerprint:
+        state = json.loads(run.search_state.read_text(encoding="utf-8"))
+        if state["fingerprint"] != fingerprint:
             raise SentimergeError(f"{run.search}: a search with another config or other experts is in progress; "
                                   "use --force to start over, or another --run-dir")
         log.info("search: resuming from %s", run.search)
+        before = state.get("scoring_threads")
+        if before is not None and before != threads and cfg.search.dtype != "float32":
+            log.warning("search: resumed with %d scoring thread(s) where it started with %d; in %s, oneDNN rounds "
+                        "some matmul outputs differently with the thread count, so candidates scored from now on "
+                        "may differ slightly from an uninterrupted run's (set `threads: %d` to match it)", threads,
+                        before, cfg.search.dtype, before)
     else:
         run.search.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run.search_state, {"fingerprint": fingerprint})
+        write_json_atomic(run.search_state, {"fingerprint": fingerprint, "scoring_threads": threads})
     if not (run.search / "config.yaml").is_file():  # also when a crash came between the two writes
         write_text_atomic(run.search / "config.yaml", dump_config(cfg))
 

@@ -12,6 +12,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from sentimerge.pipeline import experts, prepare, search  # noqa: E402
+from sentimerge.pipeline.core.candidates import scoring_threads  # noqa: E402
 from sentimerge.pipeline.core.config import load_config  # noqa: E402
 from sentimerge.pipeline.core.ray_backend import WORKER_FAULT_ENV, RayScorerPool  # noqa: E402
 from sentimerge.pipeline.core.rundir import RunDir, read_jsonl  # noqa: E402
@@ -78,6 +79,9 @@ def test_a_ray_search_writes_the_same_log_as_a_local_one(trained, tmp_path):
     got = read_jsonl(RunDir(remote.resolved_run_dir).search_candidates)
     assert len(want) == 8
     _close(_decisive(got), _decisive(want))
+    # each row says how many torch threads scored it: the actors' count is set from `ray.cpus_per_actor` (1 here)
+    assert {row["threads"] for row in got} == {scoring_threads(remote, "ray")} == {1}
+    assert {row["threads"] for row in want} == {torch.get_num_threads()}
 
 
 def test_a_multistage_ray_search_writes_the_same_logs_at_each_level_as_a_local_one(trained, tmp_path, monkeypatch):
@@ -212,6 +216,9 @@ def test_ray_overhead_names_where_the_local_and_ray_logs_part():
     assert logs_agree([row], [{**row, "fitness": 0.5004}]) == (True, "")
     agree, where = logs_agree([row, row], [row, {**row, "fitness": 0.52}])
     assert not agree and where == "row 1 (sentiment generation 0 candidate 1): fitness 0.5000 locally, 0.5200 on Ray"
+    agree, where = logs_agree([{**row, "threads": 2}], [{**row, "fitness": 0.52, "threads": 1}])
+    assert not agree and where.endswith("on Ray, scored with 2 and 1 torch threads (bf16 matmuls round differently "
+                                        "with the thread count)")
     agree, where = logs_agree([row], [{**row, "coefficients": [1.0, 0.6]}])
     assert not agree and "other coefficients" in where
     assert logs_agree([row, row], [row]) == (False, "2 rows locally, 1 on Ray")

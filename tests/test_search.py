@@ -253,6 +253,32 @@ def test_a_search_with_another_config_is_not_resumed(tmp_path, cache_dir):
     assert len(rows) == 1 and not np.allclose(rows[0]["coefficients"], 1.0)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_bf16_search_resumed_with_another_thread_count_warns(tmp_path, cache_dir, caplog, dtype):
+    """bf16 scores depend on oneDNN's thread split: the state records the scoring threads, every row its own, and a
+    bf16 resume with another count says so (float32 scores do not depend on it: no warning)."""
+    cfg = tiny_search(tmp_path, cache_dir, dtype=dtype)
+    run = RunDir(cfg.resolved_run_dir)
+    threads = torch.get_num_threads()
+    search.main(cfg, max_evaluations=2)
+    assert json.loads(run.search_state.read_text())["scoring_threads"] == threads
+    assert [row["threads"] for row in read_jsonl(run.search_candidates)] == [threads, threads]
+    other = 1 if threads > 1 else 2  # the thread count is not in the fingerprint: the search resumes
+    torch.set_num_threads(other)
+    try:
+        with caplog.at_level("WARNING", logger="sentimerge.search"):
+            search.main(cfg, max_evaluations=1)
+    finally:
+        torch.set_num_threads(threads)
+    warned = [r.getMessage() for r in caplog.records if "scoring thread" in r.getMessage()]
+    assert [row["threads"] for row in read_jsonl(run.search_candidates)] == [threads, threads, other]
+    if dtype == "float32":
+        assert warned == []
+    else:
+        assert len(warned) == 1 and f"resumed with {other} scoring thread(s) where it started with {threads}" \
+            in warned[0]
+
+
 def test_settings_that_do_not_change_scores_do_not_block_a_resume(tmp_path, cache_dir):
     cfg = tiny_search(tmp_path, cache_dir)
     search.main(cfg, max_evaluations=2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 from sentimerge.merge.engine import InMemoryMerge
 from sentimerge.merge.fitness import ScoredSet, encode_set, evaluate
@@ -43,9 +44,14 @@ def load_weak_sets(run: RunDir, cfg: RunConfig, tokenizer, path_for=None) -> lis
 
 
 def score_candidate(merger: InMemoryMerge, model, tokenizer, sets: list[ScoredSet], candidate: np.ndarray, settings) -> dict:
-    """Merge `candidate` into the resident model and score it; a failure is a row with the penalty, not a crash."""
+    """Merge `candidate` into the resident model and score it; a failure is a row with the penalty, not a crash.
+
+    The row records `threads`, the torch CPU threads that scored it: in bfloat16, oneDNN's matmuls round some
+    outputs differently with another thread count (`scoring_threads`), so two rows of the same candidate are equal
+    digit for digit only when their `threads` are."""
     clock = time.perf_counter()
     merge_seconds = 0.0
+    threads = torch.get_num_threads()
     try:
         merger.apply(candidate)
         merge_seconds = time.perf_counter() - clock
@@ -54,7 +60,22 @@ def score_candidate(merger: InMemoryMerge, model, tokenizer, sets: list[ScoredSe
         return {"status": "failed", "coefficients": candidate.tolist(), "fitness": settings.failure_penalty,
                 "error": f"{type(error).__name__}: {error}", "merge_seconds": merge_seconds,
                 "score_seconds": time.perf_counter() - clock - merge_seconds,
-                "seconds": time.perf_counter() - clock}
+                "seconds": time.perf_counter() - clock, "threads": threads}
     return {"status": "ok", "coefficients": candidate.tolist(), "fitness": result["fitness"], "tasks": result["tasks"],
             "examples": result["examples"], "merge_seconds": merge_seconds, "score_seconds": result["seconds"],
-            "seconds": time.perf_counter() - clock}
+            "seconds": time.perf_counter() - clock, "threads": threads}
+
+
+def scoring_threads(cfg: RunConfig, backend: str) -> int:
+    """The torch CPU threads that score a search's candidates: this process's on the local backend (the command set
+    them to `threads`, else torch's default); on Ray each actor's, `threads` if set, else `ray.cpus_per_actor`
+    rounded (at least 1).
+
+    Why it matters: oneDNN's bfloat16 matmuls split their work by thread count, and from about 1000 rows on (a
+    scoring batch of 16 prompts of 64 tokens) some outputs round to the neighbouring bf16 value (`benchmarks/
+    thread_determinism.py`: about 1 element in 10,000, 0.05-0.17 nat in an answer's log-probability, 1-2 of 24 weak
+    answers flipped per task on SmolLM2-135M); float32 is the same for every count. So a bf16 search is reproducible
+    digit for digit, across a resume or between backends, at the same `scoring_threads`."""
+    if backend == "ray":
+        return cfg.threads or max(1, round(cfg.ray.cpus_per_actor))
+    return torch.get_num_threads()

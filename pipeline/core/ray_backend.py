@@ -109,11 +109,11 @@ class ScoringWorker:
     def __init__(self, cfg: RunConfig, seed: int):
         from sentimerge.merge.engine import InMemoryMerge
         from sentimerge.merge.methods import get_method
-        from sentimerge.pipeline.core.candidates import load_search_inputs, load_weak_sets
+        from sentimerge.pipeline.core.candidates import load_search_inputs, load_weak_sets, scoring_threads
         from sentimerge.pipeline.core.rundir import RunDir
         from sentimerge.pipeline.core.runtime import set_threads
 
-        set_threads(cfg.threads)
+        set_threads(scoring_threads(cfg, "ray"))  # explicit, whatever OMP_NUM_THREADS Ray gave the process
         run, settings = RunDir(cfg.resolved_run_dir), cfg.search
         self.settings = settings
         self.model, self.tokenizer, adapters, genome = load_search_inputs(cfg, run)
@@ -133,6 +133,11 @@ class ScoringWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def threads(self) -> int:
+        import torch
+
+        return torch.get_num_threads()
 
 
 class RayScorerPool:
