@@ -70,6 +70,22 @@ class LocalitySettings(Frozen):
     pool: int = Field(64, ge=1, description="prompts drawn (seeded) from each other task's training split")
 
 
+class ReplaySettings(Frozen):
+    """Replay of the other tasks' labelled examples in each expert's training (`experts.replay`): `per_step` of
+    every step's `batch_size` examples are another task's (the tasks take turns, one per step), asked as that task
+    asks them and scored with its answers; the expert's own task, in curriculum order, fills the rest. So an expert
+    still spends most of its budget on its task but keeps answering the others, the interference its task vector
+    brings into a merge, and every expert learns from every task's labels (rehearsal against forgetting, Robins,
+    Connection Science 1995; mixing other tasks' data into each fine-tuning before a merge). The budget stays
+    steps x batch_size: replayed examples are training examples. The expert's `metrics.jsonl` keeps `loss` as its
+    own task's cross-entropy and logs `replay_loss` beside it; `schedule.jsonl` lists the replayed ids, which the
+    other tasks' weak sets then exclude."""
+
+    per_step: int = Field(0, ge=0, description="other tasks' examples in each step's batch (0: off); fewer than "
+                                               "batch_size")
+    pool: int = Field(64, ge=1, description="labelled training rows drawn (seeded) from each other task")
+
+
 class GivenExpert(Frozen):
     """An expert given instead of trained (`experts.given.TASK`): exactly one of a local peft LoRA adapter folder
     (`path`), a LoRA adapter on the Hugging Face hub (`hub`, with a pinned `revision`), or a full checkpoint of the
@@ -136,6 +152,9 @@ class ExpertsConfig(Frozen):
     locality: LocalitySettings = Field(
         LocalitySettings(), json_schema_extra=WHEN_SET,
         description="hold each expert to its start model's answers on the other tasks' prompts (off by default)")
+    replay: ReplaySettings = Field(
+        ReplaySettings(), json_schema_extra=WHEN_SET,
+        description="train each expert on some labelled examples of the other tasks too (off by default)")
     mode: Literal["separate", "hybrid"] = Field(
         "separate", json_schema_extra=WHEN_SET,
         description="separate: one expert per task, each on its own data with a curriculum; hybrid: the task "
@@ -158,6 +177,12 @@ class ExpertsConfig(Frozen):
         if self.locality.weight and self.mode == "hybrid":
             raise ValueError("experts.locality holds separate experts to their start model; Hybrid LoRA trains every "
                              "task's module together: use mode separate or drop locality")
+        if self.replay.per_step and self.mode == "hybrid":
+            raise ValueError("experts.replay mixes other tasks into separate experts' batches; Hybrid LoRA already "
+                             "trains on every task: use mode separate or drop replay")
+        if self.replay.per_step >= self.batch_size:
+            raise ValueError(f"experts.replay.per_step ({self.replay.per_step}) must be below experts.batch_size "
+                             f"({self.batch_size}): the expert's own task needs a place in every batch")
         if self.given and self.shared.examples:
             raise ValueError("experts.given: a given expert was not trained on the shared adapter (experts.shared), "
                              "so its delta does not apply to base + shared; drop one of them")

@@ -22,13 +22,28 @@ from sentimerge.pipeline.core.upstream import load_prepared
 log = logging.getLogger("sentimerge.search")
 
 def trained_ids(run: RunDir, task: str) -> set[str] | None:
-    """Ids of the train rows the task's expert trained on; None when the expert does not say."""
+    """Ids of the task's train rows that an expert trained on: its own expert's, and those other experts replayed
+    (`experts.replay`); None when the task's expert does not say."""
     schedule, listed = run.expert_schedule(task), run.expert(task) / "train_ids.json"
     if schedule.is_file():
-        return {identifier for row in read_jsonl(schedule) for identifier in row.get("ids", [])}
-    if listed.is_file():
-        return set(json.loads(listed.read_text(encoding="utf-8")))
-    return None
+        own = {identifier for row in read_jsonl(schedule) for identifier in row.get("ids", [])}
+    elif listed.is_file():
+        own = set(json.loads(listed.read_text(encoding="utf-8")))
+    else:
+        return None
+    return own | replayed_ids(run, task)
+
+
+def replayed_ids(run: RunDir, task: str) -> set[str]:
+    """Ids of the task's train rows that the other tasks' experts replayed (their schedules' `replay` entries)."""
+    replayed = set()
+    for schedule in sorted(run.experts.glob("*/schedule.jsonl")):
+        if schedule.parent.name == task:
+            continue
+        for row in read_jsonl(schedule):
+            if row.get("replay", {}).get("task") == task:
+                replayed.update(row["replay"]["ids"])
+    return replayed
 
 
 def _pool(run: RunDir, weak, task: TaskSpec) -> tuple[list[dict], dict]:

@@ -398,7 +398,9 @@ def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict],
         write_jsonl_atomic(run.expert_difficulty(task.name), difficulty.rows(pool))
     order = difficulty.order() if difficulty is not None else np.arange(len(pool))
     total = settings.total_steps
-    sampler = CurriculumSampler(order, lengths, batch_size=settings.batch_size, total_steps=total,
+    replay = replay_pools(cfg, run, task, tokenizer, seed) if settings.replay.per_step else []
+    sampler = CurriculumSampler(order, lengths, batch_size=settings.batch_size - settings.replay.per_step,
+                                total_steps=total,
                                 pacing=curriculum.pacing, start=curriculum.start, full_at=curriculum.full_at,
                                 bucket=settings.bucket, seed=seed,
                                 strata=[task.answer_index(example["label"]) for example in pool]
@@ -414,14 +416,25 @@ def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict],
         batch = collate([encoded[i] for i in drawn["indices"]], tokenizer.pad_token_id, share_prefix=True)
         loss = answer_loss(model, batch, device, use_autocast=settings.autocast, answers=answers)
         row = {"loss": round(loss.item(), 5)}
+        own, replayed = len(drawn["indices"]), None
+        if replay:  # the batch's other-task share: each example weighs as much as one of the task's own
+            replayed, picked = replay_draw(replay, settings.replay.per_step, seed, step)
+            other = answer_loss(model, collate([replayed.encoded[i] for i in picked], tokenizer.pad_token_id,
+                                               share_prefix=True),
+                                device, use_autocast=settings.autocast, answers=replayed.answers)
+            row["replay_loss"] = round(other.item(), 5)
+            loss = (own * loss + len(picked) * other) / (own + len(picked))
+            replayed = {"task": replayed.task.name, "ids": [replayed.rows[i]["id"] for i in picked]}
         if others:
             kl = locality_kl(model, locality_draw(others, locality.per_step, seed, step), tokenizer.pad_token_id,
                              device, use_autocast=settings.autocast)
             loss = loss + locality.weight * kl
             row["locality_kl"] = round(kl.item(), 5)
         loss.backward()
-        append_jsonl(run.expert_schedule(task.name), _schedule_row(step + 1, drawn, pool, difficulty))
-        return {**row, "examples_per_s": round(len(drawn["indices"]) / max(time.time() - tick, 1e-9), 2)}
+        schedule = _schedule_row(step + 1, drawn, pool, difficulty)
+        append_jsonl(run.expert_schedule(task.name), schedule if replayed is None else {**schedule, "replay": replayed})
+        examples = own + (len(replayed["ids"]) if replayed else 0)
+        return {**row, "examples_per_s": round(examples / max(time.time() - tick, 1e-9), 2)}
 
     state = run_loop(Loop(
         name=f"expert {task.name}", total_steps=total, checkpoint_dir=checkpoint_dir,
@@ -442,6 +455,42 @@ def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict],
              kept["dev"]["primary"], state["zero_shot"]["primary"], trained,
              trained / max(state["train_seconds"], 1e-9), folder)
     return Expert(task, model, tokenizer, folder)
+
+
+@dataclass
+class ReplayPool:
+    """One other task's rows an expert replays (`experts.replay`), encoded as that task asks them."""
+
+    task: TaskSpec
+    rows: list[dict]
+    encoded: list[tuple[list[int], list[int]]]
+    answers: tuple[tuple[int, ...], ...] | None  # the task's answers, with `experts.answer_space: answers`
+
+
+def replay_pools(cfg: RunConfig, run: RunDir, task: TaskSpec, tokenizer, seed: int) -> list[ReplayPool]:
+    """The labelled rows `task`'s expert replays: up to `experts.replay.pool` training rows of every other task (a
+    seeded sample), in the run's task order. Raises ConfigError when no other task has labelled training rows."""
+    settings = cfg.experts
+    pools = []
+    for other in cfg.tasks:
+        if other.name == task.name or other.source.unlabelled_train:
+            continue
+        rows = load_prepared(run, other.name, "train")
+        if len(rows) > settings.replay.pool:
+            rows = sample_examples(rows, settings.replay.pool, seed, f"{task.name}/experts/replay/{other.name}")
+        answers = answer_tokens(tokenizer, other).answers if settings.answer_space == "answers" else None
+        pools.append(ReplayPool(other, rows, encode(tokenizer, other, rows), answers))
+    if not pools:
+        raise ConfigError(f"experts.replay: task {task.name} has no other task with labelled training rows to replay")
+    return pools
+
+
+def replay_draw(pools: list[ReplayPool], count: int, seed: int, step: int) -> tuple[ReplayPool, list[int]]:
+    """Step `step`'s replayed task (the tasks take turns) and `count` of its rows, without replacement; a function
+    of (seed, step), so a resumed run draws what the uninterrupted one did."""
+    pool = pools[step % len(pools)]
+    rng = np.random.default_rng([seed, step, 0x2E91A])
+    return pool, sorted(rng.choice(len(pool.rows), size=min(count, len(pool.rows)), replace=False).tolist())
 
 
 def locality_prompts(cfg: RunConfig, run: RunDir, task: TaskSpec, tokenizer, seed: int) -> list[list[int]]:
