@@ -79,13 +79,20 @@ def run_loop(loop: Loop, model, optimizer: torch.optim.Optimizer, device: torch.
         for path in [loop.metrics_log, *loop.logs_to_truncate]:
             truncate_log(path, state["step"])
         log.info("%s: resuming at step %d of %d", loop.name, state["step"], loop.total_steps)
+        threads = torch.get_num_threads()
+        if state.get("threads", threads) != threads:
+            log.warning("%s: resumed with %d torch thread(s) where it started with %d; bf16 math rounds some "
+                        "outputs differently with the thread count, so the result may differ slightly from an "
+                        "uninterrupted run's (set `threads: %d` to match it)", loop.name, threads, state["threads"],
+                        state["threads"])
     else:  # a fresh start: rows logged by an attempt that died before its first checkpoint are void
         for path in [loop.metrics_log, *loop.logs_to_truncate]:
             truncate_log(path, -1)
         started = time.time()
         zero_shot = loop.evaluate() if loop.evaluate_start else None
         state = {"step": 0, "fingerprint": loop.fingerprint, "zero_shot": zero_shot, "train_seconds": 0.0,
-                 "eval_seconds": time.time() - started, "best": None, "last": None}
+                 "eval_seconds": time.time() - started, "best": None, "last": None,
+                 "threads": torch.get_num_threads()}
         if zero_shot is not None:
             append_jsonl(loop.metrics_log, {"step": 0, "dev": zero_shot})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,29 @@ def stop_at(task: str, step: int):
             raise Interrupt
 
     return hook
+
+
+def test_a_run_resumed_with_another_thread_count_warns(tmp_path, cache_dir, caplog):
+    """The checkpoint records the torch threads training started with (bf16 rounds by thread split); a resume with
+    another count says so, one with the same count does not."""
+    cfg = prepared(tmp_path, cache_dir)
+    run = RunDir(cfg.resolved_run_dir)
+    with pytest.raises(Interrupt):
+        experts.main(cfg, tasks=["aspect3"], on_step=stop_at("aspect3", 3))
+    assert json.loads((run.expert_checkpoint("aspect3") / "state.json").read_text())["threads"] == 1
+    torch.set_num_threads(2)  # the autouse fixture restores the count
+    with pytest.raises(Interrupt), caplog.at_level("WARNING", logger="sentimerge"):
+        experts.main(cfg, tasks=["aspect3"], on_step=stop_at("aspect3", 5))
+    assert [r.getMessage() for r in caplog.records if "thread" in r.getMessage()] == [
+        "expert aspect3: resumed with 2 torch thread(s) where it started with 1; bf16 math rounds some outputs "
+        "differently with the thread count, so the result may differ slightly from an uninterrupted run's (set "
+        "`threads: 1` to match it)"]
+    caplog.clear()
+    torch.set_num_threads(1)
+    with caplog.at_level("WARNING", logger="sentimerge"):
+        experts.main(cfg, tasks=["aspect3"])
+    assert not [r for r in caplog.records if "thread" in r.getMessage()]
+    assert is_done(run.expert("aspect3"))
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, cache_dir):
