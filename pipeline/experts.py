@@ -418,13 +418,13 @@ def train_expert(cfg: RunConfig, run: RunDir, task: TaskSpec, train: list[dict],
         row = {"loss": round(loss.item(), 5)}
         own, replayed = len(drawn["indices"]), None
         if replay:  # the batch's other-task share: each example weighs as much as one of the task's own
-            replayed, picked = replay_draw(replay, settings.replay.per_step, seed, step)
-            other = answer_loss(model, collate([replayed.encoded[i] for i in picked], tokenizer.pad_token_id,
-                                               share_prefix=True),
-                                device, use_autocast=settings.autocast, answers=replayed.answers)
-            row["replay_loss"] = round(other.item(), 5)
-            loss = (own * loss + len(picked) * other) / (own + len(picked))
-            replayed = {"task": replayed.task.name, "ids": [replayed.rows[i]["id"] for i in picked]}
+            other, picked = replay_draw(replay, settings.replay.per_step, seed, step)
+            other_loss = answer_loss(model, collate([other.encoded[i] for i in picked], tokenizer.pad_token_id,
+                                                    share_prefix=True),
+                                     device, use_autocast=settings.autocast, answers=other.answers)
+            row["replay_loss"] = round(other_loss.item(), 5)
+            loss = (own * loss + len(picked) * other_loss) / (own + len(picked))
+            replayed = {"task": other.task.name, "ids": [other.rows[i]["id"] for i in picked]}
         if others:
             kl = locality_kl(model, locality_draw(others, locality.per_step, seed, step), tokenizer.pad_token_id,
                              device, use_autocast=settings.autocast)
