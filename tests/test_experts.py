@@ -40,6 +40,23 @@ def prepared(folder: Path, cache_dir: Path, **experts_section):
     return cfg
 
 
+def resumed_like_whole(folder: Path, cache_dir: Path, task: str, **experts_section) -> tuple[RunDir, RunDir]:
+    """Train `task`'s expert once straight through and once interrupted before step 5 and resumed; assert that both
+    adapters are equal and return (whole, resumed) run folders for the caller's own checks."""
+    whole = prepared(folder / "whole", cache_dir, **experts_section)
+    experts.main(whole, tasks=[task])
+    broken = prepared(folder / "broken", cache_dir, **experts_section)
+    with pytest.raises(Interrupt):
+        experts.main(broken, tasks=[task], on_step=stop_at(task, 5))
+    experts.main(broken, tasks=[task])
+    runs = RunDir(whole.resolved_run_dir), RunDir(broken.resolved_run_dir)
+    expected, resumed = (load_file(run.expert_adapter(task) / "adapter_model.safetensors") for run in runs)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6)
+    return runs
+
+
 def test_expert_folder_holds_adapter_logs_and_manifest(tmp_path, cache_dir):
     cfg = prepared(tmp_path, cache_dir)
     folders = experts.main(cfg, tasks=["aspect3", "intensity"])

@@ -16,7 +16,7 @@ from sentimerge.pipeline.core.errors import ConfigError
 from sentimerge.pipeline.core.rundir import RunDir, read_jsonl, read_manifest
 from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from tests.conftest import TINY_TASKS, write_tiny_config
-from tests.test_experts import SMALL, Interrupt, one_thread, stop_at  # noqa: F401 (one_thread: autouse)
+from tests.test_experts import SMALL, one_thread, resumed_like_whole  # noqa: F401 (one_thread: autouse)
 
 CPU = torch.device("cpu")
 
@@ -93,19 +93,7 @@ def test_the_other_tasks_weak_sets_exclude_the_rows_an_expert_replayed(tmp_path,
 
 
 def test_an_interrupted_expert_with_replay_resumes_to_the_same_adapter_and_batches(tmp_path, cache_dir):
-    from safetensors.torch import load_file
-
-    section = {"replay": {"per_step": 1, "pool": 6}}
-    whole = prepared(tmp_path / "whole", cache_dir, **section)
-    experts.main(whole, tasks=["aspect3"])
-    broken = prepared(tmp_path / "broken", cache_dir, **section)
-    with pytest.raises(Interrupt):
-        experts.main(broken, tasks=["aspect3"], on_step=stop_at("aspect3", 5))
-    experts.main(broken, tasks=["aspect3"])
-    runs = [RunDir(cfg.resolved_run_dir) for cfg in (whole, broken)]
-    expected, resumed = (load_file(run.expert_adapter("aspect3") / "adapter_model.safetensors") for run in runs)
-    for name in expected:
-        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6)
+    runs = resumed_like_whole(tmp_path, cache_dir, "aspect3", replay={"per_step": 1, "pool": 6})
     schedules = [[row["replay"] for row in read_jsonl(run.expert_schedule("aspect3"))] for run in runs]
     assert schedules[1] == schedules[0]
 
