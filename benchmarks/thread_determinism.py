@@ -8,8 +8,9 @@ RUN holds a finished or started search (its `search/config.yaml`, weak sets and 
   batch_size x prompt length rows): the share of outputs that differ between the thread counts, and by how much;
 - the search: the first `--candidates` candidates of the log, merged in memory as the search merges them and scored
   on the search's weak sets with each thread count (bf16, the search's dtype), then the first `--float32` of them
-  again with the model in float32. Per candidate: the fitness with each count, the difference, and how many weak
-  answers changed. Beside it, the spread (sd) of the same candidates' fitness: the differences CMA-ES ranks by.
+  again with the model in float32. Per candidate: the fitness with each count, the difference, how many weak
+  answers changed, and, where the log records the thread count that scored it, the logged fitness minus this
+  process's at that count. Beside it, the spread (sd) of the same candidates' fitness: the differences CMA-ES ranks by.
 
 This explains why a Ray search (each actor scores with `ray.cpus_per_actor` threads, 1 by default) and a local one
 (all cores) part on a bf16 model (`benchmarks/ray_overhead.py`), and why `sentimerge search` warns when a bf16
@@ -88,16 +89,28 @@ def candidate_rows(cfg, run: RunDir, inputs: tuple, logged: list[dict], threads:
                 merger.apply(np.asarray(row["coefficients"]))
                 scored[threads_now] = evaluate(model, tokenizer, sets, cfg.search.batch_size)
             reference = scored[threads[0]]
+            logged_threads = row.get("threads")
+            again = scored[logged_threads]["fitness"] if dtype == cfg.search.dtype and logged_threads in scored \
+                else None
             for threads_now in threads[1:]:
                 other = scored[threads_now]
-                changed = sum(sum(a != b for a, b in zip(reference["predictions"][task], other["predictions"][task]))
-                              for task in reference["predictions"])
+                changed, moved = 0, 0.0
+                for scored_set in sets:
+                    pairs = list(zip(reference["predictions"][scored_set.task.name],
+                                     other["predictions"][scored_set.task.name]))
+                    if scored_set.task.kind == "classification":
+                        changed += sum(a != b for a, b in pairs)
+                    elif pairs:
+                        moved = max(moved, max(abs(a - b) for a, b in pairs))
                 rows.append({"dtype": dtype, "candidate": number, "generation": row["generation"],
                              "index": row["index"], "logged_fitness": row["fitness"],
-                             "logged_threads": row.get("threads"), f"fitness_{threads[0]}": reference["fitness"],
-                             "threads": threads_now, "fitness_other": other["fitness"],
-                             "difference": other["fitness"] - reference["fitness"], "answers_changed": changed,
-                             "answers": reference["examples"]})
+                             "logged_threads": logged_threads,
+                             "logged_minus_rescored": None if again is None else row["fitness"] - again,
+                             f"fitness_{threads[0]}": reference["fitness"], "threads": threads_now,
+                             "fitness_other": other["fitness"], "difference": other["fitness"] - reference["fitness"],
+                             "answers_changed": changed, "answers": sum(len(scored_set.labels) for scored_set in sets
+                                                                        if scored_set.task.kind == "classification"),
+                             "regression_max_abs": moved})
         merger.restore()
     torch.set_num_threads(threads[0])
     return rows
@@ -136,6 +149,9 @@ def main() -> None:
                         "max_abs_difference": float(group["difference"].abs().max()),
                         "answers_changed_mean": float(group["answers_changed"].mean()),
                         "answers": int(group["answers"].iloc[0]),
+                        "regression_max_abs": float(group["regression_max_abs"].max()),
+                        "logged_minus_rescored_max_abs": float(group["logged_minus_rescored"].abs().max())
+                        if group["logged_minus_rescored"].notna().any() else None,
                         "fitness_sd_over_candidates": float(group[f"fitness_{threads[0]}"].std(ddof=1))
                         if len(group) > 1 else float("nan")})
     name = args.name or args.run.name
@@ -150,8 +166,10 @@ def main() -> None:
              "oneDNN's linear layer alone (seeded random inputs, the model's gate_proj shape): outputs that differ "
              f"between {threads[0]} and the other thread counts.", "", markdown_table(pd.DataFrame(matmul)), "",
              f"The search's first logged candidates, merged and scored on its weak sets with {threads[0]} threads "
-             "and with each other count (`fitness_other`); `answers_changed`: weak answers (all tasks) predicted "
-             "differently.", "", markdown_table(frame), "",
+             "and with each other count (`fitness_other`); `answers_changed`: weak answers of the classification "
+             "tasks (`answers` of them) predicted differently; `regression_max_abs`: the largest change of a "
+             "regression prediction; `logged_minus_rescored`: the logged fitness minus this process's at the "
+             "thread count the log records (the same scoring in another process).", "", markdown_table(frame), "",
              "Summary per dtype: the mean and largest |difference| of fitness between thread counts, beside the "
              "sd of the same candidates' fitness (what CMA-ES ranks).", "", markdown_table(pd.DataFrame(summary)),
              ""]

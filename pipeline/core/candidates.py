@@ -71,11 +71,12 @@ def scoring_threads(cfg: RunConfig, backend: str) -> int:
     them to `threads`, else torch's default); on Ray each actor's, `threads` if set, else `ray.cpus_per_actor`
     rounded (at least 1).
 
-    Why it matters: oneDNN's bfloat16 matmuls split their work by thread count, and from about 1000 rows on (a
-    scoring batch of 16 prompts of 64 tokens) some outputs round to the neighbouring bf16 value (`benchmarks/
-    thread_determinism.py`: about 1 element in 10,000, 0.05-0.17 nat in an answer's log-probability, 1-2 of 24 weak
-    answers flipped per task on SmolLM2-135M); float32 is the same for every count. So a bf16 search is reproducible
-    digit for digit, across a resume or between backends, at the same `scoring_threads`."""
+    Why it matters: oneDNN's bfloat16 matmuls split their work by thread count, and at some row counts (768 and more
+    in `benchmarks/thread_determinism.py`; a scoring batch of 16 prompts of 48 tokens has 768) a few outputs in
+    100,000 round to the neighbouring bf16 value. Through SmolLM2-135M's 30 layers that moves answer log-probabilities
+    by up to 0.17 nat and flips one or two weak answers of a candidate (suite: its fitness by 0.010 on average, 0.030
+    at most); float32 is the same for every count. So a bf16 search is reproducible digit for digit, across a resume
+    or between backends, at the same `scoring_threads`."""
     if backend == "ray":
         return cfg.threads or max(1, round(cfg.ray.cpus_per_actor))
     return torch.get_num_threads()
