@@ -7,10 +7,14 @@ RUN holds a finished or started search (its `search/config.yaml`, weak sets and 
   gate_proj shape ([intermediate, hidden]), in bfloat16 and float32, for several row counts (a scoring batch is
   batch_size x prompt length rows): the share of outputs that differ between the thread counts, and by how much;
 - the search: the first `--candidates` candidates of the log, merged in memory as the search merges them and scored
-  on the search's weak sets with each thread count (bf16, the search's dtype), then the first `--float32` of them
-  again with the model in float32. Per candidate: the fitness with each count, the difference, how many weak
-  answers changed, and, where the log records the thread count that scored it, the logged fitness minus this
-  process's at that count. Beside it, the spread (sd) of the same candidates' fitness: the differences CMA-ES ranks by.
+  on the search's weak sets (bf16, the search's dtype), then the first `--float32` of them again with the model in
+  float32.
+
+Each thread count runs in a fresh process of its own (set once, before any model math), so that nothing a process
+computed with one count (oneDNN's primitive cache) carries over to another. Per candidate: the fitness with each
+count, the difference, how many weak answers changed, and, where the log records the thread count that scored it,
+the logged fitness minus this process's at that count. Beside it, the spread (sd) of the same candidates' fitness:
+the differences CMA-ES ranks by.
 
 This explains why a Ray search (each actor scores with `ray.cpus_per_actor` threads, 1 by default) and a local one
 (all cores) part on a bf16 model (`benchmarks/ray_overhead.py`), and why `sentimerge search` warns when a bf16
@@ -21,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,59 +52,74 @@ RESULTS = ROOT / "benchmarks" / "results"
 ROWS = (256, 512, 768, 1024, 1280, 1536, 2048)
 
 
-def matmul_rows(hidden: int, out: int, threads: list[int], seed: int = 0) -> list[dict]:
-    """Per dtype and row count: outputs of one linear layer that differ between the first and each other count."""
+def matmul_outputs(hidden: int, out: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One linear layer on seeded random inputs, per dtype and row count (run in a worker: its thread count)."""
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(out, hidden, generator=generator)
-    rows = []
+    outputs = {}
     for dtype in (torch.bfloat16, torch.float32):
         for count in ROWS:
             inputs = torch.randn(count, hidden, generator=generator)
-            outputs = {}
-            for number in threads:
-                torch.set_num_threads(number)
-                outputs[number] = torch.nn.functional.linear(inputs.to(dtype), weight.to(dtype)).float()
-            reference = outputs[threads[0]]
-            for number in threads[1:]:
-                differ = reference != outputs[number]
-                relative = ((reference - outputs[number]).abs() / reference.abs().clamp_min(1e-6))[differ]
-                rows.append({"dtype": str(dtype).removeprefix("torch."), "rows": count, "shape": f"[{count}, {hidden}] "
-                             f"x [{hidden}, {out}]", "threads": f"{threads[0]} vs {number}",
-                             "differing": int(differ.sum()), "outputs": reference.numel(),
-                             "share": float(differ.float().mean()),
-                             "max_relative": float(relative.max()) if relative.numel() else 0.0})
-    torch.set_num_threads(threads[0])
+            outputs[f"{str(dtype).removeprefix('torch.')}/{count}"] = torch.nn.functional.linear(
+                inputs.to(dtype), weight.to(dtype)).float()
+    return outputs
+
+
+def matmul_rows(outputs: dict[int, dict[str, torch.Tensor]], threads: list[int], hidden: int, out: int) -> list[dict]:
+    """Per dtype and row count: outputs that differ between the first thread count's worker and each other's."""
+    rows = []
+    for key, reference in outputs[threads[0]].items():
+        dtype, count = key.split("/")
+        for number in threads[1:]:
+            other = outputs[number][key]
+            differ = reference != other
+            relative = ((reference - other).abs() / reference.abs().clamp_min(1e-6))[differ]
+            rows.append({"dtype": dtype, "rows": int(count), "shape": f"[{count}, {hidden}] x [{hidden}, {out}]",
+                         "threads": f"{threads[0]} vs {number}", "differing": int(differ.sum()),
+                         "outputs": reference.numel(), "share": float(differ.float().mean()),
+                         "max_relative": float(relative.max()) if relative.numel() else 0.0})
     return rows
 
 
-def candidate_rows(cfg, run: RunDir, inputs: tuple, logged: list[dict], threads: list[int],
-                   float32: int) -> list[dict]:
-    """The `logged` candidates scored with each thread count (the search's dtype), the first `float32` also in
-    float32: fitness per count and answers that changed against the first count."""
-    model, tokenizer, adapters, genome = inputs
-    merger = InMemoryMerge(model, adapters, genome, get_method(cfg.search.method), density=cfg.search.density,
-                           seed=cfg.seed if cfg.search.seed is None else cfg.search.seed)
-    sets = load_weak_sets(run, cfg, tokenizer)
-    rows = []
+def score_candidates(cfg, run: RunDir, logged: list[dict], float32: int) -> dict:
+    """Run in a worker with its thread count set once: the `logged` candidates merged as the search merges them and
+    scored on its weak sets in the search's dtype, the first `float32` again in float32; plus the matmul outputs."""
+    scored = {}
     for dtype, candidates in ((cfg.search.dtype, logged), ("float32", logged[:float32])):
-        model.to(getattr(torch, dtype))
-        for number, row in enumerate(candidates):
-            scored = {}
-            for threads_now in threads:
-                torch.set_num_threads(threads_now)
-                merger.apply(np.asarray(row["coefficients"]))
-                scored[threads_now] = evaluate(model, tokenizer, sets, cfg.search.batch_size)
-            reference = scored[threads[0]]
+        # loaded in each dtype as the search loads it: `model.to(dtype)` would also cast RoPE's float32 `inv_freq`
+        loaded = cfg.model_copy(update={"search": cfg.search.model_copy(update={"dtype": dtype})})
+        model, tokenizer, adapters, genome = load_search_inputs(loaded, run)
+        merger = InMemoryMerge(model, adapters, genome, get_method(cfg.search.method), density=cfg.search.density,
+                               seed=cfg.seed if cfg.search.seed is None else cfg.search.seed)
+        sets = load_weak_sets(run, cfg, tokenizer)
+        scored[dtype] = []
+        for row in candidates:
+            merger.apply(np.asarray(row["coefficients"]))
+            result = evaluate(model, tokenizer, sets, cfg.search.batch_size)
+            scored[dtype].append({"fitness": result["fitness"], "predictions": result["predictions"]})
+    shape = model.config
+    return {"scores": scored, "kinds": {s.task.name: s.task.kind for s in sets},
+            "classification_answers": sum(len(s.labels) for s in sets if s.task.kind == "classification"),
+            "hidden": shape.hidden_size, "intermediate": shape.intermediate_size}
+
+
+def candidate_rows(results: dict[int, dict], logged: list[dict], threads: list[int], dtype_of_search: str) -> list[dict]:
+    """Per dtype, candidate and other thread count: fitness with each count, the classification answers that changed,
+    the largest move of a regression prediction, and the logged fitness minus the rescoring at its logged count."""
+    first = results[threads[0]]
+    rows = []
+    for dtype, reference_rows in first["scores"].items():
+        for number, reference in enumerate(reference_rows):
+            row = logged[number]
             logged_threads = row.get("threads")
-            again = scored[logged_threads]["fitness"] if dtype == cfg.search.dtype and logged_threads in scored \
-                else None
+            again = results[logged_threads]["scores"][dtype][number]["fitness"] \
+                if dtype == dtype_of_search and logged_threads in results else None
             for threads_now in threads[1:]:
-                other = scored[threads_now]
+                other = results[threads_now]["scores"][dtype][number]
                 changed, moved = 0, 0.0
-                for scored_set in sets:
-                    pairs = list(zip(reference["predictions"][scored_set.task.name],
-                                     other["predictions"][scored_set.task.name]))
-                    if scored_set.task.kind == "classification":
+                for task, kind in first["kinds"].items():
+                    pairs = list(zip(reference["predictions"][task], other["predictions"][task]))
+                    if kind == "classification":
                         changed += sum(a != b for a, b in pairs)
                     elif pairs:
                         moved = max(moved, max(abs(a - b) for a, b in pairs))
@@ -108,12 +129,20 @@ def candidate_rows(cfg, run: RunDir, inputs: tuple, logged: list[dict], threads:
                              "logged_minus_rescored": None if again is None else row["fitness"] - again,
                              f"fitness_{threads[0]}": reference["fitness"], "threads": threads_now,
                              "fitness_other": other["fitness"], "difference": other["fitness"] - reference["fitness"],
-                             "answers_changed": changed, "answers": sum(len(scored_set.labels) for scored_set in sets
-                                                                        if scored_set.task.kind == "classification"),
+                             "answers_changed": changed, "answers": first["classification_answers"],
                              "regression_max_abs": moved})
-        merger.restore()
-    torch.set_num_threads(threads[0])
     return rows
+
+
+def worker(args: argparse.Namespace) -> None:
+    """`--worker N`: set N torch threads once, score, and save everything for the parent to compare."""
+    torch.set_num_threads(args.worker)
+    run = RunDir(args.run)
+    cfg = load_config(run.search / "config.yaml")
+    logged = [row for row in read_jsonl(run.search_candidates) if row["status"] == "ok"][:args.candidates]
+    result = score_candidates(cfg, run, logged, args.float32)
+    result["matmul"] = matmul_outputs(result["hidden"], result["intermediate"])
+    torch.save(result, args.out)
 
 
 def main() -> None:
@@ -124,23 +153,35 @@ def main() -> None:
                         "reference")
     parser.add_argument("--float32", type=int, default=2, help="candidates scored again in float32")
     parser.add_argument("--name", help="results file suffix (default: the run folder's name)")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     setup_logging(False)
+    if args.worker:
+        worker(args)
+        return
     threads = [int(part) for part in args.threads.split(",")]
     if len(threads) < 2:
         raise SystemExit("--threads: give at least two counts")
     run = RunDir(args.run)
     if not (run.search / "config.yaml").is_file():
         raise SystemExit(f"{run.search}: no search config; run `sentimerge search` first")
-    started = time.perf_counter()
     cfg = load_config(run.search / "config.yaml")
     logged = [row for row in read_jsonl(run.search_candidates) if row["status"] == "ok"][:args.candidates]
     if not logged:
         raise SystemExit(f"{run.search_candidates}: no scored candidate")
-    inputs = load_search_inputs(cfg, run)
-    shape = inputs[0].config
-    matmul = matmul_rows(shape.hidden_size, shape.intermediate_size, threads)
-    candidates = candidate_rows(cfg, run, inputs, logged, threads, args.float32)
+    started = time.perf_counter()
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for number in dict.fromkeys(threads):  # one fresh process per count: nothing carries over between counts
+            out = Path(folder) / f"threads{number}.pt"
+            subprocess.run([sys.executable, __file__, str(args.run), "--worker", str(number), "--candidates",
+                            str(args.candidates), "--float32", str(args.float32), "--out", str(out)], check=True)
+            results[number] = torch.load(out)
+    first = results[threads[0]]
+    matmul = matmul_rows({n: r["matmul"] for n, r in results.items()}, threads, first["hidden"],
+                         first["intermediate"])
+    candidates = candidate_rows(results, logged, threads, cfg.search.dtype)
     frame = pd.DataFrame(candidates)
     summary = []
     for dtype, group in frame.groupby("dtype", sort=False):
