@@ -71,12 +71,12 @@ def scoring_threads(cfg: RunConfig, backend: str) -> int:
     them to `threads`, else torch's default); on Ray each actor's, `threads` if set, else `ray.cpus_per_actor`
     rounded (at least 1).
 
-    Why it matters: oneDNN's bfloat16 matmuls split their work by thread count, and at some row counts (768 and more
-    in `benchmarks/thread_determinism.py`; a scoring batch of 16 prompts of 48 tokens has 768) a few outputs in
-    100,000 round to the neighbouring bf16 value. Through SmolLM2-135M's 30 layers that moves answer log-probabilities
-    by up to 0.17 nat and flips one or two weak answers of a candidate (suite: its fitness by 0.010 on average, 0.030
-    at most); float32 is the same for every count. So a bf16 search is reproducible digit for digit, across a resume
-    or between backends, at the same `scoring_threads`."""
+    Why it matters: oneDNN's bfloat16 matmuls split their work by thread count, and at some row counts (768 to 1280
+    and 2048 in `benchmarks/thread_determinism.py`) a few outputs in 100,000 round to the neighbouring bf16 value.
+    Through SmolLM2-135M's 30 layers that flips a weak answer now and then (suite: 3 of 8 candidates' fitness moved
+    by 0.004 between 2 threads and 1); float32 is the same for every count, and a bf16 rescoring at the logged count
+    reproduces the log exactly. So a bf16 search is reproducible digit for digit, across a resume or between
+    backends, at the same `scoring_threads`."""
     if backend == "ray":
         return cfg.threads or max(1, round(cfg.ray.cpus_per_actor))
     return torch.get_num_threads()
