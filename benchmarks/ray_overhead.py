@@ -9,10 +9,10 @@ RUN must have finished experts. Both searches start from a copy of RUN without i
 set, no mergekit export, a small final gold table), so they score the same candidates; the script checks that their
 logs agree, and names the first row where they part. In bfloat16 they agree only at the same scoring thread count
 (each actor scores with `ray.cpus_per_actor` threads, the local search with all cores; oneDNN rounds some bf16
-matmul outputs differently by thread count, `benchmarks/thread_determinism.py`); in float32 always. Writes benchmarks/results/ray_overhead.{md,json}. `--stages groups` times a multi-stage search
-instead (MEM-MCL's level 1: one CMA-ES per task group, which the Ray backend runs at once, one driver thread each,
-their candidates sharing the actors; then level 2), with the level 1 and level 2 seconds of each backend, into
-ray_overhead_groups.{md,json}.
+matmul outputs differently by thread count, `benchmarks/thread_determinism.py`); in float32 always. Writes
+benchmarks/results/ray_overhead.{md,json}. `--stages groups` times a multi-stage search instead (MEM-MCL's level 1:
+one CMA-ES per task group, which the Ray backend runs at once, one driver thread each, their candidates sharing the
+actors; then level 2), with the level 1 and level 2 seconds of each backend, into ray_overhead_groups.{md,json}.
 """
 
 from __future__ import annotations

@@ -134,11 +134,6 @@ class ScoringWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def threads(self) -> int:
-        import torch
-
-        return torch.get_num_threads()
-
 
 class RayScorerPool:
     """The actors of stage 2, and an evaluator for `merge.cmaes.run_cma` that spreads a generation over them."""
