@@ -21,10 +21,11 @@ import yaml
 from sentimerge.curriculum.config import TaskPacingConfig
 from sentimerge.curriculum.pacing import batch_counts, competence, task_shares
 from sentimerge.experts.checkpoint import save_adapter
+from sentimerge.experts.distill import ExpertTeachers, distillation_losses, teacher_share
 from sentimerge.experts.losses import REGRESSION_LOSSES, Levels, expected_squared_error
 from sentimerge.experts.loop import Loop, run_loop
 from sentimerge.experts.train import answer_logits, collate, evaluate_dev, learning_rate, load_lora_model
-from sentimerge.pipeline.core.config import FinetuneConfig, RunConfig, WeightingSettings
+from sentimerge.pipeline.core.config import DistillSettings, FinetuneConfig, RunConfig, WeightingSettings
 from sentimerge.pipeline.core.data import sample_examples
 from sentimerge.pipeline.core.errors import ConfigError, ModelError
 from sentimerge.pipeline.core.models import pick_device
@@ -93,6 +94,18 @@ def class_balance_weights(task: TaskSpec, examples: list[dict]) -> np.ndarray:
     return weights / weights.mean()
 
 
+@dataclass
+class Distillation:
+    """A batch's distillation target (`finetune.distill`): the teachers' logits [B, answer_width, vocab] aligned with
+    it (`ExpertTeachers.batch_logits`), the teacher's share and the temperature; `per_example_losses` records the
+    batch's mean KL term in `kl` (for the metrics log)."""
+
+    logits: torch.Tensor
+    share: float
+    temperature: float
+    kl: float | None = None
+
+
 @dataclass(frozen=True)
 class RegressionRows:
     """The regression rows of a batch for a regression loss other than `level_ce` (`experts/losses.py`): row
@@ -106,10 +119,12 @@ class RegressionRows:
 
 
 def per_example_losses(model, batch: dict, device: torch.device, *, use_autocast: bool,
-                       capture: list | None = None, regression: RegressionRows | None = None) -> torch.Tensor:
-    """Mean cross-entropy over each example's answer tokens of a `collate` batch, shape [batch]; with `regression`,
-    its rows' losses are the named regression loss of that cross-entropy and the squared error of the expected level
-    value (read at the position that predicts the row's first answer token).
+                       capture: list | None = None, regression: RegressionRows | None = None,
+                       distill: Distillation | None = None) -> torch.Tensor:
+    """Mean cross-entropy over each example's answer tokens of a `collate` batch, shape [batch]; with `distill`,
+    (1 - share) x that cross-entropy + share x the distillation term (`experts.distill.distillation_losses`); with
+    `regression`, its rows' losses are the named regression loss of that (mixed) loss and the squared error of the
+    expected level value (read at the position that predicts the row's first answer token).
 
     With `capture`, the input of the output embedding (the last shared representation, at the answer positions) is
     appended to it so that per-task gradient norms can be taken there.
@@ -120,6 +135,10 @@ def per_example_losses(model, batch: dict, device: torch.device, *, use_autocast
                                                      ignore_index=-100, reduction="none")
     counted = (targets != -100).sum(-1).clamp(min=1)
     losses = token_losses.sum(-1) / counted
+    if distill is not None:
+        kl = distillation_losses(logits[:, :-1], distill.logits, targets, distill.temperature)
+        distill.kl = float(kl.detach().mean())
+        losses = (1 - distill.share) * losses + distill.share * kl
     if regression is None or not regression.rows:
         return losses
     rows = torch.tensor(regression.rows, device=device)
@@ -193,7 +212,7 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
                     build_model: Callable[[], tuple] | None = None,
                     set_task: Callable[[torch.Tensor | int], None] | None = None,
                     after_training: Callable[[object, object], None] | None = None,
-                    evaluate_start: bool = True) -> dict:
+                    evaluate_start: bool = True, teachers: ExpertTeachers | None = None) -> dict:
     """Multi-task LoRA training with `cfg.finetune`'s settings from the checkpoint `start` into `run.finetune` (a
     folder of its own: `RunDir(root, finetune=folder)`), resuming from its last checkpoint; returns its manifest.
 
@@ -211,7 +230,10 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
     (`pacing_schedule`); a task left out of a step's batch keeps its last loss and gradient norm (`fill_absent`).
 
     With `evaluate_start` off, nothing is evaluated before the first step and the manifest's `zero_shot` is None
-    (the shared adapter: its start is the base model, which the report scores anyway)."""
+    (the shared adapter: its start is the base model, which the report scores anyway).
+
+    With `teachers` (the task experts, `finetune.distill.weight` > 0), every example's loss also learns from its
+    task's expert (`Distillation`); each step logs the teacher's share and the batch's mean KL term."""
     settings = cfg.finetune
     tasks = list(cfg.tasks)
     unlabelled = [task.name for task in tasks if task.source.unlabelled_train]
@@ -263,6 +285,14 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
             set_task(torch.tensor([t for t, _ in drawn]))
         measure = weighting.needs_grad_norms and step_index % settings.weighting.grad_norm_every == 0
         capture = [] if measure else None
+        distill = None
+        share = teacher_share(settings.distill, step_index, settings.total_steps) if teachers is not None else 0.0
+        if share > 0:
+            encoded_rows = [encode(t, i) for t, i in drawn]
+            distill = Distillation(teachers.batch_logits([names[t] for t, _ in drawn], encoded_rows,
+                                                         tokenizer.pad_token_id,
+                                                         batch["answer_width"], use_autocast=settings.autocast),
+                                   share, settings.distill.temperature)
         regression = None
         if settings.regression_loss != "level_ce":
             rows = [row for row, (t, _) in enumerate(drawn) if t in levels]
@@ -271,7 +301,7 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
                                         [levels[drawn[row][0]] for row in rows], settings.regression_loss,
                                         settings.mse_weight)
         losses = per_example_losses(model, batch, device, use_autocast=settings.autocast, capture=capture,
-                                    regression=regression)
+                                    regression=regression, distill=distill)
         task_index = torch.tensor([t for t, _ in drawn], device=losses.device)
         example_weights = torch.stack([balance[t][i] for t, i in drawn]).to(losses.device)
         per_task = task_losses(losses, task_index, example_weights, len(tasks))
@@ -285,7 +315,7 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
         total.backward()
         pending["losses"] = per_task.detach().float().cpu()
         if weighting.needs_losses_after_step:  # re-scored after the optimizer step (`after_step`)
-            pending.update(batch=batch, regression=regression, task_index=task_index,
+            pending.update(batch=batch, regression=regression, distill=distill, task_index=task_index,
                            example_weights=example_weights, present=present)
         if counts is not None:
             carried["loss"] = pending["losses"].clone()
@@ -293,6 +323,8 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
                 carried["norm"] = pending["norms"].clone()
         return {"loss": round(total.item(), 5),
                 **({"batch_tasks": dict(zip(names, counts))} if counts is not None else {}),
+                **({"teacher_share": round(share, 5), "distill_kl": round(distill.kl, 5)}
+                   if distill is not None else {}),
                 "task_loss": {name: round(v, 5) for name, v in zip(names, pending["losses"].tolist())},
                 "weights": {name: round(w, 5) for name, w in zip(names, weights.tolist())},
                 **({"grad_norm": {n: round(v, 6) for n, v in zip(names, pending["norms"].tolist())}}
@@ -313,7 +345,7 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
         if weighting.needs_losses_after_step:
             with torch.no_grad():
                 losses = per_example_losses(model, pending["batch"], device, use_autocast=settings.autocast,
-                                            regression=pending["regression"])
+                                            regression=pending["regression"], distill=pending["distill"])
                 after = task_losses(losses, pending["task_index"], pending["example_weights"], len(tasks)).float().cpu()
             if pending["present"] is not None:  # a task not in the batch: no change
                 after = fill_absent(after, pending["present"], pending["losses"])
@@ -384,9 +416,11 @@ def write_weight_history(run: RunDir) -> pd.DataFrame:
 def multitask_lora_config(cfg: RunConfig, steps: int, per_task: int | None = None) -> RunConfig:
     """`cfg` with a `finetune` section that trains one multi-task LoRA from the base model the way an expert trains:
     the experts' LoRA (rank, alpha, targets), a fresh one (`init: fresh`, whatever stage 3's), and learning rate, equal
-    task weights, no task pacing, `steps` optimizer steps of `per_task` examples of every task (default: stage 3's). The report's multi-task LoRA baseline and the shared
-    adapter (`experts.shared`) train with it, so the two differ only in their budgets."""
+    task weights, no task pacing, no distillation, `steps` optimizer steps of `per_task` examples of every task
+    (default: stage 3's). The report's multi-task LoRA baseline and the shared adapter (`experts.shared`) train with
+    it, so the two differ only in their budgets."""
     update = {"start": "base", "init": "fresh", "weighting": WeightingSettings(name="static"), "lora": cfg.experts.lora,
+              "distill": DistillSettings(),
               "learning_rate": cfg.experts.learning_rate, "steps": steps, "task_pacing": TaskPacingConfig()}
     if per_task is not None:
         update["per_task"] = per_task

@@ -128,14 +128,15 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, *,
 
 
 def answer_logits(model, batch: dict, device: torch.device, *, use_autocast: bool,
-                  capture: list | None = None) -> torch.Tensor:
+                  capture: list | None = None, forward_kwargs: dict | None = None) -> torch.Tensor:
     """Logits [batch, answer_width + 1, vocab] of the last positions of a `collate` batch: those whose next token is
     an answer or end-of-turn token (`labels[:, -answer_width:]`), plus one.
 
     Only those positions reach the LM head (`logits_to_keep`). A batch with `prefix_ids` computes the shared prefix
     once (batch 1), repeats its KV cache over the rows, and runs the rows on top of it; gradients flow through the
     cache into the prefix's forward, summed over the rows, as if every row had computed it. With `capture`, the input
-    of the output embedding at the kept positions is appended to it (per-task gradient norms are taken there)."""
+    of the output embedding at the kept positions is appended to it (per-task gradient norms are taken there).
+    `forward_kwargs` go to the rows' forward (peft's `adapter_names`, in a batch without a shared prefix)."""
     input_ids = batch["input_ids"].to(device)
     attention = batch["attention_mask"].to(device)
     keep = last_positions(input_ids, batch["answer_width"] + 1)
@@ -156,7 +157,7 @@ def answer_logits(model, batch: dict, device: torch.device, *, use_autocast: boo
                 lambda module, args, output: capture.append(args[0]))
         try:
             return model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep,
-                         **extra).logits
+                         **extra, **(forward_kwargs or {})).logits
         finally:
             if hook is not None:
                 hook.remove()

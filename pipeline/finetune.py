@@ -75,6 +75,32 @@ def merge_as_adapter(cfg: RunConfig, run: RunDir, start: str, seed: int):
     return model, tokenizer
 
 
+def expert_teachers(cfg: RunConfig, run: RunDir):
+    """The task experts as stage 3's teachers (`finetune.distill`, `sentimerge.experts.distill.ExpertTeachers`), on
+    the experts' base (base, or base + shared adapter). Raises SentimergeError when an expert has not finished."""
+    from sentimerge.experts.distill import ExpertTeachers
+    from sentimerge.pipeline.core.models import pick_device
+    from sentimerge.pipeline.core.upstream import given_source
+
+    missing = [task.name for task in cfg.tasks if not is_done(run.expert(task.name))]
+    if missing:
+        raise SentimergeError(f"{run.expert(missing[0])}: finetune.distill learns from the task experts, and the "
+                              f"expert of {missing[0]} has not finished; run `sentimerge experts` first")
+    checkpoints, adapters = {}, {}
+    for task in cfg.tasks:
+        given = given_source(run, task.name)
+        if given and given["kind"] == "checkpoint":
+            checkpoints[task.name] = Path(given["folder"])
+        else:
+            adapters[task.name] = run.expert_adapter(task.name)
+    base = merge_base_path(run, bool(cfg.experts.shared.examples))
+    log.info("finetune: distilling the experts of %s (share %.2f, %s, temperature %g)", ", ".join(
+        task.name for task in cfg.tasks), cfg.finetune.distill.weight, cfg.finetune.distill.anneal,
+        cfg.finetune.distill.temperature)
+    return ExpertTeachers(base, adapters=adapters, checkpoints=checkpoints, dtype=cfg.base_model.dtype,
+                          device=pick_device(cfg.device), trust_remote_code=cfg.base_model.trust_remote_code)
+
+
 def upstream_key(cfg: RunConfig, run: RunDir) -> str | None:
     """What stage 3 hashes of the stages it reads from: stage 2's fingerprint (start: merged), else the prepared
     data's. Kept in the manifest: a finished stage 3 whose upstream changed is refused, not reported as done."""
@@ -96,7 +122,8 @@ def task_order(cfg: RunConfig, run: RunDir) -> list[str]:
 
 
 def fingerprint(cfg: RunConfig, start: str, order: list[str] | None = None, *, legacy: bool = False) -> str:
-    """What decides stage 3: its settings, the seed, the tasks, the start model and (with task pacing) the task order.
+    """What decides stage 3: its settings, the seed, the tasks, the start model, (with task pacing) the task order and
+    (with distillation) the experts' fingerprints.
 
     A start model inside the run counts by its place in the run (`run:search/merged`), so a run that was moved or
     copied keeps its finished stage 3; what that model holds is checked by `upstream_key`. `legacy` hashes the path
@@ -105,6 +132,10 @@ def fingerprint(cfg: RunConfig, start: str, order: list[str] | None = None, *, l
                 "start": start if legacy else _within_run(start, cfg), "tasks": [task.decisive() for task in cfg.tasks]}
     if cfg.finetune.task_pacing.pacing != "none":  # only then does the order decide anything
         decisive["task_order"] = order
+    if cfg.finetune.distill.weight > 0:  # the teachers decide it too: each expert's own fingerprint
+        run = RunDir(cfg.resolved_run_dir)
+        decisive["teachers"] = {task.name: read_manifest(run.expert(task.name)).get("fingerprint")
+                                if is_done(run.expert(task.name)) else None for task in cfg.tasks}
     return digest(decisive)
 
 
@@ -148,8 +179,9 @@ def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], No
         log.info("finetune: tasks enter easiest first (%s pacing): %s", settings.task_pacing.pacing, ", ".join(order))
     build = (lambda: merge_as_adapter(cfg, RunDir(cfg.resolved_run_dir), start, seed)) \
         if settings.init == "experts" else None
+    teachers = expert_teachers(cfg, RunDir(cfg.resolved_run_dir)) if settings.distill.weight > 0 else None
     manifest = train_multitask(cfg, run, start=start, fingerprint=key, seed=seed, before_step=before_step,
-                               task_order=order, build_model=build,
+                               task_order=order, build_model=build, teachers=teachers,
                                manifest={"stage": "finetune", "upstream": upstream, "init": settings.init,
                                          **({"task_order": order} if paced else {})})
     log.info("finetune (%s): mean dev primary %.3f (start %.3f) -> %s", settings.weighting.name,

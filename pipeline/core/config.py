@@ -79,6 +79,25 @@ class WeightingSettings(Frozen):
         return self
 
 
+class DistillSettings(Frozen):
+    """Knowledge distillation from the task experts in stage 3 (`finetune.distill`), the way BAM trains one multi-task
+    model from single-task teachers (Clark, Luong, Khandelwal, Manning and Le, "BAM! Born-Again Multi-Task Networks
+    for Natural Language Understanding", ACL 2019, arXiv 1907.04829). Each training example's target is a mix of its
+    gold answer and its task's expert's next-token distribution at every answer token (on the experts' base, the
+    expert's own LoRA): loss = (1 - s) x cross-entropy + s x T^2 x KL(expert_T || model_T), where _T is the softmax
+    at temperature T over the whole vocabulary and s the teacher's share. With `anneal: linear` (BAM's teacher
+    annealing) s falls from `weight` at the first step to 0 at the last, so the model starts by imitating the experts
+    and ends on the gold labels. The teachers score the examples the step trains on: no training examples are added,
+    one no-gradient forward per task and step is. Regression tasks distil their answer levels' tokens the same way;
+    with `regression_loss: expected_mse` their rows keep that loss alone."""
+
+    weight: float = Field(0.0, ge=0, le=1, description="the teacher's share of each example's target at the first "
+                                                       "step (0: off)")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of both distributions in the KL term")
+    anneal: Literal["linear", "none"] = Field("linear", description="`linear`: the share falls to 0 at the last "
+                                                                    "step (teacher annealing); `none`: constant")
+
+
 class FinetuneConfig(Frozen):
     """Stage 3: multi-task LoRA fine-tuning of the merged model with dynamic task weights."""
 
@@ -116,6 +135,8 @@ class FinetuneConfig(Frozen):
                               description="weight of expected_mse in level_ce+expected_mse")
     task_pacing: TaskPacingConfig = Field(TaskPacingConfig(), json_schema_extra=WHEN_SET,
                                           description="tasks enter the batches easiest first (off by default)")
+    distill: DistillSettings = Field(DistillSettings(), json_schema_extra=WHEN_SET,
+                                     description="distillation from the task experts (off by default)")
 
     @field_validator("regression_loss")
     @classmethod
