@@ -75,6 +75,14 @@ def merge_as_adapter(cfg: RunConfig, run: RunDir, start: str, seed: int):
     return model, tokenizer
 
 
+def check_teachers(cfg: RunConfig, run: RunDir) -> None:
+    """Raises SentimergeError when `finetune.distill` is on and a task's expert has not finished."""
+    missing = [task.name for task in cfg.tasks if not is_done(run.expert(task.name))]
+    if cfg.finetune.distill.weight > 0 and missing:
+        raise SentimergeError(f"{run.expert(missing[0])}: finetune.distill learns from the task experts, and the "
+                              f"expert of {missing[0]} has not finished; run `sentimerge experts` first")
+
+
 def expert_teachers(cfg: RunConfig, run: RunDir):
     """The task experts as stage 3's teachers (`finetune.distill`, `sentimerge.experts.distill.ExpertTeachers`), on
     the experts' base (base, or base + shared adapter). Raises SentimergeError when an expert has not finished."""
@@ -82,10 +90,7 @@ def expert_teachers(cfg: RunConfig, run: RunDir):
     from sentimerge.pipeline.core.models import pick_device
     from sentimerge.pipeline.core.upstream import given_source
 
-    missing = [task.name for task in cfg.tasks if not is_done(run.expert(task.name))]
-    if missing:
-        raise SentimergeError(f"{run.expert(missing[0])}: finetune.distill learns from the task experts, and the "
-                              f"expert of {missing[0]} has not finished; run `sentimerge experts` first")
+    check_teachers(cfg, run)
     checkpoints, adapters = {}, {}
     for task in cfg.tasks:
         given = given_source(run, task.name)
@@ -171,6 +176,7 @@ def main(cfg: RunConfig, *, force: bool = False, before_step: Callable[[int], No
                                   "`sentimerge finetune --force` to train it again")
         log.info("finetune: already done in %s", run.finetune)
         return read_manifest(run.finetune)
+    check_teachers(cfg, RunDir(cfg.resolved_run_dir))  # before a finished stage 3 is replaced
     if force or is_done(run.finetune):
         shutil.rmtree(run.finetune, ignore_errors=True)
 

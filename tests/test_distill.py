@@ -16,7 +16,7 @@ from sentimerge.pipeline.core.config import DistillSettings, load_config
 from sentimerge.pipeline.core.errors import SentimergeError
 from sentimerge.pipeline.core.models import peft_quietly
 from sentimerge.pipeline.core.prompts import training_example
-from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl
+from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl, read_manifest
 from sentimerge.pipeline.core.upstream import load_prepared, prepared_model_path
 from tests.conftest import write_tiny_config
 from tests.test_finetune import Killed, assert_same_adapter_and_log
@@ -140,12 +140,20 @@ def test_distillation_is_in_stage_3s_key_and_nowhere_else(tmp_path, cache_dir):
     assert shared_fingerprint(cfg, run) == shared_fingerprint(plain, run)
 
 
-def test_distillation_without_finished_experts_is_refused_before_training(tmp_path, cache_dir):
+def test_distillation_without_finished_experts_is_refused_and_keeps_a_finished_stage_3(tmp_path, cache_dir):
     path = write_tiny_config(tmp_path, cache_dir=cache_dir, finetune={**FINETUNE, "distill": {"weight": 0.5}})
     cfg = load_config(path)
     from sentimerge.pipeline import prepare
 
     prepare.main(cfg)
+    run = RunDir(cfg.resolved_run_dir)
     with pytest.raises(SentimergeError, match="expert of polarity has not finished"):
         finetune.main(cfg)
-    assert not RunDir(cfg.resolved_run_dir).finetune_metrics.exists()
+    assert not run.finetune_metrics.exists()
+    # a finished stage 3 without distillation is not removed by a refused `--force` with it
+    plain = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"distill": DistillSettings()})})
+    finetune.main(plain)
+    with pytest.raises(SentimergeError, match="has not finished"):
+        finetune.main(cfg, force=True)
+    assert is_done(run.finetune) and finetune.finished_with(read_manifest(run.finetune), plain,
+                                                            prepared_model_path(run))
