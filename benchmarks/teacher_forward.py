@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.summary import machine  # noqa: E402
-from sentimerge.experts.distill import ExpertTeachers  # noqa: E402
+from sentimerge.experts.distill import ExpertTeachers, aligned_logits  # noqa: E402
 from sentimerge.experts.multitask import TaskBalancedSampler  # noqa: E402
 from sentimerge.experts.train import answer_logits, collate  # noqa: E402
 from sentimerge.pipeline.core.config import load_config  # noqa: E402
@@ -43,19 +43,16 @@ def per_task_forward(teachers: ExpertTeachers, tasks: list[str], rows: list, pad
                      use_autocast: bool) -> torch.Tensor:
     """The teachers' logits [B, answer_width, vocab] from one forward per task (`set_adapter`), aligned as
     `ExpertTeachers.batch_logits` aligns them."""
-    aligned = None
     model = teachers._lora
-    for task in dict.fromkeys(tasks):
+
+    def forward(task: str) -> tuple[list[int], torch.Tensor]:
         picked = [row for row, name in enumerate(tasks) if name == task]
         model.set_adapter(task)
         with torch.no_grad():
-            logits = answer_logits(model, collate([rows[row] for row in picked], pad_id), teachers.device,
-                                   use_autocast=use_autocast)
-        width = logits.shape[1] - 1
-        if aligned is None:
-            aligned = logits.new_zeros((len(rows), answer_width, logits.shape[-1]))
-        aligned[picked, answer_width - width:] = logits[:, :-1]
-    return aligned
+            return picked, answer_logits(model, collate([rows[row] for row in picked], pad_id), teachers.device,
+                                         use_autocast=use_autocast)
+
+    return aligned_logits((forward(task) for task in dict.fromkeys(tasks)), len(rows), answer_width)
 
 
 def main() -> None:

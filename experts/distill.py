@@ -9,7 +9,7 @@ distribution at the same answer positions (`distillation_losses`), the teacher's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -91,12 +91,19 @@ class ExpertTeachers:
         groups: dict[object, list[int]] = {}
         for row, task in enumerate(tasks):
             groups.setdefault(id(self.models[task]), []).append(row)
-        aligned = None
-        for rows in groups.values():
-            logits = self._logits([tasks[row] for row in rows], [encoded[row] for row in rows], pad_id,
-                                  use_autocast=use_autocast)
-            width = logits.shape[1] - 1
-            if aligned is None:
-                aligned = logits.new_zeros((len(encoded), answer_width, logits.shape[-1]))
-            aligned[rows, answer_width - width:] = logits[:, :-1]
-        return aligned
+        return aligned_logits(((rows, self._logits([tasks[row] for row in rows], [encoded[row] for row in rows],
+                                                   pad_id, use_autocast=use_autocast))
+                               for rows in groups.values()), len(encoded), answer_width)
+
+
+def aligned_logits(parts: Iterable[tuple[list[int], torch.Tensor]], size: int, answer_width: int) -> torch.Tensor:
+    """[size, answer_width, vocab] from parts (row indices, `answer_logits` of a `collate` batch of those rows
+    alone [rows, width + 1, vocab]): each part's rows at their indices, right-aligned (every batch ends at its last
+    column, so a row's last answer positions are the same tokens in both batches); zeros before a part's width."""
+    aligned = None
+    for rows, logits in parts:
+        width = logits.shape[1] - 1
+        if aligned is None:
+            aligned = logits.new_zeros((size, answer_width, logits.shape[-1]))
+        aligned[rows, answer_width - width:] = logits[:, :-1]
+    return aligned
