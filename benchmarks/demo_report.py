@@ -2,10 +2,10 @@
 
     python benchmarks/demo_report.py RUN_DIR [--no-timing]   (a directory `sentimerge run configs/demo.yaml` finished)
 
-Retention is the ratio of means over the tasks' primary dev metrics: mean(model) / mean(each expert on its own task);
-a ratio of means, because one near-zero expert score (Pearson) would dominate a mean of ratios. The weak-vs-gold
-Spearman is over the final table's models (base, each expert, uniform, TIES, evolved): does the weak fitness order
-them as the gold dev score does? Writes benchmarks/results/demo_pipeline.md and the summary keys.
+Retention is the ratio of means over the tasks' primary metrics on dev (on test where `search.gold.splits` left dev
+out): mean(model) / mean(each expert on its own task); a ratio of means, because one near-zero expert score
+(Pearson) would dominate a mean of ratios. The weak-vs-gold Spearman is over the final table's models (base, each
+expert, uniform, TIES, evolved): does the weak fitness order them as the gold score does? Writes benchmarks/results/demo_pipeline.md and the summary keys.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from sentimerge.pipeline.core.evaluation import markdown_table
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _examples(run: Path) -> str:
-    """Examples per task of the final tables' dev split, counted from the kept predictions."""
+def _examples(run: Path, split: str) -> str:
+    """Examples per task of the final tables' `split`, counted from the kept predictions."""
     from sentimerge.pipeline.core.rundir import read_jsonl
 
-    rows = read_jsonl(run / "search" / "final_predictions.jsonl")
+    rows = read_jsonl(run / "search" / ("final_predictions.jsonl" if split == "dev" else
+                                        f"final_predictions_{split}.jsonl"))
     return ", ".join(f"{task} {len(labels)}" for task, labels in rows[0]["predictions"].items()) if rows else "?"
 
 
@@ -46,7 +47,8 @@ def main() -> None:
     results = pd.read_csv(run / "results.csv")
     if "split" not in results:  # a run made before the test split was scored beside dev
         results.insert(0, "split", "dev")
-    table = results[results["split"] == "dev"].drop(columns="split").set_index("model")
+    split = "dev" if "dev" in set(results["split"]) else results["split"].iloc[0]  # `search.gold.splits: [test]`
+    table = results[results["split"] == split].drop(columns="split").set_index("model")
     info = json.loads((run / "run.json").read_text())
     report = json.loads((run / "search" / "report.json").read_text())
     final_row = next(name for name in table.index if name.startswith("final"))
@@ -55,8 +57,9 @@ def main() -> None:
                  "final": table.loc[final_row, "mean"] / expert_mean}
     spearman = report["weak_vs_gold_spearman"]
     throughput = report["throughput"]
-    values = {"retention_evolved": retention["evolved"], "retention_final": retention["final"],
-              "weak_gold_spearman": spearman["final_table"]}
+    suffix = "" if split == "dev" else f"_{split}"
+    values = {f"retention_evolved{suffix}": retention["evolved"], f"retention_final{suffix}": retention["final"],
+              f"weak_gold_spearman{suffix}": spearman["final_table"]}
     for name, comparison in (report.get("gold_dev_comparison") or {}).items():  # paired bootstrap, final table
         values[f"demo_evolved_minus_{name}"] = comparison["mean"]["difference"]
         values[f"demo_evolved_beats_{name}_share"] = comparison["mean"]["p_better"]
@@ -69,7 +72,7 @@ def main() -> None:
     command = f"sentimerge run configs/demo.yaml --run-dir {run}; python benchmarks/demo_report.py {run}"
     record(values, command=command)
     bests = "none" if spearman["generation_bests"] is None else f"{spearman['generation_bests']:.3f}"
-    examples = _examples(run)
+    examples = _examples(run, split)
     text = f"""# The demo pipeline end to end
 
 `sentimerge run configs/demo.yaml --run-dir {run}` from an empty run directory, then
@@ -83,7 +86,7 @@ split, or `search.gold.final` examples per task: {examples}). Settings were chos
 Peak resident memory: {info['peak_rss_mb']:.0f} MB.
 
 Retention (ratio of means over tasks vs each expert on its own task): evolved merge {retention['evolved']:.3f},
-final model {retention['final']:.3f}. Weak fitness vs gold dev, Spearman over the final table's models:
+final model {retention['final']:.3f} ({split}). Weak fitness vs gold {split}, Spearman over the final table's models:
 {spearman['final_table']:.3f}; over the generations' best candidates: {bests}.
 Search candidates: merge {throughput['merge_ms_per_candidate']:.0f} ms, scoring
 {throughput['scoring_s_per_candidate']:.2f} s ({throughput['examples_per_s']:.1f} examples/s), medians over

@@ -212,7 +212,8 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
                     build_model: Callable[[], tuple] | None = None,
                     set_task: Callable[[torch.Tensor | int], None] | None = None,
                     after_training: Callable[[object, object], None] | None = None,
-                    evaluate_start: bool = True, teachers: ExpertTeachers | None = None) -> dict:
+                    evaluate_start: bool = True, teachers: ExpertTeachers | None = None,
+                    name: str = "finetune") -> dict:
     """Multi-task LoRA training with `cfg.finetune`'s settings from the checkpoint `start` into `run.finetune` (a
     folder of its own: `RunDir(root, finetune=folder)`), resuming from its last checkpoint; returns its manifest.
 
@@ -233,7 +234,9 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
     (the shared adapter: its start is the base model, which the report scores anyway).
 
     With `teachers` (the task experts, `finetune.distill.weight` > 0), every example's loss also learns from its
-    task's expert (`Distillation`); each step logs the teacher's share and the batch's mean KL term."""
+    task's expert (`Distillation`); each step logs the teacher's share and the batch's mean KL term.
+
+    `name` labels the progress bar and the log lines (`shared adapter`, `hybrid experts`: not stage 3's `finetune`)."""
     settings = cfg.finetune
     tasks = list(cfg.tasks)
     unlabelled = [task.name for task in tasks if task.source.unlabelled_train]
@@ -353,7 +356,7 @@ def train_multitask(cfg: RunConfig, run: RunDir, *, start: str, fingerprint: str
 
     total_steps = settings.total_steps
     loop = Loop(
-        name="finetune", total_steps=total_steps, checkpoint_dir=run.finetune_checkpoint,
+        name=name, total_steps=total_steps, checkpoint_dir=run.finetune_checkpoint,
         metrics_log=run.finetune_metrics, fingerprint=fingerprint, step=step,
         learning_rate=lambda s: learning_rate(s, settings), evaluate=evaluate,
         eval_steps={round(total_steps * k / settings.evaluations) for k in range(1, settings.evaluations + 1)},

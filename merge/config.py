@@ -55,7 +55,8 @@ class WeakConfig(Frozen):
 
 
 class GoldConfig(Frozen):
-    """Gold dev scoring: each generation's best on a dev sample, and the final table on the dev split."""
+    """Gold scoring: each generation's best on a dev sample, and the final tables (the search's, the export's and
+    `sentimerge run`'s results) on the evaluation splits."""
 
     per_generation: int = Field(48, ge=0, description="dev examples per task for each generation's best (0: off)")
     final: int | None = Field(None, ge=1, description="dev examples per task in the final table (default: all)")
@@ -64,6 +65,18 @@ class GoldConfig(Frozen):
         description="the final tables score each expert on every task (all: how much it transfers) or on its own "
                     "task only (own: a third of the experts' scoring with 3 tasks; their mean is then blank, and the "
                     "weak-vs-gold Spearman is over the models scored on every task)")
+    splits: tuple[Literal["dev", "test"], ...] | None = Field(
+        None, min_length=1, json_schema_extra=WHEN_SET,
+        description="the splits of the final tables (default: dev and, where every task has one, test); [test] "
+                    "leaves out dev's tables (the demo: the scoring of 7 models on 450 examples), [dev] test's. "
+                    "`sentimerge report` compares its variants on dev and needs it")
+
+    @field_validator("splits")
+    @classmethod
+    def _distinct(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"each split once, got {list(value)}")
+        return None if value is None else tuple(sorted(value))  # dev first, as the tables are written
 
 
 class SelectConfig(Frozen):

@@ -217,7 +217,8 @@ def train_shared_adapter(cfg: RunConfig, run: RunDir, *, force: bool = False) ->
                  settings.per_task, len(cfg.tasks), steps * settings.per_task * len(cfg.tasks), base)
         training = train_multitask(multitask_lora_config(cfg, steps, settings.per_task),
                                    RunDir(run.root, finetune=run.shared_training), start=base, fingerprint=key,
-                                   seed=cfg.seed, manifest={"stage": "shared adapter"}, evaluate_start=False)
+                                   seed=cfg.seed, manifest={"stage": "shared adapter"}, evaluate_start=False,
+                                   name="shared adapter")
         release_memory()  # the training's model, optimizer and activations, before the merge and the experts
     merge_adapter_into(run.shared_training / "adapter", run.shared_model, dtype=cfg.base_model.dtype)
     release_memory()  # the merge's two model copies: the experts then start from an idle process's memory
@@ -297,7 +298,8 @@ def train_hybrid_experts(cfg: RunConfig, run: RunDir, *, force: bool = False) ->
     manifest = _finished_training(run.hybrid, key) or train_multitask(
         _hybrid_training_config(cfg), RunDir(run.root, finetune=run.hybrid), start=base_path, fingerprint=key,
         seed=cfg.seed, build_model=build, set_task=lambda task: built["routing"].set_task(task),
-        after_training=after_training, manifest={"stage": "hybrid experts", "base_model": base_path})
+        after_training=after_training, manifest={"stage": "hybrid experts", "base_model": base_path},
+        name="hybrid experts")
     trained = _drawn_ids(train, names, settings.hybrid.per_task, cfg.seed, manifest["steps"])
     for task in cfg.tasks:
         with fresh_dir(run.expert(task.name), overwrite=True) as folder:

@@ -98,15 +98,15 @@ def main(cfg: RunConfig, *, force: bool = False) -> Path:
 
         model, tokenizer = load_model(str(folder), dtype=cfg.export.dtype, device=pick_device(cfg.device))
         tables = _score_splits(model, tokenizer, cfg, run, splits, folder)
-        table = tables["dev"]
+        first, table = next(iter(tables.items()))  # dev unless `search.gold.splits` left it out
         write_text_atomic(folder / "eval.md", "\n".join(
             f"{split_heading(split, splits[split])}\n\n{markdown_table(t.drop(columns='examples_per_s'))}"
             for split, t in tables.items()))
         write_text_atomic(folder / "README.md", model_card(cfg, run, tables, splits, folder))
         write_manifest(folder, stage="export", upstream=upstream, start=start, adapter=str(adapter) if adapter else None,
-                       dtype=cfg.export.dtype, mean_primary=float(table["primary"].iloc[-1]),
+                       dtype=cfg.export.dtype, mean_primary=float(table["primary"].iloc[-1]), mean_primary_split=first,
                        seconds=round(time.time() - started, 1))
-    log.info("export: %s (mean dev primary %.3f)", run.export, table["primary"].iloc[-1])
+    log.info("export: %s (mean %s primary %.3f)", run.export, first, table["primary"].iloc[-1])
     return run.export
 
 

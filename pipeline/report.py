@@ -98,6 +98,9 @@ def main(cfg: RunConfig, *, weightings: Sequence[str] = WEIGHTINGS, multitask: b
     weightings = check_weightings(weightings)
     if seeds < 1:
         raise SentimergeError(f"--seeds must be at least 1 (got {seeds})")
+    if "dev" not in (cfg.search.gold.splits or ("dev",)):
+        raise SentimergeError(f"sentimerge report compares its variants on dev: search.gold.splits "
+                              f"{list(cfg.search.gold.splits)} leaves it out; add dev")
     run_pipeline(cfg)
     run = RunDir(cfg.resolved_run_dir)
     budget = budgets(cfg)

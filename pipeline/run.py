@@ -15,7 +15,14 @@ import time
 import pandas as pd
 
 from sentimerge.pipeline.core.config import RunConfig
-from sentimerge.pipeline.core.evaluation import evaluation_splits, final_examples, markdown_table, merge_labels
+from sentimerge.pipeline.core.errors import SentimergeError
+from sentimerge.pipeline.core.evaluation import (
+    evaluation_splits,
+    final_examples,
+    markdown_table,
+    merge_labels,
+    missing_test_splits,
+)
 from sentimerge.pipeline.core.isolation import isolation_available, run_isolated
 from sentimerge.pipeline.core.rundir import RunDir, is_done, write_csv_atomic, write_json_atomic, write_text_atomic
 from sentimerge.pipeline.core.runtime import release_memory
@@ -44,6 +51,8 @@ def main(cfg: RunConfig) -> pd.DataFrame:
         run_isolated(stage, cfg)  # in a forked child: every stage starts from the memory of an idle process
         release_memory()  # what the stage loaded where it ran in this process (isolation off)
         seconds[name] = round(time.time() - started, 1)
+        if name == "prepare" and missing_test_splits(run, cfg):  # before any training, not at the search
+            raise SentimergeError("\n".join(missing_test_splits(run, cfg)))
     # wall time per stage of the invocation that ran it, and the peak memory of those invocations: a stage finished
     # earlier (skipped now: say which) keeps what the earlier run.json recorded, so a second `run` loses nothing
     earlier = json.loads(run.run_info.read_text(encoding="utf-8")) if run.run_info.is_file() else {}

@@ -45,6 +45,7 @@ from sentimerge.pipeline.core.evaluation import (
     final_examples,
     gold_examples,
     markdown_table,
+    missing_test_splits,
     split_heading,
 )
 from sentimerge.pipeline.core.metrics import paired_bootstrap, spearman
@@ -209,7 +210,9 @@ def main(cfg: RunConfig, *, force: bool = False, max_evaluations: int | None = N
         for split in evaluation_splits(run, cfg):
             _final_table(run, cfg, model, tokenizer, mergers, best, baselines, split)
         write_text_atomic(run.search / "final.md", final_report_markdown(run, cfg))
-        final = pd.read_csv(run.search_final_table("dev"))
+        # the first split's table (dev unless `search.gold.splits` left it out): the export's record and the
+        # weak-vs-gold Spearman of report.json
+        final = pd.read_csv(run.search_final_table(evaluation_splits(run, cfg)[0]))
     method = get_method(settings.method)
     recipe = build_recipe(base_path, {t: expert_reference(run, t, base_path) for t in genome.experts}, genome,
                           np.asarray(best["coefficients"]), method, density=settings.density,
@@ -355,6 +358,7 @@ def _check_inputs(cfg: RunConfig, run: RunDir) -> None:
     if cfg.search.weak.split == "test":
         issues += [f"task {task.name}: no prepared test split for the weak set" for task in cfg.tasks
                    if not run.data(task.name, "test").is_file()]
+    issues += missing_test_splits(run, cfg)
     if issues:
         raise SentimergeError("\n".join(issues))
 
@@ -368,7 +372,7 @@ def _fingerprint(cfg: RunConfig, run: RunDir) -> str:
     search = cfg.search.decisive()
     for name in ("export", "writer", "generations", "select", "compile"):
         search.pop(name, None)
-    for name in ("final", "experts"):
+    for name in ("final", "experts", "splits"):
         search["gold"].pop(name, None)
     if "lexicon" not in {weak.labeller, *weak.labellers.values()}:
         del search["weak"]["label_polarity"]
@@ -654,16 +658,19 @@ def _complete_final_tables(run: RunDir, cfg: RunConfig) -> None:
             _final_table(run, cfg, model, tokenizer, mergers, best, baselines, split)
         if run.search_report.is_file():
             report = json.loads(run.search_report.read_text(encoding="utf-8"))
-            write_json_atomic(run.search_report, {**report, **_test_report(run, cfg)})
+            for split in missing:
+                report.update(_split_report(run, cfg, split))
+            write_json_atomic(run.search_report, report)
     write_text_atomic(run.search / "final.md", final_report_markdown(run, cfg))
 
 
-def _test_report(run: RunDir, cfg: RunConfig) -> dict:
-    """report.json's test entries: the final table on the test split and its paired comparisons, when scored."""
-    if not run.search_final_table("test").is_file():
+def _split_report(run: RunDir, cfg: RunConfig, split: str) -> dict:
+    """report.json's entries of `split`: its final table (`gold_<split>`) and the evolved merge's paired comparisons
+    (`gold_<split>_comparison`), when that table was scored (`search.gold.splits`)."""
+    if not run.search_final_table(split).is_file():
         return {}
-    return {"gold_test": pd.read_csv(run.search_final_table("test")).to_dict(orient="records"),
-            "gold_test_comparison": compare_final(run, cfg, "test")}
+    return {f"gold_{split}": pd.read_csv(run.search_final_table(split)).to_dict(orient="records"),
+            f"gold_{split}_comparison": compare_final(run, cfg, split)}
 
 
 COMPARED = ("uniform", "ties")  # the baselines the evolved merge must beat
@@ -729,7 +736,8 @@ def _export(run: RunDir, cfg: RunConfig, recipe: dict, merger: InMemoryMerge, ca
         seconds = time.perf_counter() - clock
         write_json_atomic(folder / "sentimerge_search.json", {
             "best": {k: best[k] for k in ("generation", "index", "fitness", "coefficients", "tasks")},
-            "gold_dev": final.to_dict(orient="records"), "max_abs_difference_vs_in_memory": difference})
+            f"gold_{evaluation_splits(run, cfg)[0]}": final.to_dict(orient="records"),
+            "max_abs_difference_vs_in_memory": difference})
         write_manifest(folder, stage="search-export", tool="mergekit" if writer == "mergekit" else
                        "sentimerge (in memory)", seconds=round(seconds, 2))
     if writer == "mergekit":
@@ -813,9 +821,8 @@ def _report(run: RunDir, cfg: RunConfig, best: dict, baselines: dict, final: pd.
                       "candidates": [{k: row[k] for k in ("name", "fitness", "select_fitness")}
                                      for row in read_log(run.search_selection)]},
         "baselines": {name: b["fitness"] for name, b in baselines.items()},
-        "gold_dev": final.to_dict(orient="records"),
-        "gold_dev_comparison": compare_final(run, cfg),
-        **_test_report(run, cfg),
+        **_split_report(run, cfg, "dev"),
+        **_split_report(run, cfg, "test"),
         "weak_vs_gold_spearman": {
             "generation_bests": spearman([g["best"] for g in gold], [g["gold_best"] for g in gold]) if gold else None,
             "final_table": spearman(*(final.dropna(subset=["mean"])[column].tolist()  # models scored on every task

@@ -171,3 +171,62 @@ def test_a_moved_run_is_finished_where_it_is_now_and_older_runs_keep_their_stage
         else:
             with pytest.raises(SentimergeError, match="finished with another config"):
                 finetune.main(cfg)
+
+
+def test_final_tables_on_the_test_split_alone_and_dev_added_later_without_redoing_a_stage(tmp_path, cache_dir,
+                                                                                          capsys):
+    """`search.gold.splits: [test]` (the demo's: its dev tables cost a minute): a data set without a test split is
+    refused right after prepare, before any training; with one, every final table (search, export, results) is on
+    test alone, `sentimerge report` refuses with the setting's name, and asking for dev later scores the same
+    finished models on it, redoing no stage."""
+    config = write_tiny_config(tmp_path, cache_dir=cache_dir,
+                               experts={"steps": 2, "batch_size": 4, "dev_examples": 4},
+                               search={"population": 4, "generations": 1, "weak": {"per_task": 4},
+                                       "gold": {"per_generation": 0, "final": 4, "splits": ["test"]}},
+                               finetune={"steps": 2, "dev_examples": 4})
+    run = RunDir(tmp_path / "run")
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "search.gold.splits: task polarity has no prepared test split" in err
+    assert is_done(run.prepare) and not run.expert("polarity").exists()  # nothing trained
+
+    for index, task in enumerate(["polarity", "aspect3", "intensity"]):
+        write_jsonl(tmp_path / "data" / task / "test.jsonl", tiny_rows(task, 6, seed=300 + index))
+    assert main(["prepare", str(config), "--force"]) == 0
+    assert main(["run", str(config)]) == 0
+    table = pd.read_csv(run.root / "results.csv")
+    assert set(table["split"]) == {"test"} and len(table) == 6
+    assert not run.search_final_table("dev").exists() and not run.export_eval("dev").exists()
+    assert pd.read_csv(run.export_eval("test")).set_index("task").loc["aspect3", "n"] == 4
+    report = json.loads(run.search_report.read_text())
+    assert "gold_dev" not in report and set(report["gold_test_comparison"]) == {"uniform", "ties"}
+    assert json.loads((run.export / "DONE.json").read_text())["mean_primary_split"] == "test"
+    assert "## test (it chose nothing)" in (run.search / "final.md").read_text()
+    assert "## dev" not in (run.search / "final.md").read_text()
+
+    capsys.readouterr()
+    assert main(["report", str(config)]) == 2
+    assert "search.gold.splits ['test'] leaves it out; add dev" in capsys.readouterr().err
+
+    finished = {folder: (folder / "DONE.json").read_text() for folder in (run.search, run.finetune, run.export)}
+    raw = yaml.safe_load(config.read_text())
+    del raw["search"]["gold"]["splits"]  # the default: dev, and test where every task has one
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["run", str(config)]) == 0
+    again = pd.read_csv(run.root / "results.csv")
+    assert list(again["split"]) == ["dev"] * 6 + ["test"] * 6
+    pd.testing.assert_frame_equal(again[again["split"] == "test"].reset_index(drop=True), table)
+    assert {folder: (folder / "DONE.json").read_text() for folder in finished} == finished
+    assert set(json.loads(run.search_report.read_text())["gold_dev_comparison"]) == {"uniform", "ties"}
+
+
+def test_gold_splits_are_each_named_once():
+    from pydantic import ValidationError
+
+    from sentimerge.merge.config import GoldConfig
+
+    assert GoldConfig(splits=["test", "dev"]).splits == ("dev", "test")
+    with pytest.raises(ValidationError, match="each split once"):
+        GoldConfig(splits=["test", "test"])
+    with pytest.raises(ValidationError):
+        GoldConfig(splits=["train"])

@@ -73,9 +73,19 @@ def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
 
 
 def evaluation_splits(run: RunDir, cfg: RunConfig) -> list[str]:
-    """The splits every final table is scored on: dev (settings were chosen on it) and, when every task has a
-    prepared test split, test (which chose nothing)."""
+    """The splits every final table is scored on: `search.gold.splits` when set, else dev (settings were chosen on
+    it) and, when every task has a prepared test split, test (which chose nothing)."""
+    if cfg.search.gold.splits is not None:
+        return list(cfg.search.gold.splits)
     return ["dev"] + (["test"] if all(run.data(task.name, "test").is_file() for task in cfg.tasks) else [])
+
+
+def missing_test_splits(run: RunDir, cfg: RunConfig) -> list[str]:
+    """One problem per task without a prepared test split when `search.gold.splits` asks for test's tables."""
+    if "test" not in (cfg.search.gold.splits or ()):
+        return []
+    return [f"search.gold.splits: task {task.name} has no prepared test split ({run.data(task.name, 'test')})"
+            for task in cfg.tasks if not run.data(task.name, "test").is_file()]
 
 
 def gold_examples(run: RunDir, cfg: RunConfig, limit: int | None, salt: str, split: str = "dev") -> dict[str, list[dict]]:
