@@ -59,7 +59,8 @@ class GoldConfig(Frozen):
     `sentimerge run`'s results) on the evaluation splits."""
 
     per_generation: int = Field(48, ge=0, description="dev examples per task for each generation's best (0: off)")
-    final: int | None = Field(None, ge=1, description="dev examples per task in the final table (default: all)")
+    final: int | None = Field(None, ge=1, description="examples per task in each split's final table (a seeded "
+                                                     "sample; default: all)")
     experts: Literal["all", "own"] = Field(
         "all", json_schema_extra=WHEN_SET,
         description="the final tables score each expert on every task (all: how much it transfers) or on its own "

@@ -1,7 +1,7 @@
 """`sentimerge inspect RUN`: print the story of a run's search and write its plots.
 
 Prints the tree of searches of a multi-stage search (level 2 and each group's level-1 search), the per-generation
-table, the best coefficients (layer groups by experts), the baselines, the gold dev table
+table, the best coefficients (layer groups by experts), the baselines, the gold tables (dev, test)
 with the weak-vs-gold rank correlation, and where the time went. Writes `<run>/search/plots/fitness.png` (fitness over
 evaluations, baselines as lines) and `coefficients.png` (a heatmap of the best coefficients).
 """
@@ -61,14 +61,16 @@ def main(run_dir: str | Path) -> dict[str, Path]:
                 for name, b in baselines.items()]
         print("baselines on the weak set (fitness; per-task metric against weak labels):\n")
         print(markdown_table(pd.DataFrame(rows), digits=4))
-    final = run.search / "final.csv"
-    if final.is_file():
-        table = pd.read_csv(final)
-        print("gold dev (primary metric per task; experts' own task is the ceiling):\n")
-        markdown = run.search / "final.md"  # the table and the evolved merge's paired comparisons with the baselines
-        print(markdown.read_text(encoding="utf-8") if markdown.is_file() else markdown_table(table))
-        print(f"weak fitness vs gold dev mean, Spearman over these models: "
-              f"{spearman(table['weak_fitness'].tolist(), table['mean'].tolist()):.3f}")
+    finals = {split: pd.read_csv(run.search_final_table(split)) for split in ("dev", "test")
+              if run.search_final_table(split).is_file()}  # the splits `search.gold.splits` scored
+    if finals:
+        print(f"gold {' and '.join(finals)} (primary metric per task; experts' own task is the ceiling):\n")
+        markdown = run.search / "final.md"  # the tables and the evolved merge's paired comparisons with the baselines
+        print(markdown.read_text(encoding="utf-8") if markdown.is_file() else
+              "\n".join(markdown_table(table) for table in finals.values()))
+        for split, table in finals.items():
+            print(f"weak fitness vs gold {split} mean, Spearman over these models: "
+                  f"{spearman(table['weak_fitness'].tolist(), table['mean'].tolist()):.3f}")
     if run.search_gold.is_file():
         gold = read_jsonl(run.search_gold)
         print(f"weak fitness vs gold dev sample of each generation's best, Spearman: "

@@ -203,6 +203,10 @@ def test_final_tables_on_the_test_split_alone_and_dev_added_later_without_redoin
     assert json.loads((run.export / "DONE.json").read_text())["mean_primary_split"] == "test"
     assert "## test (it chose nothing)" in (run.search / "final.md").read_text()
     assert "## dev" not in (run.search / "final.md").read_text()
+    capsys.readouterr()
+    assert main(["inspect", str(run.root)]) == 0
+    shown = capsys.readouterr().out
+    assert "gold test (primary metric" in shown and "weak fitness vs gold test mean" in shown and "gold dev" not in shown
 
     capsys.readouterr()
     assert main(["report", str(config)]) == 2
