@@ -21,7 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pandas as pd  # noqa: E402
+
 from benchmarks.summary import machine  # noqa: E402
+from sentimerge.pipeline.core.evaluation import markdown_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -78,14 +81,6 @@ def side_by_side(runs: list[Path], labels: list[str]) -> list[dict]:
     return table
 
 
-def markdown(table: list[dict]) -> str:
-    header = list(table[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in table:
-        lines.append("| " + " | ".join("" if row[k] is None else str(row[k]) for k in header) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -99,7 +94,7 @@ def main() -> None:
     runs = ", ".join(f"`{label}`: {run}" for label, run in zip(args.label, args.runs))
     text = (f"# Where the demo's time went: {' vs '.join(args.label)}\n\n`{command}`; {machine()}; {runs}. Seconds "
             f"as the runs recorded them (each stage in its own child process); ratios against `{args.label[0]}`.\n\n"
-            + markdown(table) + "\n")
+            + markdown_table(pd.DataFrame(table), digits=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"demo_stages_{args.name}.md").write_text(text, encoding="utf-8")
     (RESULTS / f"demo_stages_{args.name}.json").write_text(

@@ -19,12 +19,14 @@ import statistics
 import sys
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.summary import machine, record  # noqa: E402
+from sentimerge.pipeline.core.evaluation import markdown_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -65,13 +67,6 @@ def over_runs(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def markdown(rows: list[dict]) -> str:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join("" if row[k] is None else str(row[k]) for k in header) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -84,8 +79,9 @@ def main() -> None:
     text = (f"# The evolved merge against uniform and TIES, run by run: {args.name}\n\n`{command}`; {machine()}. "
             "Mean primary metric over the tasks, evolved merge minus the baseline on the final tables' examples, with "
             "the 95% paired bootstrap interval stage 2 computed (2000 resamples); dev chose the settings, test chose "
-            "nothing.\n\n" + markdown(rows) + "\n\nOver the runs (ahead: difference above 0; beyond noise: the "
-            "interval's low end above 0):\n\n" + markdown(summary) + "\n")
+            "nothing.\n\n" + markdown_table(pd.DataFrame(rows), digits=4)
+            + "\nOver the runs (ahead: difference above 0; beyond noise: the interval's low end above 0):\n\n"
+            + markdown_table(pd.DataFrame(summary), digits=4))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"showcase_{args.name}.md").write_text(text, encoding="utf-8")
     (RESULTS / f"showcase_{args.name}.json").write_text(

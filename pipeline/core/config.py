@@ -88,8 +88,9 @@ class DistillSettings(Frozen):
     at temperature T over the whole vocabulary and s the teacher's share. With `anneal: linear` (BAM's teacher
     annealing) s falls from `weight` at the first step to 0 at the last, so the model starts by imitating the experts
     and ends on the gold labels. The teachers score the examples the step trains on: no training examples are added,
-    one no-gradient forward of the batch per step is (every row through its own expert's adapter). Regression tasks distil their answer levels' tokens the same way;
-    with `regression_loss: expected_mse` their rows keep that loss alone."""
+    one no-gradient forward of the batch per step is (every row through its own expert's adapter). Regression tasks
+    distil their answer levels' tokens the same way; with `regression_loss: expected_mse` their rows keep that loss
+    alone."""
 
     weight: float = Field(0.0, ge=0, le=1, description="the teacher's share of each example's target at the first "
                                                        "step (0: off)")
