@@ -22,6 +22,12 @@ class WeakConfig(Frozen):
     split: Literal["train", "test"] = "train"
     labeller: str = Field("expert", description="weak labeller for every task: expert, lexicon or gold")
     labellers: dict[str, str] = Field(default_factory=dict, description="task -> labeller, overriding `labeller`")
+    references: bool = Field(
+        True, json_schema_extra=WHEN_SET,
+        description="score the base model and each expert alone on the weak set, beside the merge baselines (what "
+                    "`sentimerge inspect` shows of them: no choice of the search uses them, and the final tables "
+                    "score them on gold either way); off, they are listed unscored (the demo: 4 of 8 baseline "
+                    "scorings, about 20 s)")
     weights: dict[str, float] = Field(default_factory=dict, description="task -> fitness weight (default 1)")
     label_polarity: dict[str, float] = Field(
         default_factory=dict, description="label -> polarity in [-1, 1] for the lexicon labeller, where VADER's own "

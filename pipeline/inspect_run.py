@@ -17,7 +17,7 @@ import pandas as pd
 
 from sentimerge.pipeline.core.config import RunConfig
 from sentimerge.pipeline.core.errors import SentimergeError
-from sentimerge.pipeline.core.evaluation import markdown_table
+from sentimerge.pipeline.core.evaluation import markdown_table, weak_gold_spearman
 from sentimerge.pipeline.core.metrics import spearman
 from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl, save_figure
 
@@ -70,7 +70,7 @@ def main(run_dir: str | Path) -> dict[str, Path]:
               "\n".join(markdown_table(table) for table in finals.values()))
         for split, table in finals.items():
             print(f"weak fitness vs gold {split} mean, Spearman over these models: "
-                  f"{spearman(table['weak_fitness'].tolist(), table['mean'].tolist()):.3f}")
+                  f"{weak_gold_spearman(table):.3f}")
     if run.search_gold.is_file():
         gold = read_jsonl(run.search_gold)
         print(f"weak fitness vs gold dev sample of each generation's best, Spearman: "
@@ -170,7 +170,8 @@ def plot_fitness(run: RunDir, candidates: list[dict], baselines: dict) -> Path:
     if failed:
         axes.scatter(failed, [fitness[i] for i in failed], s=18, marker="x", color="tab:red", label="failed")
     axes.plot(np.maximum.accumulate(fitness) if fitness else [], color="tab:blue", label="best so far")
-    lines = {name: b for name, b in baselines.items() if not name.startswith("uniform@")}  # the scan: in the table
+    lines = {name: b for name, b in baselines.items()  # the scan is in the table; references may be unscored
+             if not name.startswith("uniform@") and b["fitness"] is not None}
     for (name, baseline), color in zip(lines.items(), plt.cm.tab10(np.linspace(0.1, 0.9, len(lines)))):
         axes.axhline(baseline["fitness"], linestyle="--", linewidth=1, color=color, label=name)
     axes.set_xlabel("evaluation")

@@ -47,6 +47,7 @@ from sentimerge.pipeline.core.evaluation import (
     markdown_table,
     missing_test_splits,
     split_heading,
+    weak_gold_spearman,
 )
 from sentimerge.pipeline.core.metrics import paired_bootstrap, spearman
 from sentimerge.pipeline.core.models import DTYPES
@@ -372,6 +373,7 @@ def _fingerprint(cfg: RunConfig, run: RunDir) -> str:
     search = cfg.search.decisive()
     for name in ("export", "writer", "generations", "select", "compile"):
         search.pop(name, None)
+    search["weak"].pop("references", None)  # which baselines are scored on the weak set: no candidate changes
     for name in ("final", "experts", "splits"):
         search["gold"].pop(name, None)
     if "lexicon" not in {weak.labeller, *weak.labellers.values()}:
@@ -495,6 +497,10 @@ def _baselines(run: RunDir, cfg: RunConfig, model, tokenizer, mergers, genome: G
         return json.loads(run.search_baselines.read_text(encoding="utf-8"))
     baselines = {}
     for name, method, candidate in _baseline_candidates(cfg, genome, run):
+        if not cfg.search.weak.references and (name == "base" or name.startswith("expert:")):
+            baselines[name] = {"method": method, "coefficients": candidate.tolist(), "fitness": None,
+                               "status": "unscored (search.weak.references off)"}
+            continue
         row = score_candidate(mergers[method], model, tokenizer, weak_sets, candidate, cfg.search)
         baselines[name] = {"method": method, "coefficients": candidate.tolist(), **row}
         log.info("baseline %-20s fitness %.4f (%s)", name, row["fitness"],
@@ -676,6 +682,7 @@ def _split_report(run: RunDir, cfg: RunConfig, split: str) -> dict:
 COMPARED = ("uniform", "ties")  # the baselines the evolved merge must beat
 
 
+
 def compare_final(run: RunDir, cfg: RunConfig, split: str = "dev") -> dict[str, dict] | None:
     """Evolved merge minus each of `COMPARED` on the final table's gold `split` examples: the difference of the
     primary metric per task and of the mean, with a paired bootstrap interval (`core.metrics.paired_bootstrap`;
@@ -825,8 +832,7 @@ def _report(run: RunDir, cfg: RunConfig, best: dict, baselines: dict, final: pd.
         **_split_report(run, cfg, "test"),
         "weak_vs_gold_spearman": {
             "generation_bests": spearman([g["best"] for g in gold], [g["gold_best"] for g in gold]) if gold else None,
-            "final_table": spearman(*(final.dropna(subset=["mean"])[column].tolist()  # models scored on every task
-                                      for column in ("weak_fitness", "mean"))),
+            "final_table": weak_gold_spearman(final),
         },
         "throughput": {"merge_ms_per_candidate": merge_ms, "scoring_s_per_candidate": score_s,
                        "examples_per_s": examples / len(rows) / score_s if rows else None,

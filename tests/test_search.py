@@ -14,6 +14,8 @@ from sentimerge.pipeline import prepare, search
 from sentimerge.pipeline.core.config import load_config
 from sentimerge.pipeline.core.errors import SentimergeError
 from sentimerge.pipeline.core.rundir import RunDir, is_done, read_jsonl, write_json_atomic, write_jsonl_atomic
+from sentimerge.pipeline.cli import main
+from sentimerge.pipeline.core.metrics import spearman
 from sentimerge.pipeline.core.upstream import load_prepared
 from tests.conftest import write_tiny_config
 from tests.test_merge import make_experts
@@ -311,6 +313,37 @@ def test_init_auto_starts_from_the_best_scanned_uniform_merge(tmp_path, cache_di
         assert np.allclose(row["coefficients"], start, atol=1e-4)
     final = pd.read_csv(run.search / "final.csv")
     assert "uniform" in set(final["model"]) and not any(final["model"].str.startswith("uniform@"))
+
+
+def test_references_off_leaves_the_base_and_experts_unscored_on_the_weak_set_and_changes_no_choice(tmp_path, cache_dir,
+                                                                                                   capsys):
+    """`search.weak.references: false` (the demo's): the base model and the experts alone are listed in baselines.json
+    unscored, the candidates, the evolved merge and every gold score are those of a search that scored them, and the
+    weak-vs-gold Spearman is taken over the models that have both scores."""
+    runs = {}
+    for references in (True, False):
+        cfg = tiny_search(tmp_path / str(references), cache_dir, weak={"per_task": 6, "references": references})
+        search.main(cfg)
+        runs[references] = RunDir(cfg.resolved_run_dir)
+    on, off = runs[True], runs[False]
+    baselines = json.loads(off.search_baselines.read_text())
+    for name in ("base", "expert:polarity", "expert:aspect3", "expert:intensity"):
+        assert baselines[name]["fitness"] is None and baselines[name]["status"].startswith("unscored")
+        assert baselines[name]["coefficients"] == json.loads(on.search_baselines.read_text())[name]["coefficients"]
+    assert baselines["ties"]["fitness"] == json.loads(on.search_baselines.read_text())["ties"]["fitness"]
+    assert without_timing(read_jsonl(off.search_candidates)) == without_timing(read_jsonl(on.search_candidates))
+    assert json.loads(off.search_selected.read_text())["coefficients"] == \
+        json.loads(on.search_selected.read_text())["coefficients"]
+    final_on, final_off = (pd.read_csv(run.search / "final.csv").set_index("model") for run in (on, off))
+    pd.testing.assert_frame_equal(final_off.drop(columns="weak_fitness"), final_on.drop(columns="weak_fitness"))
+    references = ["base", "expert:polarity", "expert:aspect3", "expert:intensity"]
+    assert final_off.loc[references, "weak_fitness"].isna().all()
+    merges = final_on.drop(index=references)
+    expected = spearman(merges["weak_fitness"].tolist(), merges["mean"].tolist())
+    assert json.loads(off.search_report.read_text())["weak_vs_gold_spearman"]["final_table"] == pytest.approx(expected)
+    capsys.readouterr()
+    assert main(["inspect", str(off.root)]) == 0
+    assert f"weak fitness vs gold dev mean, Spearman over these models: {expected:.3f}" in capsys.readouterr().out
 
 
 def test_init_outside_the_bounds_is_rejected():

@@ -14,7 +14,7 @@ import pandas as pd
 
 from sentimerge.pipeline.core.config import RunConfig
 from sentimerge.pipeline.core.data import sample_examples
-from sentimerge.pipeline.core.metrics import compute_metrics
+from sentimerge.pipeline.core.metrics import compute_metrics, spearman
 from sentimerge.pipeline.core.rundir import RunDir
 from sentimerge.pipeline.core.scoring import score_task
 from sentimerge.pipeline.core.tasks import TaskSpec
@@ -44,7 +44,7 @@ def evaluate_model(model, tokenizer, tasks: list[TaskSpec], data: dict[str, list
                      "ties": int(scores.ties.sum()), "examples_per_s": len(examples) / max(seconds, 1e-9)})
         probs = scores.probs.tolist()
         predictions[task.name] = [{"id": e["id"], "label": e["label"], "prediction": p,
-                                   "probs": dict(zip(task.answers, map(lambda x: round(x, 5), q)))}
+                                   "probs": dict(zip(task.answers, (round(x, 5) for x in q)))}
                                   for e, p, q in zip(examples, predicted, probs)]
         log.info("%-14s n=%-5d %s (%.0f ex/s)", task.name, len(examples),
                  " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), len(examples) / max(seconds, 1e-9))
@@ -123,3 +123,11 @@ def merge_labels(shared: bool) -> dict[str, str]:
     """The results tables' names of stage 2's rows; with a shared adapter (`shared`), the all-zero merge is base +
     shared adapter, not the zero-shot base model, and is named so."""
     return {**MERGE_LABELS, "base": "base + shared adapter"} if shared else dict(MERGE_LABELS)
+
+
+def weak_gold_spearman(table: pd.DataFrame) -> float:
+    """Spearman correlation of a final table's weak fitness with its gold mean, over the models that have both: scored
+    on every task (not an expert on its own task alone, `search.gold.experts: own`) and on the weak set (not a
+    reference left unscored, `search.weak.references` off). 0 with fewer than two such models."""
+    scored = table.dropna(subset=["weak_fitness", "mean"])
+    return spearman(scored["weak_fitness"].tolist(), scored["mean"].tolist())
