@@ -4,8 +4,10 @@
 
 Retention is the ratio of means over the tasks' primary metrics on dev (on test where `search.gold.splits` left dev
 out): mean(model) / mean(each expert on its own task); a ratio of means, because one near-zero expert score
-(Pearson) would dominate a mean of ratios. The weak-vs-gold Spearman is over the final table's models (base, each
-expert, uniform, TIES, evolved): does the weak fitness order them as the gold score does? Writes benchmarks/results/demo_pipeline.md and the summary keys.
+(Pearson) would dominate a mean of ratios. The weak-vs-gold Spearman is over the final table's models that have a weak
+fitness and a mean (the merges: uniform, TIES, evolved; the base model and the experts too where the search scored
+them on the weak set, `search.weak.references`): does the weak fitness order them as the gold score does? Writes
+benchmarks/results/demo_pipeline.md and the summary keys.
 """
 
 from __future__ import annotations
