@@ -439,7 +439,8 @@ def markdown(cfg: RunConfig, facts: dict, table: pd.DataFrame, strategies: pd.Da
             "`minus static`: the mean of the seed-by-seed differences to static."), "",
            markdown_table(across)] if across is not None else []),
         "## Weak fitness vs gold dev (Spearman)", "",
-        f"- over stage 2's final table (its models scored on every task and on the weak set): {_figure(spearman['final_table'])}",
+        "- over stage 2's final table (its models scored on every task and on the weak set): "
+        f"{_figure(spearman['final_table'])}",
         f"- over each generation's best candidate: {_figure(spearman['generation_bests'])}", ""]
     if comparison:
         lines += ["## Is the evolved merge's lead more than noise?", "",
