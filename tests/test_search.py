@@ -319,10 +319,15 @@ def test_references_off_leaves_the_base_and_experts_unscored_on_the_weak_set_and
                                                                                                    capsys):
     """`search.weak.references: false` (the demo's): the base model and the experts alone are listed in baselines.json
     unscored, the candidates, the evolved merge and every gold score are those of a search that scored them, and the
-    weak-vs-gold Spearman is taken over the models that have both scores."""
+    weak-vs-gold Spearman is taken over the models that have both scores. The setting changes no candidate, so a
+    search started with it on resumes with it off (keeping the scores it has)."""
     runs = {}
     for references in (True, False):
         cfg = tiny_search(tmp_path / str(references), cache_dir, weak={"per_task": 6, "references": references})
+        if references:
+            search.main(cfg, max_evaluations=2)
+            weak = cfg.search.weak.model_copy(update={"references": False})
+            cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"weak": weak})})
         search.main(cfg)
         runs[references] = RunDir(cfg.resolved_run_dir)
     on, off = runs[True], runs[False]
@@ -331,6 +336,7 @@ def test_references_off_leaves_the_base_and_experts_unscored_on_the_weak_set_and
         assert baselines[name]["fitness"] is None and baselines[name]["status"].startswith("unscored")
         assert baselines[name]["coefficients"] == json.loads(on.search_baselines.read_text())[name]["coefficients"]
     assert baselines["ties"]["fitness"] == json.loads(on.search_baselines.read_text())["ties"]["fitness"]
+    assert json.loads(on.search_baselines.read_text())["base"]["fitness"] is not None  # scored before the resume
     assert without_timing(read_jsonl(off.search_candidates)) == without_timing(read_jsonl(on.search_candidates))
     assert json.loads(off.search_selected.read_text())["coefficients"] == \
         json.loads(on.search_selected.read_text())["coefficients"]
