@@ -27,7 +27,7 @@ class WeakConfig(Frozen):
         description="score the base model and each expert alone on the weak set, beside the merge baselines (what "
                     "`sentimerge inspect` shows of them: no choice of the search uses them, and the final tables "
                     "score them on gold either way); off, they are listed unscored (the demo: 4 of 8 baseline "
-                    "scorings, about 20 s)")
+                    "scorings, 17 s). A multi-stage search's level-1 groups score their experts alone either way")
     weights: dict[str, float] = Field(default_factory=dict, description="task -> fitness weight (default 1)")
     label_polarity: dict[str, float] = Field(
         default_factory=dict, description="label -> polarity in [-1, 1] for the lexicon labeller, where VADER's own "
