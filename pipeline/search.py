@@ -682,7 +682,6 @@ def _split_report(run: RunDir, cfg: RunConfig, split: str) -> dict:
 COMPARED = ("uniform", "ties")  # the baselines the evolved merge must beat
 
 
-
 def compare_final(run: RunDir, cfg: RunConfig, split: str = "dev") -> dict[str, dict] | None:
     """Evolved merge minus each of `COMPARED` on the final table's gold `split` examples: the difference of the
     primary metric per task and of the mean, with a paired bootstrap interval (`core.metrics.paired_bootstrap`;
